@@ -120,7 +120,11 @@ def build_wordnet_xmc(
     order = rng.permutation(len(docs))
     n_train = int(round(fractions[0] * len(docs)))
     n_valid = int(round(fractions[1] * len(docs)))
-    cuts = {"train": order[:n_train], "valid": order[n_train : n_train + n_valid], "test": order[n_train + n_valid :]}
+    cuts = {
+        "train": order[:n_train],
+        "valid": order[n_train : n_train + n_valid],
+        "test": order[n_train + n_valid :],
+    }
     splits = {name: [docs[i] for i in sorted(idx)] for name, idx in cuts.items()}
     n_labels = len({lab for _, labs in docs for lab in labs})
     stats = {
@@ -137,12 +141,18 @@ def build_wordnet_xmc(
 
 
 def write_raw_dataset(
-    splits: dict[str, list[tuple[str, list[str]]]], out: str | Path, compress: str = "none", overwrite: bool = False
+    splits: dict[str, list[tuple[str, list[str]]]],
+    out: str | Path,
+    compress: str = "none",
+    overwrite: bool = False,
 ) -> None:
     """Write ``{split}_texts.txt`` / ``{split}_labels.txt`` atomically (optionally ``.xz``)."""
     with atomic_directory(out, overwrite=overwrite) as tmp:
         for split, rows in splits.items():
-            for kind, lines in (("texts", (t for t, _ in rows)), ("labels", (" ".join(ls) for _, ls in rows))):
+            for kind, lines in (
+                ("texts", (t for t, _ in rows)),
+                ("labels", (" ".join(ls) for _, ls in rows)),
+            ):
                 data = "".join(line + "\n" for line in lines).encode("utf-8")
                 name = f"{split}_{kind}.txt"
                 if compress == "xz":
