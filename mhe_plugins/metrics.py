@@ -1,0 +1,524 @@
+"""Evaluation metrics shared by every integration, vectorised with numpy / torch / scipy.sparse.
+
+Why one module: the image, XMC and face plugins must report numbers that mean the same thing
+everywhere (and that match the community's reference implementations, napkinxc / pyxclib for XMC
+and insightface for face verification), so they all call these functions instead of re-deriving them.
+
+Units: the two *report* functions, :func:`topk_accuracy` and :func:`xmc_metrics`, return percent
+(0-100). The building blocks (:func:`precision_at_k`, :func:`ndcg_at_k`, :func:`psp_at_k`,
+:func:`psndcg_at_k`) and the verification functions return fractions in [0, 1], as napkinxc and
+insightface do.
+
+Input conventions
+-----------------
+* Tensors may live on any device; they are detached and copied to host memory when numpy is needed
+  (:func:`topk_accuracy` on logits stays on the tensor's device).
+* Ranked predictions: an (n, k) integer array (best first). Rows with fewer than k valid ids are
+  padded with ``-1`` (or any negative id); a list of ranked id lists of varying lengths is also
+  accepted. Missing positions count as misses. Duplicate ids within a row are rejected (they would
+  inflate P@k).
+* Multi-label truth: a scipy.sparse matrix (n, L) whose non-zero entries mark relevant labels (it
+  is converted to CSR, explicit zeros are dropped) or a list of n label-id lists. *All* true labels
+  are used (no truncation to a fixed number of labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+__all__ = [
+    "topk_accuracy",
+    "precision_at_k",
+    "ndcg_at_k",
+    "psp_at_k",
+    "psndcg_at_k",
+    "jain_propensity",
+    "xmc_metrics",
+    "pair_scores",
+    "VerificationResult",
+    "verification_accuracy_10fold",
+    "far_thresholds",
+    "tar_at_far",
+]
+
+ArrayLike = np.ndarray | torch.Tensor
+Truth = sp.spmatrix | sp.sparray | Sequence[Sequence[int]]
+
+
+# ----------------------------------------------------------------------------- input helpers
+
+
+def _to_numpy(x: Any, name: str) -> np.ndarray:
+    """Host numpy copy of a tensor / array / nested list (no copy for numpy input)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    try:
+        return np.asarray(x)
+    except ValueError as err:  # ragged nested lists
+        raise ValueError(f"{name}: cannot convert to an array ({err})") from err
+
+
+def _check_k(k: Any, name: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"{name} must be a positive integer, got {k!r}")
+    if k < 1:
+        raise ValueError(f"{name} must be >= 1, got {k}")
+    return int(k)
+
+
+def _ranked_ids(pred_ids: Any, k: int) -> np.ndarray:
+    """(n, k) int64 ranking, right-padded / truncated to k columns, negatives mean 'no prediction'."""
+    if isinstance(pred_ids, (list, tuple)) and any(
+        isinstance(r, (list, tuple, np.ndarray)) for r in pred_ids
+    ):
+        rows = [np.asarray(r, dtype=np.int64).ravel()[:k] for r in pred_ids]
+        out = np.full((len(rows), k), -1, dtype=np.int64)
+        for i, r in enumerate(rows):  # only for ragged Python input; arrays take the vectorised path
+            out[i, : r.size] = r
+        return out
+    arr = _to_numpy(pred_ids, "pred_ids")
+    if arr.ndim != 2:
+        raise ValueError(f"pred_ids must be 2-D (n, k) ranked ids, got shape {tuple(arr.shape)}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError(f"pred_ids must hold integer label ids, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)[:, :k]
+    if arr.shape[1] < k:
+        arr = np.pad(arr, ((0, 0), (0, k - arr.shape[1])), constant_values=-1)
+    arr = np.where(arr < 0, -1, arr)
+    _check_no_duplicates(arr)
+    return arr
+
+
+def _check_no_duplicates(arr: np.ndarray) -> None:
+    if arr.shape[1] < 2:
+        return
+    s = np.sort(arr, axis=1)
+    dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+    if dup.any():
+        row = int(np.nonzero(dup.any(axis=1))[0][0])
+        col = int(np.nonzero(dup[row])[0][0])
+        raise ValueError(f"pred_ids row {row} repeats label id {int(s[row, col + 1])}; a ranking must not")
+
+
+def _truth_csr(truth: Truth, num_labels: int | None = None) -> sp.csr_matrix:
+    """Binary CSR (n, L) of relevant labels from a sparse matrix or a list of label-id lists."""
+    if sp.issparse(truth):
+        y = sp.csr_matrix(truth, copy=True)
+        y.sum_duplicates()
+        y.eliminate_zeros()
+        y.data = np.ones_like(y.data, dtype=np.float64)
+        return y
+    if isinstance(truth, (np.ndarray, torch.Tensor)):
+        raise ValueError(
+            "truth must be a scipy.sparse matrix (n, L) or a list of label-id lists, "
+            f"got a dense {type(truth).__name__} of shape {tuple(truth.shape)}"
+        )
+    if not isinstance(truth, Iterable):
+        raise ValueError(
+            f"truth must be a scipy.sparse matrix or a list of label-id lists, got {type(truth)}"
+        )
+    rows = [np.unique(np.asarray(_to_numpy(t, "truth"), dtype=np.int64).ravel()) for t in truth]
+    lengths = np.fromiter((r.size for r in rows), dtype=np.int64, count=len(rows))
+    cols = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    if cols.size and cols.min() < 0:
+        row = int(np.searchsorted(np.cumsum(lengths), np.argmin(cols), side="right"))
+        raise ValueError(f"truth row {row} holds negative label id {int(cols.min())}")
+    inferred = int(cols.max()) + 1 if cols.size else 0
+    n_labels = max(inferred, num_labels or 0)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    return sp.csr_matrix((np.ones(cols.size), cols, indptr), shape=(len(rows), n_labels))
+
+
+def _hits(pred: np.ndarray, y: sp.csr_matrix, strict_label_space: bool) -> np.ndarray:
+    """(n, k) bool: is pred[i, j] a relevant label of sample i (padding never is)."""
+    n, k = pred.shape
+    if n != y.shape[0]:
+        raise ValueError(f"pred_ids has {n} rows but truth has {y.shape[0]} rows")
+    num_labels = y.shape[1]
+    if strict_label_space and pred.size and pred.max() >= num_labels:
+        bad = int(pred.max())
+        raise ValueError(
+            f"pred_ids holds label id {bad} but truth has only {num_labels} labels (ids 0..{num_labels - 1})"
+        )
+    valid = (pred >= 0) & (pred < num_labels)
+    rows = np.broadcast_to(np.arange(n)[:, None], pred.shape)[valid]
+    hits = np.zeros(pred.shape, dtype=bool)
+    if rows.size:
+        hits[valid] = np.asarray(y[rows, pred[valid]]).ravel() > 0
+    return hits
+
+
+def _prepare(
+    pred_ids: Any, truth: Truth, k: int, num_labels: int | None = None
+) -> tuple[np.ndarray, sp.csr_matrix, np.ndarray]:
+    k = _check_k(k)
+    pred = _ranked_ids(pred_ids, k)
+    strict = sp.issparse(truth)
+    if not strict:  # a list-of-lists label space ends at the largest id seen on either side
+        top = int(pred.max()) + 1 if pred.size else 0
+        num_labels = max(num_labels or 0, top)
+    y = _truth_csr(truth, num_labels)
+    return pred, y, _hits(pred, y, strict)
+
+
+def _discounts(k: int) -> np.ndarray:
+    return 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
+
+
+def _row_topk_sorted(y: sp.csr_matrix, values: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) per-row largest ``values[label]`` over each row's true labels, descending, zero-padded."""
+    n = y.shape[0]
+    out = np.zeros((n, k), dtype=np.float64)
+    if y.nnz == 0:
+        return out
+    row_of = np.repeat(np.arange(n), np.diff(y.indptr))
+    v = values[y.indices]
+    order = np.lexsort((-v, row_of))  # by row, then descending value
+    rank = np.arange(y.nnz) - y.indptr[row_of[order]]
+    keep = rank < k
+    out[row_of[order][keep], rank[keep]] = v[order][keep]
+    return out
+
+
+def _inverse_propensities(propensities: Any, num_labels: int) -> np.ndarray:
+    p = _to_numpy(propensities, "propensities").astype(np.float64).ravel()
+    if p.size < num_labels:
+        raise ValueError(f"propensities has {p.size} entries but the label space has {num_labels} labels")
+    bad = ~np.isfinite(p) | (p <= 0)
+    if bad.any():
+        i = int(np.nonzero(bad)[0][0])
+        raise ValueError(f"propensities must be finite and > 0, got {p[i]} at label {i}")
+    return 1.0 / p
+
+
+# ----------------------------------------------------------------------------- single-label
+
+
+def topk_accuracy(
+    logits_or_ranked_ids: ArrayLike,
+    targets: ArrayLike,
+    ks: Iterable[int] = (1, 5),
+    ignore_index: int | None = None,
+) -> dict[str, float]:
+    """Top-k accuracy in percent, ``{"top1": .., "top5": ..}``.
+
+    Floating input is treated as (n, C) scores (top-k taken on the input's device, k clipped to C as
+    timm does); integer input as (n, k') ranked ids (best first, ``-1`` padding; k > k' counts the
+    missing ranks as misses). Rows whose target equals ``ignore_index`` are left out.
+    """
+    ks = [_check_k(k, "ks entry") for k in ks]
+    if not ks:
+        raise ValueError("ks must name at least one k")
+    x = (
+        logits_or_ranked_ids
+        if isinstance(logits_or_ranked_ids, torch.Tensor)
+        else torch.as_tensor(np.asarray(logits_or_ranked_ids))
+    )
+    t = targets if isinstance(targets, torch.Tensor) else torch.as_tensor(np.asarray(targets))
+    if x.ndim != 2:
+        raise ValueError(f"logits_or_ranked_ids must be 2-D (n, C) or (n, k), got shape {tuple(x.shape)}")
+    t = t.reshape(-1).to(x.device)
+    if t.numel() != x.shape[0]:
+        raise ValueError(f"targets has {t.numel()} entries but logits_or_ranked_ids has {x.shape[0]} rows")
+    if t.is_floating_point():
+        raise ValueError(f"targets must be integer class ids, got dtype {t.dtype}")
+    if ignore_index is not None:
+        keep = t != ignore_index
+        x, t = x[keep], t[keep]
+    if t.numel() == 0:
+        raise ValueError("topk_accuracy needs at least one (non-ignored) sample")
+    if (t < 0).any():
+        raise ValueError(f"targets must be >= 0 (or ignore_index), got {int(t.min())}")
+    kmax = max(ks)
+    if x.is_floating_point():
+        ranked = x.topk(min(kmax, x.shape[1]), dim=1).indices
+    else:
+        ranked = x[:, :kmax]
+    correct = ranked.eq(t[:, None])  # (n, k'), at most one True per row
+    cum = correct.cumsum(dim=1).clamp_(max=1)
+    n = t.numel()
+    out = {}
+    for k in ks:
+        kk = min(k, cum.shape[1])
+        hit = cum[:, kk - 1].sum().item() if kk > 0 else 0
+        out[f"top{k}"] = 100.0 * hit / n
+    return out
+
+
+# ----------------------------------------------------------------------------- multi-label (XMC)
+
+
+def precision_at_k(pred_ids: Any, truth: Truth, k: int) -> float:
+    """P@k = mean over samples of |top-k ∩ truth| / k (fraction; samples without labels count as 0)."""
+    _, _, hits = _prepare(pred_ids, truth, k)
+    return float(hits.sum(axis=1).mean() / k) if hits.shape[0] else float("nan")
+
+
+def ndcg_at_k(pred_ids: Any, truth: Truth, k: int) -> float:
+    """nDCG@k with binary gains; ideal DCG uses min(k, |truth|) hits; samples without labels count as 0."""
+    _, y, hits = _prepare(pred_ids, truth, k)
+    if not hits.shape[0]:
+        return float("nan")
+    d = _discounts(k)
+    dcg = hits @ d
+    n_true = np.minimum(np.diff(y.indptr), k)
+    idcg = np.concatenate([[0.0], np.cumsum(d)])[n_true]
+    ratio = np.divide(dcg, idcg, out=np.zeros_like(dcg), where=idcg > 0)
+    return float(ratio.mean())
+
+
+def _ps_scores(
+    pred_ids: Any, truth: Truth, k: int, propensities: Any, discount: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample propensity-scored gain of the prediction and of the best possible k-ranking."""
+    n_prop = _to_numpy(propensities, "propensities").size
+    pred, y, hits = _prepare(pred_ids, truth, k, num_labels=n_prop)
+    inv = _inverse_propensities(propensities, y.shape[1])
+    w = _discounts(k) if discount else np.ones(k)
+    gain = np.where(hits, inv[np.clip(pred, 0, None)], 0.0) @ w
+    best = _row_topk_sorted(y, inv, k) @ w
+    return gain, best, y
+
+
+def psp_at_k(pred_ids: Any, truth: Truth, k: int, propensities: Any) -> float:
+    """Propensity-scored P@k, normalised by the best achievable value (pyxclib / napkinxc convention).
+
+    PSP@k = Σ_i Σ_{j<k} hit_ij / p_{pred_ij}  /  Σ_i Σ_{j<k} (j-th largest 1/p over truth_i),
+    i.e. a ratio of sums over the data set (not a mean of per-sample ratios). ``propensities`` are
+    p_l (e.g. from :func:`jain_propensity`), one per label id.
+    """
+    gain, best, _ = _ps_scores(pred_ids, truth, k, propensities, discount=False)
+    total = best.sum()
+    return float(gain.sum() / total) if total > 0 else 0.0
+
+
+def psndcg_at_k(pred_ids: Any, truth: Truth, k: int, propensities: Any) -> float:
+    """Propensity-scored nDCG@k, normalised like :func:`psp_at_k` (ratio of dataset sums)."""
+    gain, best, y = _ps_scores(pred_ids, truth, k, propensities, discount=True)
+    # napkinxc divides each sample by its ideal binary DCG before summing; that factor is shared by
+    # numerator and denominator of a sample, so it only changes the sample weights.
+    n_true = np.minimum(np.diff(y.indptr), k)
+    idcg = np.concatenate([[0.0], np.cumsum(_discounts(k))])[n_true]
+    has = idcg > 0
+    num = (gain[has] / idcg[has]).sum()
+    den = (best[has] / idcg[has]).sum()
+    return float(num / den) if den > 0 else 0.0
+
+
+def jain_propensity(
+    label_frequencies_or_train_truth: Any,
+    num_train: int | None = None,
+    A: float = 0.55,
+    B: float = 1.5,
+    num_labels: int | None = None,
+) -> np.ndarray:
+    """Label propensities of Jain et al. (2016): ``p_l = 1 / (1 + C (N_l + B)^-A)``, ``C = (ln N - 1)(B + 1)^A``.
+
+    The first argument is either a 1-D array of per-label training counts N_l (then ``num_train``
+    = N is required) or the training truth (sparse (N, L) or list of label lists; N = its rows).
+    ``num_labels`` pads the label space for list input (unseen labels get N_l = 0).
+    Typical (A, B): Amazon 0.6/2.6, Wikipedia 0.5/0.4, otherwise 0.55/1.5.
+    """
+    src = label_frequencies_or_train_truth
+    if sp.issparse(src) or (
+        isinstance(src, (list, tuple)) and any(isinstance(r, (list, tuple, np.ndarray)) for r in src)
+    ):
+        y = _truth_csr(src, num_labels)
+        counts = np.asarray(y.sum(axis=0), dtype=np.float64).ravel()
+        n = y.shape[0] if num_train is None else num_train
+    else:
+        counts = _to_numpy(src, "label_frequencies").astype(np.float64).ravel()
+        if num_train is None:
+            raise ValueError("jain_propensity: num_train is required when label frequencies are given")
+        if num_labels is not None and num_labels > counts.size:
+            counts = np.pad(counts, (0, num_labels - counts.size))
+        n = num_train
+    if n <= np.e:
+        raise ValueError(f"num_train must be > e (C = (ln N - 1)(B+1)^A must be positive), got {n}")
+    if counts.size and (counts.min() < 0 or not np.all(np.isfinite(counts))):
+        i = int(np.argmin(counts)) if counts.min() < 0 else int(np.nonzero(~np.isfinite(counts))[0][0])
+        raise ValueError(f"label frequency of label {i} must be finite and >= 0, got {counts[i]}")
+    if counts.size and counts.max() > n:
+        i = int(np.argmax(counts))
+        raise ValueError(f"label {i} occurs {counts[i]:g} times, more than num_train={n}")
+    c = (np.log(n) - 1.0) * (B + 1.0) ** A
+    return 1.0 / (1.0 + c * np.exp(-A * np.log(counts + B)))
+
+
+def xmc_metrics(
+    pred_ids: Any,
+    truth: Truth,
+    ks: Iterable[int] = (1, 3, 5),
+    propensities: Any | None = None,
+) -> dict[str, float]:
+    """P@k and nDCG@k (plus PSP@k and PSnDCG@k when propensities are given) in percent."""
+    ks = sorted({_check_k(k, "ks entry") for k in ks})
+    if not ks:
+        raise ValueError("ks must name at least one k")
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"P@{k}"] = 100.0 * precision_at_k(pred_ids, truth, k)
+    for k in ks:
+        out[f"nDCG@{k}"] = 100.0 * ndcg_at_k(pred_ids, truth, k)
+    if propensities is not None:
+        for k in ks:
+            out[f"PSP@{k}"] = 100.0 * psp_at_k(pred_ids, truth, k, propensities)
+        for k in ks:
+            out[f"PSnDCG@{k}"] = 100.0 * psndcg_at_k(pred_ids, truth, k, propensities)
+    return out
+
+
+# ----------------------------------------------------------------------------- face verification
+
+
+def pair_scores(embeddings1: ArrayLike, embeddings2: ArrayLike) -> np.ndarray:
+    """Cosine similarity of paired rows (higher = more similar).
+
+    Equivalent to insightface's squared L2 distance of normalised embeddings (d² = 2 - 2 cos), with
+    the sign flipped so every verification function here thresholds "score >= t means same".
+    """
+    e1 = _to_numpy(embeddings1, "embeddings1").astype(np.float64)
+    e2 = _to_numpy(embeddings2, "embeddings2").astype(np.float64)
+    if e1.ndim != 2 or e1.shape != e2.shape:
+        raise ValueError(
+            f"embeddings must be two (n, d) arrays of one shape, got {tuple(e1.shape)} and {tuple(e2.shape)}"
+        )
+    n1 = np.linalg.norm(e1, axis=1)
+    n2 = np.linalg.norm(e2, axis=1)
+    zero = (n1 == 0) | (n2 == 0)
+    if zero.any():
+        raise ValueError(
+            f"embedding pair {int(np.nonzero(zero)[0][0])} has a zero vector; cosine is undefined"
+        )
+    return np.einsum("nd,nd->n", e1, e2) / (n1 * n2)
+
+
+def _check_pairs(scores: Any, issame: Any) -> tuple[np.ndarray, np.ndarray]:
+    s = _to_numpy(scores, "scores").astype(np.float64).ravel()
+    same = _to_numpy(issame, "issame").ravel()
+    if s.size != same.size:
+        raise ValueError(f"scores has {s.size} entries but issame has {same.size}")
+    if same.dtype != bool:
+        if not np.all(np.isin(same, (0, 1))):
+            raise ValueError(f"issame must be boolean (or 0/1), got values {np.unique(same)[:5]}")
+        same = same.astype(bool)
+    bad = ~np.isfinite(s)
+    if bad.any():
+        i = int(np.nonzero(bad)[0][0])
+        raise ValueError(f"score of pair {i} is not finite: {s[i]}")
+    return s, same
+
+
+class VerificationResult(NamedTuple):
+    """Result of :func:`verification_accuracy_10fold` (fractions, as insightface reports them)."""
+
+    accuracy_mean: float
+    accuracy_std: float
+    thresholds: np.ndarray  # (nfolds,) best threshold chosen on each fold's training part
+    fold_accuracies: np.ndarray  # (nfolds,) held-out accuracy of each fold
+
+
+def _best_threshold(s: np.ndarray, same: np.ndarray) -> float:
+    """Threshold maximising accuracy of 'score >= t' over all distinct cut points (exact, O(n log n)).
+
+    Cut points are mid-points between consecutive distinct scores (plus ±inf), so no score sits on a
+    threshold. Among equally accurate cuts the lowest is taken (as insightface's argmax over its
+    ascending grid does).
+    """
+    order = np.argsort(s, kind="stable")
+    ss, yy = s[order], same[order]
+    n = ss.size
+    # cut i predicts 'same' for ss[i:]; correct = impostors below + genuines at/above
+    imp_below = np.concatenate([[0], np.cumsum(~yy)])
+    gen_above = yy.sum() - np.concatenate([[0], np.cumsum(yy)])
+    correct = imp_below + gen_above
+    valid = np.ones(n + 1, dtype=bool)
+    valid[1:n] = ss[1:] > ss[:-1]
+    i = int(np.argmax(np.where(valid, correct, -1)))
+    if i == 0:
+        return -np.inf
+    if i == n:
+        return np.inf
+    return float((ss[i - 1] + ss[i]) / 2.0)
+
+
+def verification_accuracy_10fold(
+    scores_or_embeddings1: ArrayLike,
+    embeddings2: ArrayLike | None = None,
+    issame: ArrayLike | None = None,
+    nfolds: int = 10,
+) -> VerificationResult:
+    """LFW-protocol 1:1 verification accuracy (insightface ``evaluate``): k contiguous folds, the best
+    threshold is chosen on the other k-1 folds and applied to the held-out one.
+
+    Pass either pair similarity scores and ``issame`` (``embeddings2=None``), or two (n, d) embedding
+    arrays (cosine similarity is used). Unlike insightface's fixed 0.01 distance grid, the threshold
+    search is exact over all cut points. Folds are contiguous like ``sklearn.model_selection.KFold``
+    without shuffling (LFW pair files are ordered by fold).
+    """
+    if issame is None:
+        raise ValueError("verification_accuracy_10fold: issame is required")
+    if embeddings2 is None:
+        s = scores_or_embeddings1
+    else:
+        s = pair_scores(scores_or_embeddings1, embeddings2)
+    s, same = _check_pairs(s, issame)
+    nfolds = _check_k(nfolds, "nfolds")
+    if nfolds < 2 or nfolds > s.size:
+        raise ValueError(f"nfolds must be in [2, number of pairs={s.size}], got {nfolds}")
+    folds = np.array_split(np.arange(s.size), nfolds)  # same fold sizes as KFold(shuffle=False)
+    thresholds = np.empty(nfolds)
+    accs = np.empty(nfolds)
+    for f, test in enumerate(folds):  # nfolds iterations, each fully vectorised
+        train = np.ones(s.size, dtype=bool)
+        train[test] = False
+        t = _best_threshold(s[train], same[train])
+        thresholds[f] = t
+        accs[f] = np.mean((s[test] >= t) == same[test])
+    return VerificationResult(float(accs.mean()), float(accs.std()), thresholds, accs)
+
+
+def far_thresholds(
+    scores: ArrayLike, issame: ArrayLike, far_targets: Iterable[float] = (1e-4, 1e-3, 1e-2)
+) -> dict[float, float]:
+    """Per target FAR, the lowest threshold t with FAR(t) = #(impostor > t) / #impostors <= target.
+
+    t is the (m+1)-th largest impostor score with m = floor(far · #impostors); pairs are accepted
+    iff ``score > t``. Ties: impostors tied at t are all rejected, so the achieved FAR never exceeds
+    the target (it can be lower when scores tie). A target below 1/#impostors yields t = the largest
+    impostor score (FAR 0); a target >= 1 yields t = -inf.
+    """
+    s, same = _check_pairs(scores, issame)
+    imp = np.sort(s[~same])[::-1]
+    if imp.size == 0:
+        raise ValueError("far_thresholds needs at least one impostor pair (issame == False)")
+    out = {}
+    for far in far_targets:
+        far = float(far)
+        if not 0.0 < far <= 1.0:
+            raise ValueError(f"far targets must lie in (0, 1], got {far}")
+        m = int(np.floor(far * imp.size * (1.0 + 1e-12)))
+        out[far] = float(imp[m]) if m < imp.size else -np.inf
+    return out
+
+
+def tar_at_far(
+    scores: ArrayLike, issame: ArrayLike, far_targets: Iterable[float] = (1e-4, 1e-3, 1e-2)
+) -> dict[float, float]:
+    """TAR (fraction of genuine pairs with score > t) at the thresholds of :func:`far_thresholds`.
+
+    Unlike insightface's IJB script (which reads the ROC point whose FPR is *nearest* the target),
+    the threshold here guarantees achieved FAR <= target, the conservative convention.
+    """
+    s, same = _check_pairs(scores, issame)
+    gen = s[same]
+    if gen.size == 0:
+        raise ValueError("tar_at_far needs at least one genuine pair (issame == True)")
+    thr = far_thresholds(s, same, far_targets)
+    return {far: float(np.mean(gen > t)) for far, t in thr.items()}
