@@ -1,0 +1,116 @@
+"""The few ``torch.distributed`` pieces the heads and trainers need; all degrade to no-ops in one process.
+
+Launch with ``torchrun`` (it sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT); on CPU the
+backend is gloo, on CUDA nccl.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "is_dist",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "init_distributed_from_env",
+    "cleanup_distributed",
+    "barrier",
+    "all_reduce_sum",
+    "all_gather_with_grad",
+    "all_gather_variable",
+]
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def init_distributed_from_env(backend: str | None = None) -> tuple[int, int, torch.device]:
+    """Initialise the default process group when launched by torchrun; return (rank, world_size, device).
+
+    Without the torchrun variables (a plain ``python`` run) nothing is initialised and (0, 1, device) is
+    returned, so the same training script runs single-process unchanged.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not is_dist():
+        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
+    return get_rank(), get_world_size(), device
+
+
+def cleanup_distributed() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (returns a new tensor; the input is left untouched)."""
+    out = t.clone()
+    if is_dist():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+class _AllGatherGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward returns each rank its slice of the summed gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, differentiably."""
+    if not is_dist() or get_world_size() == 1:
+        return x
+    return _AllGatherGrad.apply(x)
+
+
+def all_gather_variable(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors whose dim 0 differs between ranks (no gradient); e.g. eval predictions."""
+    if not is_dist() or get_world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(get_world_size())]
+    dist.all_gather(sizes, n)
+    max_n = int(max(s.item() for s in sizes))
+    padded = torch.zeros((max_n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)], 0)

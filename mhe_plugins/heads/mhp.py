@@ -1,0 +1,137 @@
+"""MHP, multi-head product: one ``Linear(d, sum C_h)``, one loss per head, exact product decoding.
+
+Parameters d * sum(C_h) instead of d * N (N = 1M, two heads of 1000: 2000 outputs instead of 1M).
+The model's distribution over ids is the product of the per-head softmaxes, so
+log p(id) = sum_h log_softmax_h[digit_h] (renormalised over ids < N when prod C_h > N).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..codec import LabelCodec
+from ..decode import full_product_scores, log_valid_mass, product_topk
+from .base import MHEHead, reduce_loss
+
+__all__ = ["MHPHead", "LOSS_VARIANTS"]
+
+LOSS_VARIANTS = ("ce_sum", "joint_softmax", "bce")
+
+
+class MHPHead(MHEHead):
+    def __init__(self, in_features: int, codec: LabelCodec, bias: bool = True):
+        super().__init__(in_features, codec)
+        self.proj = nn.Linear(in_features, sum(codec.head_sizes), bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"head_sizes={list(self.codec.head_sizes)}, num_labels={self.num_labels}"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-head logits, a tuple of H tensors (..., C_h)."""
+        return tuple(self.proj(x).split(list(self.codec.head_sizes), dim=-1))
+
+    # ------------------------------------------------------------------ loss
+    def digit_targets(
+        self, target: torch.Tensor | Sequence[torch.Tensor], label_smoothing: float = 0.0
+    ) -> list[torch.Tensor] | torch.Tensor:
+        """Global ids -> digits (..., H); soft per-head targets are smoothed and returned as a list."""
+        if isinstance(target, torch.Tensor):
+            return self.codec.encode(target)
+        soft = list(target)
+        if len(soft) != self.codec.num_heads:
+            raise ValueError(f"expected {self.codec.num_heads} soft digit targets, got {len(soft)}")
+        for q, c in zip(soft, self.codec.head_sizes):
+            if q.shape[-1] != c:
+                raise ValueError(f"soft target for a head of size {c} has shape {tuple(q.shape)}")
+        if label_smoothing:
+            soft = [(1 - label_smoothing) * q + label_smoothing / q.shape[-1] for q in soft]
+        return soft
+
+    def loss(
+        self,
+        logits: Sequence[torch.Tensor],
+        target: torch.Tensor | Sequence[torch.Tensor],
+        variant: str = "ce_sum",
+        label_smoothing: float = 0.0,
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+        head_weights: Sequence[float] | None = None,
+    ) -> torch.Tensor:
+        """Training loss from per-head ``logits`` (``forward``'s output).
+
+        ``target``: LongTensor (...) of global ids, or H soft digit distributions (..., C_h) (mixup/cutmix:
+        mixing one-hot digits is exact for the product loss). Variants: ``ce_sum`` = sum_h CE_h (the paper),
+        ``joint_softmax`` = one softmax over all sum C_h outputs against the multi-hot digit target (the
+        reference's ImageNet loss), ``bce`` = sigmoid BCE averaged over the sum C_h outputs (its CIFAR loss).
+        ``ignore_index`` (e.g. padding) items are dropped from sum and mean; ``reduction='none'`` returns
+        per-item losses shaped like the target (0 where ignored).
+        """
+        if variant not in LOSS_VARIANTS:
+            raise ValueError(f"variant must be one of {LOSS_VARIANTS}, got {variant!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        sizes = self.codec.head_sizes
+        weights = list(head_weights) if head_weights is not None else [1.0] * len(sizes)
+        if len(weights) != len(sizes):
+            raise ValueError(f"head_weights needs {len(sizes)} values, got {len(weights)}")
+        lead = logits[0].shape[:-1]
+        flat_logits = [z.reshape(-1, z.shape[-1]) for z in logits]
+        mask = None
+        if isinstance(target, torch.Tensor):
+            if target.shape != lead:
+                raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(lead)}")
+            tgt = target.reshape(-1)
+            if ignore_index is not None:
+                mask = tgt != ignore_index
+                tgt = torch.where(mask, tgt, torch.zeros_like(tgt))
+            digits = self.codec.encode(tgt)  # validates ids (ignored items were replaced by 0)
+            soft = None
+        else:
+            soft = [q.reshape(-1, q.shape[-1]) for q in self.digit_targets(target, label_smoothing)]
+            digits = None
+
+        if variant == "ce_sum":
+            per = 0.0
+            for h, (z, w) in enumerate(zip(flat_logits, weights)):
+                if soft is None:
+                    ce = F.cross_entropy(z, digits[:, h], reduction="none", label_smoothing=label_smoothing)
+                else:
+                    ce = -(soft[h] * F.log_softmax(z, -1)).sum(-1)
+                per = per + w * ce
+        else:
+            cat = torch.cat(flat_logits, -1)
+            if soft is None:
+                soft = []
+                for h, c in enumerate(sizes):
+                    q = F.one_hot(digits[:, h], c).to(cat.dtype)
+                    if label_smoothing:
+                        q = (1 - label_smoothing) * q + label_smoothing / c
+                    soft.append(q)
+            q_cat = torch.cat([w * q for w, q in zip(weights, soft)], -1)
+            if variant == "joint_softmax":
+                per = -(q_cat * F.log_softmax(cat, -1)).sum(-1)
+            else:
+                per = F.binary_cross_entropy_with_logits(cat, q_cat.clamp(0, 1), reduction="none").mean(-1)
+        out = reduce_loss(per, mask, reduction)
+        return out.reshape(lead) if reduction == "none" else out
+
+    def compute_loss(self, x: torch.Tensor, target, **kwargs) -> torch.Tensor:
+        return self.loss(self(x), target, **kwargs)
+
+    # ------------------------------------------------------------------ inference
+    def head_log_probs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [F.log_softmax(z.float(), -1) for z in self(x)]
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Full (..., N) log-probabilities: outer sum of the per-head log-softmaxes (materialises N)."""
+        lps = self.head_log_probs(x)
+        return full_product_scores(lps, self.num_labels) - log_valid_mass(lps, self.codec).unsqueeze(-1)
+
+    def _topk_flat(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lps = self.head_log_probs(x)
+        values, ids = product_topk(lps, self.codec, k)
+        return values - log_valid_mass(lps, self.codec).unsqueeze(-1), ids
