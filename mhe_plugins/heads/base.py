@@ -16,7 +16,12 @@ from torch import nn
 
 from ..codec import LabelCodec
 
-__all__ = ["MHEHead", "reduce_loss"]
+__all__ = ["MHEHead", "reduce_loss", "upcast"]
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for softmax/loss math; fp32/fp64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class MHEHead(nn.Module, ABC):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codec import LabelCodec
-from .base import MHEHead, reduce_loss
+from .base import MHEHead, reduce_loss, upcast
 
 __all__ = ["MHCHead", "MHCOutput"]
 
@@ -66,7 +66,7 @@ class MHCHead(MHEHead):
 
     def _child_log_probs(self, level: int, query: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
         """log p(child | parent); children of an invalid parent (all masked) get -inf, not NaN."""
-        lp = F.log_softmax(self._children_logits(level, query, parents).float(), -1)
+        lp = F.log_softmax(upcast(self._children_logits(level, query, parents)), -1)
         return lp.nan_to_num(nan=float("-inf"))
 
     def _root_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ class MHCHead(MHEHead):
         """Sum over levels of the CE among siblings (masked siblings get no smoothing mass)."""
         per = 0.0
         for z, t in zip(output.logits, output.targets):
-            z = z.float()
+            z = upcast(z)
             if label_smoothing:
                 logp = F.log_softmax(z, -1)
                 finite = torch.isfinite(logp)
@@ -117,7 +117,7 @@ class MHCHead(MHEHead):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact (..., N) log-probabilities by expanding every node (materialises N)."""
         flat, lead = self._flat(x)
-        lp = F.log_softmax(self._root_logits(flat).float(), -1)  # (B, C0)
+        lp = F.log_softmax(upcast(self._root_logits(flat)), -1)  # (B, C0)
         parents = torch.arange(self.codec.head_sizes[0], device=flat.device).expand(flat.shape[0], -1)
         for h in range(1, self.codec.num_heads):
             q = self.queries[h - 1](flat)
@@ -131,7 +131,7 @@ class MHCHead(MHEHead):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # the beam is widened to k so that k leaves always exist (beam=1, k=1 is greedy decoding)
         beam = max(int(beam or self.beam), k)
-        lp = F.log_softmax(self._root_logits(x).float(), -1)
+        lp = F.log_softmax(upcast(self._root_logits(x)), -1)
         scores, prefix = lp.topk(min(beam, lp.shape[1]), dim=1)
         for h in range(1, self.codec.num_heads):
             q = self.queries[h - 1](x)

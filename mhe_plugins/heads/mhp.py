@@ -15,7 +15,7 @@ from torch import nn
 
 from ..codec import LabelCodec
 from ..decode import full_product_scores, log_valid_mass, product_topk
-from .base import MHEHead, reduce_loss
+from .base import MHEHead, reduce_loss, upcast
 
 __all__ = ["MHPHead", "LOSS_VARIANTS"]
 
@@ -124,7 +124,7 @@ class MHPHead(MHEHead):
 
     # ------------------------------------------------------------------ inference
     def head_log_probs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [F.log_softmax(z.float(), -1) for z in self(x)]
+        return [F.log_softmax(upcast(z), -1) for z in self(x)]
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Full (..., N) log-probabilities: outer sum of the per-head log-softmaxes (materialises N)."""

@@ -20,11 +20,30 @@ from torch import nn
 
 from ..codec import LabelCodec
 from ..margins import CombinedMargin
-from .base import MHEHead
+from .base import MHEHead, upcast
 
 __all__ = ["MHSHead", "MHSOutput"]
 
 MODES = ("batch_union", "per_sample")
+
+
+class _GatherGroupsSparseGrad(torch.autograd.Function):
+    """``weight[groups]`` whose weight gradient is a hybrid sparse COO tensor over the group dim, so an
+    optimizer step (e.g. SGD, SparseAdam) touches only the sampled groups' rows."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(groups)
+        ctx.shape = weight.shape
+        return weight.index_select(0, groups)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (groups,) = ctx.saved_tensors
+        g = torch.sparse_coo_tensor(
+            groups[None], grad.contiguous(), ctx.shape, check_invariants=False, is_coalesced=True
+        )
+        return g, None
 
 
 class MHSOutput(NamedTuple):
@@ -69,10 +88,10 @@ class MHSHead(MHEHead):
 
     # ------------------------------------------------------------------ sampling
     def _group_rows(self, groups: torch.Tensor) -> torch.Tensor:
-        """Weights of the given groups (G, C_rest, d); sparse gradient when ``sparse_grad``."""
-        w = self.weight.view(self.weight.shape[0], -1)
-        rows = F.embedding(groups, w, sparse=self.sparse_grad)
-        return rows.view(groups.numel(), self.group_size, self.in_features)
+        """Weights of the given sorted unique groups (G, C_rest, d); sparse gradient if ``sparse_grad``."""
+        if self.sparse_grad:
+            return _GatherGroupsSparseGrad.apply(self.weight, groups)
+        return self.weight.index_select(0, groups)
 
     def _scores(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x (B, d) against class rows w (M, d): cosines when a margin is used, else dot products."""
@@ -121,7 +140,7 @@ class MHSHead(MHEHead):
         return MHSOutput(scores, col, groups)
 
     def loss(self, output: MHSOutput, reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
-        logits = output.logits.float()
+        logits = upcast(output.logits)
         if label_smoothing:
             # smoothing mass only over real classes (masked columns are -inf)
             logp = F.log_softmax(logits, -1)
@@ -149,7 +168,7 @@ class MHSHead(MHEHead):
         return out.reshape(*lead, self.num_labels)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.full_logits(x).float(), -1)
+        return F.log_softmax(upcast(self.full_logits(x)), -1)
 
     def _topk_flat(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k log-probabilities of the full classifier, chunked over classes (B x N never coexist)."""
@@ -158,7 +177,7 @@ class MHSHead(MHEHead):
         best_v = best_i = None
         lse = x.new_full((x.shape[0],), float("-inf"), dtype=torch.float32)
         for start in range(0, self.num_labels, self.chunk_size):
-            s = self._scores(x, w[start : start + self.chunk_size]).float() * scale
+            s = upcast(self._scores(x, w[start : start + self.chunk_size])) * scale
             lse = torch.logaddexp(lse, torch.logsumexp(s, 1))
             kk = min(k, s.shape[1])
             v, i = s.topk(kk, dim=1)
