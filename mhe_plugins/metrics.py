@@ -24,6 +24,7 @@ Input conventions
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -123,16 +124,22 @@ def _truth_csr(truth: Truth, num_labels: int | None = None) -> sp.csr_matrix:
         raise ValueError(
             f"truth must be a scipy.sparse matrix or a list of label-id lists, got {type(truth)}"
         )
-    rows = [np.unique(np.asarray(_to_numpy(t, "truth"), dtype=np.int64).ravel()) for t in truth]
-    lengths = np.fromiter((r.size for r in rows), dtype=np.int64, count=len(rows))
-    cols = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    rows = [t.detach().cpu().ravel().tolist() if isinstance(t, torch.Tensor) else t for t in truth]
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    try:
+        cols = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"truth must be a list of integer label-id lists ({err})") from err
     if cols.size and cols.min() < 0:
         row = int(np.searchsorted(np.cumsum(lengths), np.argmin(cols), side="right"))
         raise ValueError(f"truth row {row} holds negative label id {int(cols.min())}")
     inferred = int(cols.max()) + 1 if cols.size else 0
     n_labels = max(inferred, num_labels or 0)
     indptr = np.concatenate([[0], np.cumsum(lengths)])
-    return sp.csr_matrix((np.ones(cols.size), cols, indptr), shape=(len(rows), n_labels))
+    y = sp.csr_matrix((np.ones(cols.size), cols, indptr), shape=(len(rows), n_labels))
+    y.sum_duplicates()  # a label listed twice is still one relevant label
+    y.data[:] = 1.0
+    return y
 
 
 def _hits(pred: np.ndarray, y: sp.csr_matrix, strict_label_space: bool) -> np.ndarray:
@@ -254,36 +261,65 @@ def topk_accuracy(
 # ----------------------------------------------------------------------------- multi-label (XMC)
 
 
+class _Ranked(NamedTuple):
+    """Predictions matched against the truth once, so every metric at every k reuses the work."""
+
+    pred: np.ndarray  # (n, kmax) ranked ids, -1 = no prediction
+    hits: np.ndarray  # (n, kmax) bool
+    y: sp.csr_matrix  # (n, L) binary truth
+
+
+def _ranked(pred_ids: Any, truth: Truth, kmax: int, propensities: Any | None = None) -> _Ranked:
+    n_prop = None if propensities is None else _to_numpy(propensities, "propensities").size
+    pred, y, hits = _prepare(pred_ids, truth, kmax, num_labels=n_prop)
+    return _Ranked(pred=pred, hits=hits, y=y)
+
+
+def _precision(r: _Ranked, k: int) -> float:
+    if not r.hits.shape[0]:
+        return float("nan")
+    return float(r.hits[:, :k].sum(axis=1).mean() / k)
+
+
+def _ideal_dcg(y: sp.csr_matrix, k: int) -> np.ndarray:
+    n_true = np.minimum(np.diff(y.indptr), k)
+    return np.concatenate([[0.0], np.cumsum(_discounts(k))])[n_true]
+
+
+def _ndcg(r: _Ranked, k: int) -> float:
+    if not r.hits.shape[0]:
+        return float("nan")
+    dcg = r.hits[:, :k] @ _discounts(k)
+    idcg = _ideal_dcg(r.y, k)
+    return float(np.divide(dcg, idcg, out=np.zeros_like(dcg), where=idcg > 0).mean())
+
+
+def _ps(r: _Ranked, k: int, inv: np.ndarray, top_inv: np.ndarray, discount: bool) -> float:
+    """Propensity-scored gain of the ranking over that of the best k-ranking, as dataset sums.
+
+    For PSnDCG napkinxc divides each sample by its ideal binary DCG before summing; that factor
+    is shared by a sample's numerator and denominator, so it only re-weights samples.
+    ``top_inv`` holds each row's largest inverse propensities over its true labels (>= k columns).
+    """
+    w = _discounts(k) if discount else np.ones(k)
+    gain = np.where(r.hits[:, :k], inv[np.clip(r.pred[:, :k], 0, None)], 0.0) @ w
+    best = top_inv[:, :k] @ w
+    if discount:
+        idcg = _ideal_dcg(r.y, k)
+        has = idcg > 0
+        gain, best = gain[has] / idcg[has], best[has] / idcg[has]
+    total = best.sum()
+    return float(gain.sum() / total) if total > 0 else 0.0
+
+
 def precision_at_k(pred_ids: Any, truth: Truth, k: int) -> float:
     """P@k = mean over samples of |top-k ∩ truth| / k (fraction; samples without labels count as 0)."""
-    _, _, hits = _prepare(pred_ids, truth, k)
-    return float(hits.sum(axis=1).mean() / k) if hits.shape[0] else float("nan")
+    return _precision(_ranked(pred_ids, truth, k), k)
 
 
 def ndcg_at_k(pred_ids: Any, truth: Truth, k: int) -> float:
     """nDCG@k with binary gains; ideal DCG uses min(k, |truth|) hits; samples without labels count as 0."""
-    _, y, hits = _prepare(pred_ids, truth, k)
-    if not hits.shape[0]:
-        return float("nan")
-    d = _discounts(k)
-    dcg = hits @ d
-    n_true = np.minimum(np.diff(y.indptr), k)
-    idcg = np.concatenate([[0.0], np.cumsum(d)])[n_true]
-    ratio = np.divide(dcg, idcg, out=np.zeros_like(dcg), where=idcg > 0)
-    return float(ratio.mean())
-
-
-def _ps_scores(
-    pred_ids: Any, truth: Truth, k: int, propensities: Any, discount: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-sample propensity-scored gain of the prediction and of the best possible k-ranking."""
-    n_prop = _to_numpy(propensities, "propensities").size
-    pred, y, hits = _prepare(pred_ids, truth, k, num_labels=n_prop)
-    inv = _inverse_propensities(propensities, y.shape[1])
-    w = _discounts(k) if discount else np.ones(k)
-    gain = np.where(hits, inv[np.clip(pred, 0, None)], 0.0) @ w
-    best = _row_topk_sorted(y, inv, k) @ w
-    return gain, best, y
+    return _ndcg(_ranked(pred_ids, truth, k), k)
 
 
 def psp_at_k(pred_ids: Any, truth: Truth, k: int, propensities: Any) -> float:
@@ -293,22 +329,16 @@ def psp_at_k(pred_ids: Any, truth: Truth, k: int, propensities: Any) -> float:
     i.e. a ratio of sums over the data set (not a mean of per-sample ratios). ``propensities`` are
     p_l (e.g. from :func:`jain_propensity`), one per label id.
     """
-    gain, best, _ = _ps_scores(pred_ids, truth, k, propensities, discount=False)
-    total = best.sum()
-    return float(gain.sum() / total) if total > 0 else 0.0
+    r = _ranked(pred_ids, truth, k, propensities)
+    inv = _inverse_propensities(propensities, r.y.shape[1])
+    return _ps(r, k, inv, _row_topk_sorted(r.y, inv, k), discount=False)
 
 
 def psndcg_at_k(pred_ids: Any, truth: Truth, k: int, propensities: Any) -> float:
     """Propensity-scored nDCG@k, normalised like :func:`psp_at_k` (ratio of dataset sums)."""
-    gain, best, y = _ps_scores(pred_ids, truth, k, propensities, discount=True)
-    # napkinxc divides each sample by its ideal binary DCG before summing; that factor is shared by
-    # numerator and denominator of a sample, so it only changes the sample weights.
-    n_true = np.minimum(np.diff(y.indptr), k)
-    idcg = np.concatenate([[0.0], np.cumsum(_discounts(k))])[n_true]
-    has = idcg > 0
-    num = (gain[has] / idcg[has]).sum()
-    den = (best[has] / idcg[has]).sum()
-    return float(num / den) if den > 0 else 0.0
+    r = _ranked(pred_ids, truth, k, propensities)
+    inv = _inverse_propensities(propensities, r.y.shape[1])
+    return _ps(r, k, inv, _row_topk_sorted(r.y, inv, k), discount=True)
 
 
 def jain_propensity(
@@ -361,16 +391,15 @@ def xmc_metrics(
     ks = sorted({_check_k(k, "ks entry") for k in ks})
     if not ks:
         raise ValueError("ks must name at least one k")
+    r = _ranked(pred_ids, truth, ks[-1], propensities)
     out: dict[str, float] = {}
-    for k in ks:
-        out[f"P@{k}"] = 100.0 * precision_at_k(pred_ids, truth, k)
-    for k in ks:
-        out[f"nDCG@{k}"] = 100.0 * ndcg_at_k(pred_ids, truth, k)
+    out.update({f"P@{k}": 100.0 * _precision(r, k) for k in ks})
+    out.update({f"nDCG@{k}": 100.0 * _ndcg(r, k) for k in ks})
     if propensities is not None:
-        for k in ks:
-            out[f"PSP@{k}"] = 100.0 * psp_at_k(pred_ids, truth, k, propensities)
-        for k in ks:
-            out[f"PSnDCG@{k}"] = 100.0 * psndcg_at_k(pred_ids, truth, k, propensities)
+        inv = _inverse_propensities(propensities, r.y.shape[1])
+        top = _row_topk_sorted(r.y, inv, ks[-1])
+        out.update({f"PSP@{k}": 100.0 * _ps(r, k, inv, top, discount=False) for k in ks})
+        out.update({f"PSnDCG@{k}": 100.0 * _ps(r, k, inv, top, discount=True) for k in ks})
     return out
 
 

@@ -96,6 +96,9 @@ def test_xmc_hand_computed_tiny_case():
     assert M.psp_at_k(pred, truth, 1, props) == pytest.approx(2 / 6)
     # PSP@3: gains (2 + 1) + 4 over best (2 + 1) + 4 -> perfect
     assert M.psp_at_k(pred, truth, 3, props) == pytest.approx(1.0)
+    # a label listed twice in the truth is one relevant label; torch rows are accepted
+    assert M.ndcg_at_k(np.array([[0, 1]]), [torch.tensor([0, 0])], 2) == pytest.approx(1.0)
+    assert M.precision_at_k(np.array([[0, 1]]), [[0, 0]], 2) == pytest.approx(0.5)
     out = M.xmc_metrics(pred, truth, ks=(3, 1))
     assert list(out) == ["P@1", "P@3", "nDCG@1", "nDCG@3"]
     assert out["P@1"] == pytest.approx(50.0)
