@@ -55,9 +55,8 @@ class _DistSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group, distributed: bool) -> torch.Tensor:
         b, n = logits.shape
-        distributed = dist.is_available() and dist.is_initialized()
         if n > 0:
             row_max = logits.max(dim=1).values
         else:
@@ -84,12 +83,16 @@ class _DistSoftmaxCE(torch.autograd.Function):
         owned = torch.nonzero(target >= 0).squeeze(1)
         if owned.numel():
             grad[owned, target[owned]] -= 1.0
-        return grad * grad_loss[:, None], None, None
+        return grad * grad_loss[:, None], None, None, None
 
 
-def dist_softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group=None) -> torch.Tensor:
+def dist_softmax_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, group=None, distributed: bool | None = None
+) -> torch.Tensor:
     """Per-sample CE over classes whose columns are spread across the ranks of ``group``."""
-    return _DistSoftmaxCE.apply(logits, target, group)
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized()
+    return _DistSoftmaxCE.apply(logits, target, group, distributed)
 
 
 class MHSArcFace(nn.Module):
@@ -109,6 +112,7 @@ class MHSArcFace(nn.Module):
         mode: str = "batch_union",
         sample_rate: float | None = None,
         sparse: bool = True,
+        shard: bool = True,
         process_group=None,
         init_std: float = 0.01,
     ):
@@ -144,7 +148,8 @@ class MHSArcFace(nn.Module):
         self.sample_rate = None if sample_rate is None else float(sample_rate)
         self.sparse = bool(sparse)
         self.process_group = process_group
-        self.world_size, self.rank = _pg_world_rank(process_group)
+        # shard=False: a full, rank-local head (e.g. inside pml's DistributedLossWrapper, which gathers itself)
+        self.world_size, self.rank = _pg_world_rank(process_group) if shard else (1, 0)
         self.group_start, self.group_end = shard_range(self.num_groups, self.rank, self.world_size)
         n_local = self.group_end - self.group_start
         self.weight = nn.Parameter(
@@ -229,7 +234,7 @@ class MHSArcFace(nn.Module):
                 ).reshape(-1)
                 logits = logits.masked_fill((gid >= self.num_classes)[None, :], -torch.inf)
             self.last_num_sampled = sel.numel() * self.group_size * self.world_size
-            losses = dist_softmax_cross_entropy(logits, target, self.process_group)
+            losses = dist_softmax_cross_entropy(logits, target, self.process_group, self.world_size > 1)
         if reduction == "none":
             return losses
         if reduction == "sum":

@@ -1,0 +1,84 @@
+"""``MHSArcFaceLoss``: MHS-ArcFace as a pytorch-metric-learning loss, a drop-in for ``losses.ArcFaceLoss``.
+
+Same constructor shape and margin convention as pml (``margin`` in **degrees**, 28.6 ~ 0.5 rad), cosine
+similarity as the distance, ``get_logits`` for inference, weight regularizers via ``WeightRegularizerMixin``.
+The class centres live in an :class:`insightface_ext.MHSArcFace` (not sharded: pml's
+``DistributedLossWrapper`` does the gathering); a step only scores the groups hit by the batch.
+Like pml's ArcFaceLoss, it owns parameters: give them to an optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
+from pytorch_metric_learning.utils import common_functions as c_f
+
+from .heads import MHSArcFace
+
+__all__ = ["MHSArcFaceLoss"]
+
+
+class MHSArcFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """ArcFace over the classes of the sampled head-0 groups; equals ``ArcFaceLoss`` when every group is sampled."""
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        embedding_size: int = 512,
+        head_sizes: Sequence[int] | None = None,
+        margin: float = 28.6,
+        scale: float = 64.0,
+        sample_rate: float | None = None,
+        sparse: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        c_f.assert_distance_type(self, CosineSimilarity)
+        self.margin, self.scale, self.num_classes = float(margin), float(scale), num_classes
+        self.head = MHSArcFace(
+            embedding_size,
+            num_classes,
+            head_sizes=head_sizes,
+            margin=(1.0, float(np.radians(margin)), 0.0),
+            scale=scale,
+            sample_rate=sample_rate,
+            sparse=sparse,
+            shard=False,
+        )
+        self.num_classes = self.head.num_classes
+        self.weight_init_func(self.head.weight)
+        self.add_to_recordable_attributes(list_of_names=["num_classes", "margin", "scale"], is_stat=False)
+        self.add_to_recordable_attributes(list_of_names=["num_sampled_classes"], is_stat=True)
+
+    @property
+    def W(self) -> torch.Tensor:  # noqa: N802 - pml's name for the class-centre matrix, (embedding_size, C)
+        return self.head.weight.view(-1, self.head.embedding_size)[: self.num_classes].t()
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        c_f.labels_required(labels)
+        c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        self.head.to(device=embeddings.device)
+        losses = self.head(embeddings, labels.to(embeddings.device), reduction="none")
+        if self.collect_stats:
+            self.num_sampled_classes = self.head.last_num_sampled
+        loss_dict = {
+            "loss": {
+                "losses": losses,
+                "indices": c_f.torch_arange_from_size(embeddings),
+                "reduction_type": "element",
+            }
+        }
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        return loss_dict
+
+    def get_default_distance(self):
+        return CosineSimilarity()
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Scaled cosines to every class (B, C), like ``ArcFaceLoss.get_logits`` (no margin)."""
+        return self.distance(embeddings, self.W.t()) * self.scale
