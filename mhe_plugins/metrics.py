@@ -486,11 +486,17 @@ def verification_accuracy_10fold(
     """LFW-protocol 1:1 verification accuracy (insightface ``evaluate``): k contiguous folds, the best
     threshold is chosen on the other k-1 folds and applied to the held-out one.
 
-    Pass either pair similarity scores and ``issame`` (``embeddings2=None``), or two (n, d) embedding
-    arrays (cosine similarity is used). Unlike insightface's fixed 0.01 distance grid, the threshold
+    Pass either pair similarity scores and ``issame`` (``f(scores, issame)`` works too), or two (n, d)
+    embedding arrays and ``issame`` (cosine similarity is used). Unlike insightface's fixed 0.01 distance grid, the threshold
     search is exact over all cut points. Folds are contiguous like ``sklearn.model_selection.KFold``
     without shuffling (LFW pair files are ordered by fold).
     """
+    if (
+        issame is None
+        and embeddings2 is not None
+        and np.ndim(_to_numpy(scores_or_embeddings1, "scores")) == 1
+    ):
+        embeddings2, issame = None, embeddings2  # called as (scores, issame)
     if issame is None:
         raise ValueError("verification_accuracy_10fold: issame is required")
     if embeddings2 is None:

@@ -176,6 +176,7 @@ def test_verification_separable_is_perfect():
     perm = rng.permutation(6000)
     res = M.verification_accuracy_10fold(scores[perm], issame=same[perm])
     assert res.accuracy_mean == 1.0 and res.accuracy_std == 0.0
+    assert M.verification_accuracy_10fold(scores[perm], same[perm]).accuracy_mean == 1.0  # positional
     assert res.thresholds.shape == (10,) and np.all((res.thresholds > 0.2) & (res.thresholds < 0.6))
 
 
