@@ -1,0 +1,127 @@
+"""Datasets and loaders through timm's own pipeline (``create_dataset``/``create_loader``), plus the checks
+that turn bad data into errors naming the item instead of silently skipped samples."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import ImageDataset, create_dataset, create_loader
+
+from mhe_plugins.datasets.glyphs import GlyphDataset
+
+
+class StrictImageDataset(ImageDataset):
+    """timm's ``ImageDataset`` that raises on an unreadable image (timm skips it with a warning)."""
+
+    def __getitem__(self, index: int):
+        img, target, *_ = self.reader[index]
+        name = self.reader.filename(index, absolute=True)
+        try:
+            img = Image.open(img)
+            img = img.convert(self.input_img_mode) if self.input_img_mode else img
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"corrupt or unreadable image {name} (item {index}): {exc}") from exc
+        if self.transform is not None:
+            img = self.transform(img)
+        if target is None:
+            target = -1
+        elif self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+
+def build_dataset(dataset: str, data_dir: str | os.PathLike, split: str, in_chans: int = 3):
+    """``glyphs`` (npz set from ``timm_ext.datasets``), ``""``/``folder`` (ImageFolder ``data_dir/split``)
+    or any timm dataset name (e.g. ``torch/cifar100``; never downloads)."""
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise FileNotFoundError(f"--data-dir {data_dir} does not exist")
+    if dataset == "glyphs":
+        return GlyphDataset(data_dir, split, mode="L" if in_chans == 1 else "RGB")
+    mode = "L" if in_chans == 1 else "RGB"
+    if dataset in ("", "folder", "imagefolder"):
+        root = data_dir / split if (data_dir / split).is_dir() else data_dir
+        return StrictImageDataset(str(root), input_img_mode=mode)
+    return create_dataset(dataset, root=str(data_dir), split=split, download=False, input_img_mode=mode)
+
+
+def dataset_targets(ds) -> np.ndarray:
+    """All integer targets of a map-style dataset without decoding images."""
+    if hasattr(ds, "targets") and ds.targets is not None:
+        return np.asarray(ds.targets, dtype=np.int64)
+    reader = getattr(ds, "reader", None)
+    if reader is not None and hasattr(reader, "samples"):
+        return np.asarray([t for _, t in reader.samples], dtype=np.int64)
+    inner = getattr(reader, "_dataset", None) or getattr(ds, "dataset", None)
+    if inner is not None and hasattr(inner, "targets"):
+        return np.asarray(inner.targets, dtype=np.int64)
+    raise TypeError(f"cannot read targets of {type(ds).__name__}; pass --num-classes and a map-style dataset")
+
+
+def item_name(ds, index: int) -> str:
+    try:
+        return str(ds.filename(index, absolute=True))
+    except Exception:
+        return f"item {index}"
+
+
+def infer_num_classes(ds) -> int:
+    classes = getattr(ds, "classes", None)
+    if classes is None and getattr(ds, "reader", None) is not None:
+        classes = getattr(ds.reader, "class_to_idx", None)
+    if classes is not None and len(classes):
+        return len(classes)
+    return int(dataset_targets(ds).max()) + 1
+
+
+def check_targets(ds, num_classes: int, split: str) -> None:
+    """Every class id must be < num_classes: name the first offending item."""
+    targets = dataset_targets(ds)
+    bad = np.flatnonzero((targets < 0) | (targets >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(
+            f"{split} split: {item_name(ds, i)} has class id {int(targets[i])}, outside [0, {num_classes}) "
+            f"(--num-classes {num_classes}); {len(bad)} items are out of range"
+        )
+
+
+def build_loader(
+    ds,
+    input_size: tuple[int, int, int],
+    batch_size: int,
+    is_training: bool,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    workers: int = 0,
+    distributed: bool = False,
+    scale: tuple[float, float] = (0.6, 1.0),
+    ratio: tuple[float, float] = (0.8, 1.25),
+    hflip: float = 0.0,
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+) -> torch.utils.data.DataLoader:
+    """timm ``create_loader`` on CPU-friendly defaults (no prefetcher, no colour jitter, no flips: text)."""
+    return create_loader(
+        ds,
+        input_size=input_size,
+        batch_size=batch_size,
+        is_training=is_training,
+        scale=scale,
+        ratio=ratio,
+        hflip=hflip,
+        color_jitter=0.0,
+        interpolation=interpolation,
+        mean=mean,
+        std=std,
+        num_workers=workers,
+        distributed=distributed,
+        crop_pct=crop_pct,
+        use_prefetcher=False,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )

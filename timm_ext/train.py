@@ -1,0 +1,409 @@
+"""``mhe-timm-train``: timm-style training of a timm backbone with an MHE (or linear) head.
+
+timm's own pieces do the work (``create_dataset``/``create_loader``, ``create_optimizer_v2``,
+``create_scheduler_v2``, ``Mixup``); the loss goes through the core head's ``compute_loss`` so no B x N
+score matrix is built for MHE heads. Per epoch: a row in ``summary.csv`` and ``log.jsonl``, an atomic
+``last.pt`` (+ ``best.pt`` on the best validation top-1); ``--resume`` continues exactly where it stopped.
+Multi-process: ``torchrun --nproc_per_node=K -m timm_ext.train ...`` (DDP; gloo on CPU, nccl on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ParseKwargs
+from tqdm import tqdm
+
+from mhe_plugins.distributed import (
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    init_distributed_from_env,
+    is_main_process,
+)
+from mhe_plugins.training import (
+    JsonlLogger,
+    atomic_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+
+from .data import build_dataset, build_loader, check_targets, infer_num_classes
+from .mixup import DigitMixup, check_mixup_support
+from .model import HEADS, MHEClassifier, create_model, head_parameters
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mhe-timm-train", description=__doc__.split("\n")[0])
+    d = p.add_argument_group("data")
+    d.add_argument("--data-dir", required=True)
+    d.add_argument(
+        "--dataset", default="", help="'' (ImageFolder), 'glyphs', or a timm name like torch/cifar100"
+    )
+    d.add_argument("--train-split", default="train")
+    d.add_argument("--val-split", default="valid")
+    d.add_argument("--extra-eval-split", default=None, help="also evaluate (report only) e.g. 'test'")
+    d.add_argument("--num-classes", type=int, default=None, help="default: the training set's class count")
+    d.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"))
+    d.add_argument("--mean", type=float, nargs="+", default=None)
+    d.add_argument("--std", type=float, nargs="+", default=None)
+    d.add_argument("--scale", type=float, nargs=2, default=(0.6, 1.0), help="RandomResizedCrop area range")
+    d.add_argument("--hflip", type=float, default=0.0)
+    d.add_argument("--workers", type=int, default=0)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="resnet18")
+    m.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="timm kwargs k=v")
+    m.add_argument("--pretrained", action="store_true")
+    m.add_argument("--small-stem", action="store_true", help="drop a ResNet stem's max-pool (32x32 inputs)")
+    m.add_argument("--head", default="mhp", choices=HEADS)
+    m.add_argument("--head-sizes", type=int, nargs="+", default=None)
+    m.add_argument("--num-heads", type=int, default=2, help="MHE heads for the balanced split")
+    m.add_argument("--loss-variant", default="ce_sum", choices=["ce_sum", "joint_softmax", "bce"], help="MHP")
+    m.add_argument("--hidden-dim", type=int, default=256, help="MHC")
+    m.add_argument("--beam", type=int, default=8, help="MHC")
+    m.add_argument("--mhs-mode", default="per_sample", choices=["per_sample", "batch_union"])
+    m.add_argument("--sampled-groups", type=int, default=None, help="MHS")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=10)
+    o.add_argument("--batch-size", type=int, default=128)
+    o.add_argument("--opt", default="sgd")
+    o.add_argument("--lr", type=float, default=0.1)
+    o.add_argument("--momentum", type=float, default=0.9)
+    o.add_argument("--weight-decay", type=float, default=5e-4)
+    o.add_argument("--sched", default="cosine")
+    o.add_argument("--warmup-epochs", type=int, default=0)
+    o.add_argument("--warmup-lr", type=float, default=1e-4)
+    o.add_argument("--min-lr", type=float, default=1e-5)
+    o.add_argument("--smoothing", type=float, default=0.0)
+    o.add_argument("--mixup", type=float, default=0.0)
+    o.add_argument("--cutmix", type=float, default=0.0)
+    o.add_argument("--amp", action="store_true", help="bf16 autocast on CPU, fp16 + GradScaler on CUDA")
+    o.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap (smoke tests)")
+    r = p.add_argument_group("run")
+    r.add_argument("--output", required=True)
+    r.add_argument("--resume", default=None, help="checkpoint to resume (e.g. OUT/last.pt)")
+    r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    r.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def head_kwargs_from_args(args: argparse.Namespace) -> dict:
+    if args.head == "mhc":
+        return {"hidden_dim": args.hidden_dim, "beam": args.beam}
+    if args.head == "mhs":
+        kw: dict[str, Any] = {"mode": args.mhs_mode}
+        if args.sampled_groups is not None:
+            kw["sampled_groups"] = args.sampled_groups
+        return kw
+    return {}
+
+
+def loss_kwargs_from_args(args: argparse.Namespace) -> dict:
+    kw: dict[str, Any] = {"label_smoothing": args.smoothing}
+    if args.head == "mhp":
+        kw["variant"] = args.loss_variant
+    return kw
+
+
+def build_model_from_config(cfg: dict) -> MHEClassifier:
+    """Rebuild the exact architecture recorded in a checkpoint's ``config``."""
+    return create_model(
+        cfg["model"],
+        head=cfg["head"],
+        num_classes=cfg["num_classes"],
+        head_sizes=cfg["head_sizes"],
+        small_stem=cfg.get("small_stem", False),
+        head_kwargs=cfg.get("head_kwargs") or {},
+        in_chans=cfg["input_size"][0],
+        **(cfg.get("model_kwargs") or {}),
+    )
+
+
+def _default_norm(in_chans: int, cfg: dict, key: str, given) -> tuple[float, ...]:
+    if given:
+        if len(given) not in (1, in_chans):
+            raise ValueError(f"--{key} needs 1 or {in_chans} values, got {given}")
+        return tuple(given) * (in_chans // len(given))
+    if in_chans == 1:
+        return (0.5,)
+    return tuple(cfg.get(key, (0.5,) * in_chans))
+
+
+@torch.no_grad()
+def evaluate(model: MHEClassifier, loader, device: torch.device, k: int = 5, progress: bool = False) -> dict:
+    """Top-1/top-k accuracy (percent) through the head's exact top-k; summed over DDP ranks."""
+    model.eval()
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@k, n
+    for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        x, y = x.to(device), y.to(device)
+        kk = min(k, model.num_classes)
+        _, ids = model.topk(x, kk)
+        hit = ids == y[:, None]
+        stats += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(y)], device=device)
+    stats = all_reduce_sum(stats)
+    n = max(stats[2].item(), 1.0)
+    return {
+        "top1": 100.0 * stats[0].item() / n,
+        "top5": 100.0 * stats[1].item() / n,
+        "n": int(stats[2].item()),
+    }
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(buf.getvalue(), path)
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run a training job described by parsed CLI ``args``; returns the final summary dict."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = init_distributed_from_env()
+    main = is_main_process()
+    out = Path(args.output)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    check_mixup_support(args.head, args.mixup, args.cutmix)
+    seed_everything(args.seed + rank)
+
+    # ---------------------------------------------------------------- data
+    in_chans = args.input_size[0] if args.input_size else int(args.model_kwargs.get("in_chans", 3))
+    train_ds = build_dataset(args.dataset, args.data_dir, args.train_split, in_chans)
+    num_classes = args.num_classes or infer_num_classes(train_ds)
+    if args.head_sizes and math.prod(args.head_sizes) < num_classes:
+        raise ValueError(
+            f"--head-sizes {args.head_sizes} cover {math.prod(args.head_sizes)} ids but the dataset "
+            f"{args.data_dir} ({args.train_split}) has {num_classes} classes"
+        )
+    check_targets(train_ds, num_classes, args.train_split)
+    val_ds = build_dataset(args.dataset, args.data_dir, args.val_split, in_chans)
+    check_targets(val_ds, num_classes, args.val_split)
+    extra_ds = None
+    if args.extra_eval_split:
+        extra_ds = build_dataset(args.dataset, args.data_dir, args.extra_eval_split, in_chans)
+        check_targets(extra_ds, num_classes, args.extra_eval_split)
+
+    # ---------------------------------------------------------------- model
+    model_kwargs = {k: v for k, v in args.model_kwargs.items() if k != "in_chans"}
+    model = create_model(
+        args.model,
+        head=args.head,
+        num_classes=num_classes,
+        head_sizes=args.head_sizes,
+        num_heads=args.num_heads,
+        pretrained=args.pretrained,
+        small_stem=args.small_stem,
+        head_kwargs=head_kwargs_from_args(args),
+        in_chans=in_chans,
+        **model_kwargs,
+    ).to(device)
+    pcfg = model.pretrained_cfg
+    input_size = (
+        tuple(args.input_size) if args.input_size else (in_chans, *pcfg.get("input_size", (3, 224, 224))[1:])
+    )
+    mean = _default_norm(in_chans, pcfg, "mean", args.mean)
+    std = _default_norm(in_chans, pcfg, "std", args.std)
+    config = {
+        "model": args.model,
+        "model_kwargs": model_kwargs,
+        "small_stem": bool(args.small_stem),
+        "input_size": list(input_size),
+        "mean": list(mean),
+        "std": list(std),
+        "dataset": args.dataset,
+        **model.mhe_config(),
+    }
+
+    loader_kw = dict(input_size=input_size, mean=mean, std=std, workers=args.workers, distributed=world > 1)
+    train_loader = build_loader(
+        train_ds,
+        batch_size=args.batch_size,
+        is_training=True,
+        scale=tuple(args.scale),
+        hflip=args.hflip,
+        **loader_kw,
+    )
+    val_loader = build_loader(val_ds, batch_size=args.batch_size, is_training=False, **loader_kw)
+    extra_loader = (
+        build_loader(extra_ds, batch_size=args.batch_size, is_training=False, **loader_kw)
+        if extra_ds
+        else None
+    )
+
+    optimizer = create_optimizer_v2(
+        model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+    )
+    steps = (
+        len(train_loader)
+        if args.max_steps_per_epoch is None
+        else min(len(train_loader), args.max_steps_per_epoch)
+    )
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer,
+        sched=args.sched,
+        num_epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=steps,
+    )
+    use_cuda_amp = args.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_cuda_amp else None
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mix_kw = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing)
+        if args.head == "linear":
+            from timm.data import Mixup
+
+            mixup = Mixup(num_classes=num_classes, **mix_kw)
+        else:
+            mixup = DigitMixup(model.head.codec, **mix_kw)
+
+    start_epoch, best, history = 0, -1.0, []
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, map_location=device)
+        if (
+            ckpt.get("config", {}).get("head_sizes") != config["head_sizes"]
+            or ckpt["config"]["head"] != args.head
+        ):
+            raise ValueError(
+                f"--resume {args.resume} was trained with a different head: {ckpt.get('config')}"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best, history = ckpt["epoch"] + 1, ckpt.get("best", -1.0), list(ckpt.get("history", []))
+        if ckpt.get("rng") is not None and world == 1:
+            set_rng_state(ckpt["rng"])
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    logger = JsonlLogger(out / "log.jsonl", enabled=main)
+    loss_kw = loss_kwargs_from_args(args)
+    if mixup is not None:
+        loss_kw.pop("label_smoothing")  # already inside the mixed soft targets
+    head_params = head_parameters(model)
+    if main:
+        atomic_write_json(
+            {"config": config, "args": _plain(vars(args)), "head_params": head_params}, out / "config.json"
+        )
+
+    for epoch in range(start_epoch, num_epochs):
+        if world > 1 and hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        ddp_model.train()
+        t0 = time.time()
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+        bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not main or args.no_progress, leave=False)
+        for step, (x, y) in enumerate(train_loader):
+            if step >= steps:
+                break
+            x, y = x.to(device), y.to(device)
+            target: Any = y
+            if mixup is not None:
+                x, target = mixup(x, y)
+            ctx = torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext()
+            with ctx:
+                loss = ddp_model(x, target=target, **loss_kw)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            scheduler.step_update(epoch * steps + step + 1)
+            loss_sum += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64, device=device)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+        bar.close()
+        scheduler.step(epoch + 1)
+        loss_sum = all_reduce_sum(loss_sum)
+        epoch_s = time.time() - t0
+        val = evaluate(model, val_loader, device, progress=main and not args.no_progress)
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum[0].item() / max(loss_sum[1].item(), 1),
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_s": epoch_s,
+            f"{args.val_split}_top1": val["top1"],
+            f"{args.val_split}_top5": val["top5"],
+        }
+        if extra_loader is not None:
+            ex = evaluate(model, extra_loader, device, progress=main and not args.no_progress)
+            row.update(
+                {f"{args.extra_eval_split}_top1": ex["top1"], f"{args.extra_eval_split}_top5": ex["top5"]}
+            )
+        history.append(row)
+        is_best = val["top1"] > best
+        best = max(best, val["top1"])
+        if main:
+            logger.log(row)
+            _write_csv(history, out / "summary.csv")
+            ckpt = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch,
+                "best": best,
+                "history": history,
+                "config": config,
+                "rng": rng_state(),
+            }
+            atomic_save(ckpt, out / "last.pt")
+            if is_best:
+                atomic_save({"model": model.state_dict(), "config": config, "epoch": epoch}, out / "best.pt")
+            print(
+                f"epoch {epoch}: loss {row['train_loss']:.4f}  {args.val_split} top1 {val['top1']:.2f} "
+                f"top5 {val['top5']:.2f}  ({epoch_s:.1f}s)",
+                flush=True,
+            )
+        barrier()
+    summary = {"config": config, "head_params": head_params, "best_val_top1": best, "history": history}
+    if main:
+        atomic_write_json(summary, out / "summary.json")
+    cleanup_distributed()
+    return summary
+
+
+def _plain(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    train(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
