@@ -199,7 +199,7 @@ def _read_bow(data_dir: Path) -> XMCDataset:
         sizes[s] = (x.shape[1], n_labels, p)
         splits[s] = (x, y)
     (nf, nl, p0) = sizes["train"]
-    for s, (f, l_, p) in sizes.items():
+    for f, l_, p in sizes.values():
         if (f, l_) != (nf, nl):
             raise DataFormatError(f"{p}:1: header has {f} features / {l_} labels but {p0} has {nf} / {nl}")
     out = {

@@ -1,0 +1,5 @@
+"""``python -m xmc`` = ``mhe-xmc``."""
+
+from xmc.cli import main
+
+main()

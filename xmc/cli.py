@@ -1,0 +1,134 @@
+"""``mhe-xmc train | eval | predict``: a thin argparse layer over :mod:`xmc.train` and :mod:`xmc.evaluate`.
+
+mhe-xmc train --data-dir DIR --output OUT                       # every other option has a default
+torchrun --nproc_per_node 2 -m xmc.cli train --data-dir DIR --output OUT
+mhe-xmc eval --model OUT --data-dir DIR [--split test]          # prints + writes OUT/metrics.json
+mhe-xmc predict --model OUT --top-k 5 < texts.txt               # "label:score ..." per line
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from xmc.train import TrainConfig
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig(data_dir="", output="")
+    p.add_argument("--data-dir", required=True, help="dataset directory (raw-text or XC BoW files)")
+    p.add_argument("--output", required=True, help="output directory for the model, logs and checkpoints")
+    p.add_argument("--format", choices=["auto", "raw", "bow"], default=d.format)
+    p.add_argument("--head", choices=["mhc", "flat"], default=d.head)
+    enc = p.add_mutually_exclusive_group()
+    enc.add_argument("--encoder", choices=["tfidf"], default=None, help="sparse TF-IDF encoder (default)")
+    enc.add_argument(
+        "--model-path", default=None, help="local HF transformers encoder dir (never downloaded)"
+    )
+    p.add_argument("--num-groups", type=int, default=None, help="MHC groups G (default: about sqrt(N))")
+    p.add_argument(
+        "--candidates-topk",
+        type=int,
+        default=None,
+        help="MHC groups kept per document (default ~sqrt(G), >=16)",
+    )
+    p.add_argument(
+        "--hidden-dim", type=int, default=None, help="MHC label-embedding width (default feature_dim/4)"
+    )
+    p.add_argument(
+        "--permutation-seed", type=int, default=None, help="randomly permute label ids before grouping"
+    )
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=None, help="default 2e-3 (tfidf) / 1e-4 (HF encoder)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of optimizer steps")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="disable autocast on CUDA")
+    p.add_argument("--no-swa", dest="swa", action="store_false")
+    p.add_argument("--swa-start", type=int, default=None, help="epoch where SWA starts (default epochs//2)")
+    p.add_argument("--swa-every", type=int, default=d.swa_every)
+    p.add_argument(
+        "--eval-every", type=int, default=d.eval_every, help="validate every N steps (0: per epoch)"
+    )
+    p.add_argument("--select-metric", default=d.select_metric)
+    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--tfidf-dim", type=int, default=d.tfidf_dim)
+    p.add_argument("--max-features", type=int, default=d.max_features)
+    p.add_argument(
+        "--feature-layers", type=int, default=d.feature_layers, help="HF: concat first token of last k layers"
+    )
+    p.add_argument("--max-len", type=int, default=d.max_len)
+    p.add_argument(
+        "--valid-size", type=float, default=d.valid_size, help="train fraction used as valid if none given"
+    )
+    p.add_argument("--propensity-a", type=float, default=d.propensity_a)
+    p.add_argument("--propensity-b", type=float, default=d.propensity_b)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in an OUTPUT that holds a run")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in fields}
+    kw["encoder"] = "hf" if args.model_path else "tfidf"
+    return TrainConfig(**kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="mhe-xmc", description="Extreme multi-label text classification with MHE"
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_train_args(sub.add_parser("train", help="train a model (flat or MHC head)"))
+    ev = sub.add_parser("eval", help="evaluate a trained model; writes MODEL/metrics.json")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data-dir", required=True)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--device", default="cpu")
+    pr = sub.add_parser("predict", help="top-k labels for each stdin line")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--batch-size", type=int, default=256)
+    pr.add_argument("--device", default="cpu")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "train":
+        summary = train_cli(args)
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+    elif args.cmd == "eval":
+        from xmc.evaluate import evaluate_model_dir
+
+        res = evaluate_model_dir(args.model, args.data_dir, args.split, args.batch_size, args.device)
+        print(json.dumps(res, indent=1))
+    else:
+        from xmc.evaluate import predict_lines
+
+        lines = [line.rstrip("\r\n") for line in sys.stdin]
+        for row in predict_lines(args.model, lines, args.top_k, args.batch_size, args.device):
+            print(" ".join(f"{lab}:{score:.4f}" for lab, score in row))
+
+
+def train_cli(args: argparse.Namespace) -> dict:
+    from mhe_plugins.distributed import cleanup_distributed
+    from xmc.train import train
+
+    try:
+        return train(config_from_args(args))
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

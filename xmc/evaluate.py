@@ -1,0 +1,175 @@
+"""Ranking, metrics and loading a trained model directory (used by train, eval and predict).
+
+Evaluation is sharded over ranks by whole batches (fixed batch boundaries), and the rankings are
+gathered, so a torchrun evaluation computes the metrics of exactly the same rankings as one process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from mhe_plugins import metrics as M
+from mhe_plugins.distributed import all_gather_variable, get_rank, get_world_size
+from mhe_plugins.training import atomic_write_json, load_checkpoint
+from xmc.batching import Collator, to_device
+from xmc.data import load_dataset
+from xmc.encoders import TfidfFeaturizer, l2_rows, load_tokenizer
+from xmc.io import read_lines
+from xmc.model import XMCModel
+
+KS = (1, 3, 5)
+
+
+@torch.no_grad()
+def rank_documents(
+    model: torch.nn.Module,
+    collator: Collator,
+    n: int,
+    k: int = 5,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (ids, scores), each (n, k), for documents 0..n-1; ids -1 where fewer than k exist."""
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    world, rank = get_world_size(), get_rank()
+    starts = list(range(0, n, batch_size))[rank::world]
+    idx_parts, id_parts, sc_parts = [], [], []
+    try:
+        for s in starts:
+            batch = to_device(collator(list(range(s, min(s + batch_size, n)))), device)
+            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                scores, ids = model.topk(batch["inputs"], k)
+            idx_parts.append(batch["index"].to(device))
+            id_parts.append(ids.long())
+            sc_parts.append(scores.float())
+    finally:
+        model.train(was_training)  # never leave a training model in eval mode (reference bug)
+    index = torch.cat(idx_parts) if idx_parts else torch.zeros(0, dtype=torch.long, device=device)
+    ids = torch.cat(id_parts) if id_parts else torch.zeros(0, k, dtype=torch.long, device=device)
+    scores = torch.cat(sc_parts) if sc_parts else torch.zeros(0, k, device=device)
+    index, ids, scores = all_gather_variable(index), all_gather_variable(ids), all_gather_variable(scores)
+    order = torch.argsort(index)
+    return ids[order].cpu().numpy(), scores[order].cpu().numpy()
+
+
+def compute_metrics(
+    pred_ids: np.ndarray, truth: sp.csr_matrix, propensities: np.ndarray | None
+) -> dict[str, float]:
+    """P@k, nDCG@k, PSP@k (k = 1, 3, 5) in percent, on all true labels."""
+    out = M.xmc_metrics(pred_ids, truth, ks=KS, propensities=propensities)
+    keep = [f"{m}@{k}" for m in ("P", "nDCG", "PSP") for k in KS]
+    return {key: round(float(out[key]), 4) for key in keep if key in out}
+
+
+# ----------------------------------------------------------------------------- trained model dirs
+class TrainedModel:
+    """Everything in an output dir needed to rank new documents."""
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", which: str = "model.pt"):
+        self.dir = Path(model_dir)
+        cfg_path = self.dir / "config.json"
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"{cfg_path}: not a trained model directory (run mhe-xmc train first)")
+        self.meta = json.loads(cfg_path.read_text())
+        self.cfg = self.meta["model"]
+        self.label_vocab = read_lines(self.dir / "labels.txt")
+        self.device = torch.device(device)
+        hf_config = None
+        self.featurizer = self.tokenizer = None
+        if self.cfg["encoder"] == "tfidf":
+            if self.meta["format"] == "raw":
+                self.featurizer = TfidfFeaturizer.load(self.dir / "tfidf.json")
+        else:
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.from_pretrained(str(self.dir / "encoder"), local_files_only=True)
+            self.tokenizer = load_tokenizer(self.dir / "encoder")
+        self.model = XMCModel(
+            self.cfg, len(self.label_vocab), self.meta.get("num_features"), hf_config=hf_config
+        )
+        state = load_checkpoint(self.dir / which, map_location="cpu")
+        self.model.load_state_dict(state["state_dict"])
+        self.model.to(self.device).eval()
+        prop = self.dir / "propensities.npy"
+        self.propensities = np.load(prop) if prop.exists() else None
+
+    def collator(self, texts=None, features=None, labels=None) -> Collator:
+        if self.featurizer is not None and texts is not None:
+            features = self.featurizer.transform(list(texts))
+        elif self.meta["format"] == "bow" and features is not None:
+            features = l2_rows(features)
+        return Collator(
+            labels, features=features, texts=texts, tokenizer=self.tokenizer, max_len=self.cfg["max_len"]
+        )
+
+
+def evaluate_model_dir(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    split: str = "test",
+    batch_size: int = 256,
+    device: str = "cpu",
+    write: bool = True,
+) -> dict[str, float]:
+    """Metrics of a trained model on a split; written to ``model_dir/metrics.json`` (percent)."""
+    tm = TrainedModel(model_dir, device)
+    ds = load_dataset(
+        data_dir, tm.meta["format"], label_vocab=tm.label_vocab if tm.meta["format"] == "raw" else None
+    )
+    if split not in ds.splits:
+        raise FileNotFoundError(f"{data_dir}: no {split!r} split")
+    if ds.num_labels != len(tm.label_vocab):
+        raise ValueError(f"{data_dir}: {ds.num_labels} labels but the model has {len(tm.label_vocab)}")
+    part = ds.splits[split]
+    col = tm.collator(texts=part.texts, features=part.features, labels=part.labels)
+    ids, _ = rank_documents(tm.model, col, len(part), 5, batch_size, tm.device)
+    result = compute_metrics(ids, part.labels, tm.propensities)
+    if write and get_rank() == 0:
+        atomic_write_json(result, Path(model_dir) / "metrics.json")
+    return result
+
+
+def predict_lines(
+    model_dir: str | Path, lines: list[str], top_k: int = 5, batch_size: int = 256, device: str = "cpu"
+) -> list[list[tuple[str, float]]]:
+    """Top-k (label token, score) per input line (raw text, or ``f:v ...`` lines for a BoW model)."""
+    tm = TrainedModel(model_dir, device)
+    if tm.meta["format"] == "bow":
+        feats = _parse_bow_lines(lines, tm.meta["num_features"])
+        col = tm.collator(features=feats)
+    else:
+        col = tm.collator(texts=lines)
+    ids, scores = rank_documents(tm.model, col, len(lines), top_k, batch_size, tm.device)
+    return [
+        [(tm.label_vocab[i], float(s)) for i, s in zip(row_ids, row_sc) if i >= 0]
+        for row_ids, row_sc in zip(ids, scores)
+    ]
+
+
+def _parse_bow_lines(lines: list[str], num_features: int) -> sp.csr_matrix:
+    rows, cols, vals = [], [], []
+    for r, line in enumerate(lines):
+        for tok in line.split():
+            if ":" not in tok:
+                continue  # a leading label field is ignored
+            k, _, v = tok.partition(":")
+            try:
+                k_i, v_f = int(k), float(v)
+            except ValueError as exc:
+                raise ValueError(
+                    f"<stdin>:{r + 1}: malformed feature {tok!r} (expected index:value)"
+                ) from exc
+            if not 0 <= k_i < num_features:
+                raise ValueError(f"<stdin>:{r + 1}: feature index {k_i} out of range [0, {num_features})")
+            rows.append(r)
+            cols.append(k_i)
+            vals.append(v_f)
+    return sp.csr_matrix((vals, (rows, cols)), shape=(len(lines), num_features), dtype=np.float32)
