@@ -116,6 +116,10 @@ def build_wordnet_xmc(
         if labels:  # policy: documents left without labels after filtering are dropped
             text = ", ".join(s.lemmas) + "; " + " ".join(s.gloss.split())
             docs.append((text, labels))
+    if not docs:
+        raise ValueError(
+            f"{wordnet_dir}: no document keeps a label (drop_top={drop_top}, min_docs={min_docs})"
+        )
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(docs))
     n_train = int(round(fractions[0] * len(docs)))
@@ -145,9 +149,12 @@ def write_raw_dataset(
     out: str | Path,
     compress: str = "none",
     overwrite: bool = False,
+    stats: dict | None = None,
 ) -> None:
-    """Write ``{split}_texts.txt`` / ``{split}_labels.txt`` atomically (optionally ``.xz``)."""
+    """Write ``{split}_texts.txt`` / ``{split}_labels.txt`` (+ stats.json) atomically (optionally ``.xz``)."""
     with atomic_directory(out, overwrite=overwrite) as tmp:
+        if stats is not None:
+            (tmp / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         for split, rows in splits.items():
             for kind, lines in (
                 ("texts", (t for t, _ in rows)),
@@ -173,9 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     wn.add_argument("--compress", choices=["none", "xz"], default="none")
     wn.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:  # fail before the work, not after
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     splits, stats = build_wordnet_xmc(args.wordnet_dir, args.drop_top, args.min_docs, args.seed)
-    write_raw_dataset(splits, args.out, compress=args.compress, overwrite=args.overwrite)
-    (Path(args.out) / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    write_raw_dataset(splits, out, compress=args.compress, overwrite=args.overwrite, stats=stats)
     print(json.dumps(stats, indent=1))
 
 

@@ -1,0 +1,34 @@
+"""Shared fixtures: a small slice of the bundled WordNet-XMC (real data) in raw and BoW format."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xmc.data import load_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+WORDNET = REPO / "data" / "wordnet_xmc"
+
+
+def write_raw(d: Path, split: str, texts, labels) -> None:
+    (d / f"{split}_texts.txt").write_text("".join(t + "\n" for t in texts))
+    (d / f"{split}_labels.txt").write_text("".join(" ".join(ls) + "\n" for ls in labels))
+
+
+@pytest.fixture(scope="session")
+def wordnet_small(tmp_path_factory) -> Path:
+    """2,400 train / 300 valid / 300 test documents restricted to frequent labels (real WordNet text)."""
+    ds = load_dataset(WORDNET)
+    rng = np.random.default_rng(0)
+    out = tmp_path_factory.mktemp("wn_small")
+    tr = ds.splits["train"]
+    counts = np.asarray(tr.labels.sum(0)).ravel()
+    keep = set(np.argsort(-counts)[:300].tolist())  # 300 most frequent labels
+    for split, n in (("train", 2400), ("valid", 300), ("test", 300)):
+        part = ds.splits[split]
+        rows = [i for i in rng.permutation(len(part)) if set(part.label_lists()[i]) & keep][:n]
+        texts = [part.texts[i] for i in rows]
+        labels = [[ds.label_vocab[j] for j in part.label_lists()[i] if j in keep] for i in rows]
+        write_raw(out, split, texts, labels)
+    return out
