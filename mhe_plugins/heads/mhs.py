@@ -171,14 +171,16 @@ class MHSHead(MHEHead):
         return F.log_softmax(upcast(self.full_logits(x)), -1)
 
     def _topk_flat(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k log-probabilities of the full classifier, chunked over classes (B x N never coexist)."""
+        """Top-k of the full classifier's logits, chunked over classes (B x N scores never coexist).
+
+        Values are logits (scaled cosines under a margin), like a dense classifier's ``topk``; the
+        softmax normaliser would cost more than the matmul itself. ``log_prob`` gives normalised values.
+        """
         w = self.class_weights()
-        scale = self.margin.s if self.margin is not None else 1.0
+        scale = self.margin.s if self.margin is not None else None
         best_v = best_i = None
-        lse = x.new_full((x.shape[0],), float("-inf"), dtype=torch.float32)
         for start in range(0, self.num_labels, self.chunk_size):
-            s = upcast(self._scores(x, w[start : start + self.chunk_size])) * scale
-            lse = torch.logaddexp(lse, torch.logsumexp(s, 1))
+            s = upcast(self._scores(x, w[start : start + self.chunk_size]))
             kk = min(k, s.shape[1])
             v, i = s.topk(kk, dim=1)
             i = i + start
@@ -187,4 +189,4 @@ class MHSHead(MHEHead):
             else:
                 v, pos = torch.cat([best_v, v], 1).topk(min(k, best_v.shape[1] + kk), dim=1)
                 best_i, best_v = torch.cat([best_i, i], 1).gather(1, pos), v
-        return best_v - lse[:, None], best_i
+        return (best_v * scale if scale is not None else best_v), best_i

@@ -250,8 +250,9 @@ def test_mhs_topk_is_chunked_full_classifier():
     head = MHSHead(8, LabelCodec([7, 9], 60), chunk_size=5)
     x = torch.randn(4, 8)
     v, i = head.topk(x, 6)
-    bv, bi = head.log_prob(x).topk(6)
+    bv, bi = head.full_logits(x).topk(6)
     assert torch.allclose(v, bv, atol=1e-5) and torch.equal(i, bi)
+    assert torch.equal(head.log_prob(x).topk(6).indices, i)
 
 
 def test_mhs_sparse_grad_touches_only_sampled_groups():
