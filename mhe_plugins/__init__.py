@@ -4,9 +4,11 @@ Data flow: label id -> ``LabelCodec`` digits -> head (``MHPHead`` | ``MHCHead`` 
 training; features -> head ``topk`` / ``predict`` / ``log_prob`` -> global ids -> ``metrics`` at test.
 """
 
+from . import metrics
 from .codec import LabelCodec, group_split
 from .decode import log_valid_mass, product_topk
 from .heads import MHCHead, MHCOutput, MHEHead, MHPHead, MHSHead, MHSOutput
+from .heads.mhc_multilabel import MHCMultiLabelHead, MHCMultiLabelOutput, pad_labels
 from .margins import ArcFaceMargin, CombinedMargin, CosFaceMargin
 
 __version__ = "0.1.0"
@@ -22,6 +24,10 @@ __all__ = [
     "MHCOutput",
     "MHSHead",
     "MHSOutput",
+    "MHCMultiLabelHead",
+    "MHCMultiLabelOutput",
+    "pad_labels",
+    "metrics",
     "CombinedMargin",
     "ArcFaceMargin",
     "CosFaceMargin",
