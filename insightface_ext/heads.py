@@ -260,8 +260,11 @@ class MHSArcFace(nn.Module):
         }
 
     @torch.no_grad()
-    def load_shards(self, shards: Sequence[dict]) -> None:
-        """Load this rank's block from any set of shards that together cover all groups (any old world size)."""
+    def load_shards(self, shards: Sequence[dict], key: str = "weight") -> torch.Tensor:
+        """This rank's block of ``key`` from shards that together cover all groups (any old world size).
+
+        ``key="weight"`` loads it into the head; other keys (e.g. an optimizer's momentum) are returned only.
+        """
         for s in shards:
             if (
                 list(s["head_sizes"]) != list(self.codec.head_sizes)
@@ -271,17 +274,19 @@ class MHSArcFace(nn.Module):
                     f"checkpoint head {s['head_sizes']}/{s['num_classes']} does not match "
                     f"{list(self.codec.head_sizes)}/{self.num_classes}"
                 )
-        for s in shards:
-            lo, hi = max(s["group_start"], self.group_start), min(s["group_end"], self.group_end)
-            if lo < hi:
-                self.weight[lo - self.group_start : hi - self.group_start] = s["weight"][
-                    lo - s["group_start"] : hi - s["group_start"]
-                ].to(self.weight)
-        covered = sorted((s["group_start"], s["group_end"]) for s in shards)
         pos = 0
-        for a, b in covered:
+        for a, b in sorted((s["group_start"], s["group_end"]) for s in shards):
             if a > pos:
                 break
             pos = max(pos, b)
         if pos < self.num_groups:
             raise ValueError(f"checkpoint shards cover groups [0, {pos}) only, need [0, {self.num_groups})")
+        block = torch.empty_like(self.weight)
+        for s in shards:
+            lo, hi = max(s["group_start"], self.group_start), min(s["group_end"], self.group_end)
+            if lo < hi:
+                src = s[key][lo - s["group_start"] : hi - s["group_start"]]
+                block[lo - self.group_start : hi - self.group_start] = src.reshape(hi - lo, -1).to(block)
+        if key == "weight":
+            self.weight.copy_(block)
+        return block

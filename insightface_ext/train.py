@@ -1,0 +1,299 @@
+"""``mhe-face-train CONFIG``: arcface_torch's training loop with MHS-ArcFace in place of Partial FC.
+
+Run it as ``mhe-face-train glyphs_r18_mhs`` (one process, no ``torch.distributed``) or
+``torchrun --nproc_per_node N -m insightface_ext.train CONFIG``.  The backbone is DDP-wrapped with a
+SUM all-reduce hook (the head's loss is already the global-batch mean), the head is sharded by groups and
+never replicated.  SGD + LazySGD, linear warmup then polynomial (power 2) decay, AMP on CUDA, gradient
+clipping, atomic checkpoints every ``save_every`` steps, exact resume (mid-epoch), tqdm + JSON-lines logs.
+
+Output dir: ``checkpoint.pt`` (backbone, optimizers, schedule, step), ``head_shard_<rank>.pt`` (one per
+rank, re-shardable), ``model.pt`` (backbone weights, what ``mhe-face-eval`` / ``-export`` read),
+``train_log.jsonl``, ``config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from mhe_plugins.distributed import barrier, init_distributed_from_env, is_main_process
+from mhe_plugins.training import (
+    JsonlLogger,
+    atomic_save,
+    atomic_write_json,
+    load_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+
+from .backbones import get_model
+from .config import apply_overrides, load_config
+from .data import open_train_dataset
+from .heads import MHSArcFace
+from .optim import LazySGD, sum_allreduce_hook
+
+__all__ = ["train", "build_head", "poly_warmup", "main"]
+
+
+def poly_warmup(step: int, total: int, warmup: int, power: float = 2.0) -> float:
+    """LR multiplier: linear warmup from 0, then (1 - progress) ** power (arcface_torch's PolyScheduler)."""
+    if warmup > 0 and step < warmup:
+        return step / warmup
+    return max(0.0, 1.0 - (step - warmup) / max(1, total - warmup)) ** power
+
+
+def build_head(cfg: SimpleNamespace) -> MHSArcFace:
+    return MHSArcFace(
+        cfg.embedding_size,
+        cfg.num_classes,
+        head_sizes=cfg.head_sizes,
+        margin=cfg.margin_list,
+        scale=cfg.scale,
+        sample_rate=cfg.sample_rate,
+        sparse=True,
+    )
+
+
+def _head_momentum(opt: LazySGD, head: MHSArcFace) -> torch.Tensor | None:
+    st = opt.state.get(head.weight, {})
+    return st["momentum_buffer"].cpu() if "momentum_buffer" in st else None
+
+
+def _save(out: Path, step: int, epoch: int, backbone, head, opt_b, opt_h, sched_b, sched_h, scaler) -> None:
+    """Every rank writes its head shard first, then rank 0 the backbone/optimizer checkpoint (the commit point)."""
+    shard = head.shard_state()
+    shard.update(step=step, world_size=head.world_size, momentum=_head_momentum(opt_h, head))
+    atomic_save(shard, out / f"head_shard_{head.rank}.pt")
+    barrier()
+    if is_main_process():
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "world_size": head.world_size,
+            "backbone": backbone.state_dict(),
+            "opt_backbone": opt_b.state_dict(),
+            "opt_head_hparams": [{k: v for k, v in g.items() if k != "params"} for g in opt_h.param_groups],
+            "sched_backbone": sched_b.state_dict(),
+            "sched_head": sched_h.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+        }
+        atomic_save(state, out / "checkpoint.pt")
+        atomic_save(backbone.state_dict(), out / "model.pt")
+    barrier()
+
+
+def _resume(out: Path, backbone, head, opt_b, opt_h, sched_b, sched_h, scaler) -> tuple[int, int]:
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    shards = []
+    for r in range(int(ckpt["world_size"])):
+        s = load_checkpoint(out / f"head_shard_{r}.pt")
+        if int(s["step"]) != int(ckpt["step"]):
+            raise RuntimeError(
+                f"{out / f'head_shard_{r}.pt'} is from step {s['step']} but checkpoint.pt from step {ckpt['step']}"
+            )
+        shards.append(s)
+    backbone.load_state_dict(ckpt["backbone"])
+    head.load_shards(shards)
+    if all(s["momentum"] is not None for s in shards):
+        opt_h.state[head.weight]["momentum_buffer"] = head.load_shards(shards, key="momentum")
+    opt_b.load_state_dict(ckpt["opt_backbone"])
+    sched_b.load_state_dict(ckpt["sched_backbone"])
+    sched_h.load_state_dict(ckpt["sched_head"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if int(ckpt["world_size"]) == head.world_size:
+        set_rng_state(ckpt["rng"])
+    return int(ckpt["step"]), int(ckpt["epoch"])
+
+
+def _validate(cfg, backbone, step: int, log: JsonlLogger) -> dict:
+    from .verification import evaluate_bin
+
+    results = {}
+    for name in cfg.val_targets:
+        path = Path(name) if str(name).endswith(".bin") else Path(cfg.rec) / f"{name}.bin"
+        if not path.is_file():
+            print(f"[mhe-face-train] skip val target {name}: {path} not found")
+            continue
+        m = evaluate_bin(backbone, path, cfg.val_image_size or cfg.input_size, cfg.in_chans)
+        results[Path(name).stem] = m
+        log.log({"step": step, "val": Path(name).stem, **m})
+        print(
+            f"[mhe-face-train] step {step} {Path(name).stem}: acc {m['acc10fold']:.2f} +- {m['acc10fold_std']:.2f}"
+        )
+    return results
+
+
+def train(cfg: SimpleNamespace) -> dict:
+    """Train per ``cfg``; returns ``{"steps", "final_loss", "img_per_s", "val", "output"}``."""
+    rank, world, device = init_distributed_from_env()
+    seed_everything(int(cfg.seed))
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = open_train_dataset(cfg.rec, channels=cfg.in_chans, train=True)
+    if cfg.num_classes is None:
+        cfg.num_classes = dataset.num_classes
+    if dataset.num_classes > cfg.num_classes:
+        raise ValueError(
+            f"{cfg.rec}: dataset has {dataset.num_classes} identities > config num_classes={cfg.num_classes}"
+        )
+    if cfg.num_image is not None and int(cfg.num_image) != len(dataset):
+        print(f"[mhe-face-train] note: config num_image={cfg.num_image}, dataset has {len(dataset)} images")
+    if is_main_process():
+        atomic_write_json(
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()}, out / "config.json"
+        )
+
+    backbone = get_model(
+        cfg.network, cfg.embedding_size, cfg.input_size, cfg.in_chans, cfg.width, cfg.dropout
+    ).to(device)
+    head = build_head(cfg).to(device)
+    model: nn.Module = backbone
+    if world > 1:
+        model = DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None)
+        model.register_comm_hook(None, sum_allreduce_hook)
+    opt_b = torch.optim.SGD(
+        backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    opt_h = LazySGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=int(cfg.seed), drop_last=True
+    )
+    steps_per_epoch = len(sampler) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.rec}: {len(dataset)} images < one global batch of {cfg.batch_size * world}")
+    total = cfg.num_epoch * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, int(cfg.max_steps))
+    warm = int(cfg.warmup_epoch * steps_per_epoch)
+    full_total = cfg.num_epoch * steps_per_epoch  # the schedule does not depend on max_steps
+
+    def lr_lambda(s):
+        return poly_warmup(s, full_total, warm)
+
+    sched_b = torch.optim.lr_scheduler.LambdaLR(opt_b, lr_lambda)
+    sched_h = torch.optim.lr_scheduler.LambdaLR(opt_h, lr_lambda)
+    amp = bool(cfg.fp16) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp, growth_interval=100)
+
+    step, start_epoch = 0, 0
+    if cfg.resume and (out / "checkpoint.pt").is_file():
+        step, start_epoch = _resume(out, backbone, head, opt_b, opt_h, sched_b, sched_h, scaler)
+        print(f"[mhe-face-train] resumed from {out / 'checkpoint.pt'} at step {step}")
+    log = JsonlLogger(out / "train_log.jsonl", enabled=is_main_process())
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, disable=not is_main_process(), desc="train", dynamic_ncols=True)
+    t0, seen, loss_val, val = time.perf_counter(), 0, math.nan, {}
+    epoch = step // steps_per_epoch
+    while step < total:
+        sampler.set_epoch(epoch)
+        skip = (step - epoch * steps_per_epoch) * cfg.batch_size  # resume mid-epoch on the same order
+        idx = list(sampler)[skip:]
+        loader = DataLoader(
+            Subset(dataset, idx),
+            batch_size=cfg.batch_size,
+            shuffle=False,
+            drop_last=True,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                emb = model(x)
+            loss = head(emb, y)
+            opt_b.zero_grad(set_to_none=True)
+            opt_h.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt_b)
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad)
+            scaler.step(opt_b)
+            scaler.step(opt_h)
+            scaler.update()
+            sched_b.step()
+            sched_h.step()
+            step += 1
+            seen += x.shape[0] * world
+            loss_val = loss.item()
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"loss became {loss_val} at step {step}")
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                ips = seen / (time.perf_counter() - t0)
+                bar.set_postfix(
+                    loss=f"{loss_val:.3f}", lr=f"{sched_b.get_last_lr()[0]:.4f}", ips=f"{ips:.0f}"
+                )
+                log.log(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": loss_val,
+                        "lr": sched_b.get_last_lr()[0],
+                        "img_per_s": ips,
+                        "sampled_classes": head.last_num_sampled,
+                    }
+                )
+            end_of_epoch = step % steps_per_epoch == 0
+            if step % cfg.save_every == 0 or end_of_epoch or step == total:
+                _save(
+                    out,
+                    step,
+                    epoch + int(end_of_epoch),
+                    backbone,
+                    head,
+                    opt_b,
+                    opt_h,
+                    sched_b,
+                    sched_h,
+                    scaler,
+                )
+            if (
+                (step % cfg.verbose == 0 or end_of_epoch or step == total)
+                and is_main_process()
+                and cfg.val_targets
+            ):
+                val = _validate(cfg, backbone, step, log)
+            if step >= total:
+                break
+        epoch += 1
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    return {
+        "steps": step,
+        "final_loss": loss_val,
+        "img_per_s": seen / elapsed if elapsed else math.nan,
+        "val": val,
+        "output": str(out),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="mhe-face-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="bundled config name (e.g. glyphs_r18_mhs) or path to a config .py")
+    p.add_argument("--output", help="override config.output")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if OUTPUT/checkpoint.pt exists")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")
+    a = p.parse_args(argv)
+    cfg = apply_overrides(load_config(a.config), a.set)
+    if a.output:
+        cfg.output = a.output
+    if a.no_resume:
+        cfg.resume = False
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
