@@ -107,6 +107,8 @@ def _resume(out: Path, backbone, head, opt_b, opt_h, sched_b, sched_h, scaler) -
     if all(s["momentum"] is not None for s in shards):
         opt_h.state[head.weight]["momentum_buffer"] = head.load_shards(shards, key="momentum")
     opt_b.load_state_dict(ckpt["opt_backbone"])
+    for g, saved in zip(opt_h.param_groups, ckpt["opt_head_hparams"]):
+        g.update(saved)  # lr as scheduled at the checkpoint
     sched_b.load_state_dict(ckpt["sched_backbone"])
     sched_h.load_state_dict(ckpt["sched_head"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -120,7 +122,9 @@ def _validate(cfg, backbone, step: int, log: JsonlLogger) -> dict:
 
     results = {}
     for name in cfg.val_targets:
-        path = Path(name) if str(name).endswith(".bin") else Path(cfg.rec) / f"{name}.bin"
+        path = Path(name)  # a path to a .bin, or a name of <rec>/<name>.bin (insightface's layout)
+        if not path.is_file():
+            path = Path(cfg.rec) / (name if str(name).endswith(".bin") else f"{name}.bin")
         if not path.is_file():
             print(f"[mhe-face-train] skip val target {name}: {path} not found")
             continue
@@ -208,6 +212,8 @@ def train(cfg: SimpleNamespace) -> dict:
             num_workers=cfg.num_workers,
             pin_memory=device.type == "cuda",
             persistent_workers=False,
+            # own generator: creating the iterator must not draw from the global RNG (exact mid-epoch resume)
+            generator=torch.Generator().manual_seed(int(cfg.seed) + epoch),
         )
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
