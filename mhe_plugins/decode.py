@@ -38,17 +38,20 @@ def product_topk(
     for scores, size, last in zip(head_scores, codec.head_sizes, codec.last_digits):
         if scores.shape != (b, size):
             raise ValueError(f"head scores must have shape ({b}, {size}), got {tuple(scores.shape)}")
-        digits = torch.arange(size, device=device)
-        ext_scores = (nb_scores.unsqueeze(-1) + scores.unsqueeze(1)).reshape(b, -1)
-        ext_ids = (nb_ids.unsqueeze(-1) * size + digits).reshape(b, -1)
-        # children of the boundary with a smaller digit have only valid completions
-        from_bd_scores = bd_score.unsqueeze(-1) + scores[:, :last]
-        from_bd_ids = (bd_id * size + digits[:last]).expand(b, last)
-        cand_scores = torch.cat([ext_scores, from_bd_scores], 1)
-        cand_ids = torch.cat([ext_ids, from_bd_ids], 1)
-        keep = min(k, cand_scores.shape[1])
-        nb_scores, pos = cand_scores.topk(keep, dim=1)
-        nb_ids = cand_ids.gather(1, pos)
+        parts_v, parts_i = [], []
+        if nb_scores.shape[1]:  # every kept prefix x every digit
+            ext = (nb_scores.unsqueeze(-1) + scores.unsqueeze(1)).reshape(b, -1)
+            v, pos = ext.topk(min(k, ext.shape[1]), dim=1)
+            parts_v.append(v)
+            parts_i.append(nb_ids.gather(1, torch.div(pos, size, rounding_mode="floor")) * size + pos % size)
+        if last > 0:  # children of the boundary with a smaller digit have only valid completions
+            v, pos = scores[:, :last].topk(min(k, last), dim=1)
+            parts_v.append(v + bd_score.unsqueeze(-1))
+            parts_i.append(pos + bd_id * size)
+        if parts_v:
+            cand_v, cand_i = torch.cat(parts_v, 1), torch.cat(parts_i, 1)
+            nb_scores, pos = cand_v.topk(min(k, cand_v.shape[1]), dim=1)
+            nb_ids = cand_i.gather(1, pos)
         bd_score = bd_score + scores[:, last]
         bd_id = bd_id * size + last
     all_scores = torch.cat([nb_scores, bd_score.unsqueeze(-1)], 1)
