@@ -126,12 +126,21 @@ class MHPHead(MHEHead):
     def head_log_probs(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [F.log_softmax(upcast(z), -1) for z in self(x)]
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Full (..., N) log-probabilities: outer sum of the per-head log-softmaxes (materialises N)."""
-        lps = self.head_log_probs(x)
+    def log_prob_from_logits(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Full (..., N) log-probabilities from per-head logits (e.g. a decoder that returns logits)."""
+        lps = [F.log_softmax(upcast(z), -1) for z in logits]
         return full_product_scores(lps, self.num_labels) - log_valid_mass(lps, self.codec).unsqueeze(-1)
 
-    def _topk_flat(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lps = self.head_log_probs(x)
+    def topk_from_logits(self, logits: Sequence[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k (log-probs, ids) from per-head logits (B, C_h), without materialising N."""
+        self._check_k(k)
+        lps = [F.log_softmax(upcast(z), -1) for z in logits]
         values, ids = product_topk(lps, self.codec, k)
         return values - log_valid_mass(lps, self.codec).unsqueeze(-1), ids
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Full (..., N) log-probabilities: outer sum of the per-head log-softmaxes (materialises N)."""
+        return self.log_prob_from_logits(self(x))
+
+    def _topk_flat(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.topk_from_logits(self(x), k)
