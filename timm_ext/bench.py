@@ -183,15 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
     }
     work, out_dir = Path(a.work_dir), Path(a.out_dir)
-    results: dict = {}
     t0 = time.time()
     for method in a.methods:
-        done = work / method / "summary.json"
-        if done.exists():
-            summary = json.loads(done.read_text())
-        else:
-            summary = train(method_args(a, method, work))
-        results[method] = summarise(summary)
+        if not (work / method / "summary.json").exists():
+            train(method_args(a, method, work))
+        # every finished method in the work dir, so several bench processes (--methods split) can share it
+        results = {
+            m: summarise(json.loads((work / m / "summary.json").read_text()))
+            for m in HEADS
+            if (work / m / "summary.json").exists()
+        }
         meta["wall_s"] = round(time.time() - t0, 1)
         write_results(results, meta, out_dir)
         print(f"{method}: {results[method]['top1']:.2f} / {results[method]['top5']:.2f}", flush=True)

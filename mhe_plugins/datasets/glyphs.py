@@ -198,31 +198,39 @@ def build_glyph_dataset(
     charset: str = "gb2312-1",
     size: int = 32,
     test_packages: Sequence[str] = TEST_PACKAGES,
-    packages: Sequence[str] = FONT_PACKAGES,
+    packages: Sequence[str] | None = None,
     valid_fraction: float = 0.05,
     num_classes: int | None = None,
     seed: int = 0,
     workers: int = 2,
     progress: bool = True,
+    codepoints: Sequence[int] | None = None,
 ) -> dict:
     """Render, deduplicate and split the glyph set; returns the statistics also written to meta.json.
 
+    ``packages`` restricts which package dirs below ``fonts_dir`` are used (default: all of them; with
+    ``fonts_dir=None`` the 17 ``FONT_PACKAGES``, fetched into the cache if missing).
     ``num_classes`` keeps only the first K characters of the charset (the committed test subset).
-    ``valid`` is a random ``valid_fraction`` of the train-font renderings (seeded).
+    ``valid`` is a random ``valid_fraction`` of the train-font renderings (seeded). ``codepoints``
+    replaces the charset by an explicit class list (tests, other scripts).
     """
     if size < 8:
         raise ValueError(f"size must be >= 8 pixels, got {size}")
     if not 0 <= valid_fraction < 1:
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
-    codepoints = charset_codepoints(charset)
+    custom = codepoints is not None
+    codepoints = list(codepoints) if custom else charset_codepoints(charset)
     if num_classes is not None:
         if not 0 < num_classes <= len(codepoints):
             raise ValueError(f"num_classes must be in 1..{len(codepoints)} for {charset}, got {num_classes}")
         codepoints = codepoints[:num_classes]
-    fonts_dir = ensure_fonts(DEFAULT_FONTS_DIR, packages) if fonts_dir is None else Path(fonts_dir)
+    if fonts_dir is None:  # the Debian packages, downloaded into the shared cache on first use
+        packages = FONT_PACKAGES if packages is None else packages
+        fonts_dir = ensure_fonts(DEFAULT_FONTS_DIR, packages)
+    fonts_dir = Path(fonts_dir)
     if not fonts_dir.is_dir():
         raise FileNotFoundError(f"fonts dir {fonts_dir} does not exist")
-    faces = discover_faces(fonts_dir, packages if fonts_dir == DEFAULT_FONTS_DIR else None)
+    faces = discover_faces(fonts_dir, packages)
     if not faces:
         raise FileNotFoundError(f"no .ttf/.ttc/.otf/.otc font faces found under {fonts_dir}")
     out_dir = Path(out_dir)
@@ -274,7 +282,7 @@ def build_glyph_dataset(
         _save_npz(out_dir / f"{name}.npz", images=im, labels=lab, fonts=fnt)
     (out_dir / "classes.txt").write_text("".join(chr(c) + "\n" for c in codepoints), encoding="utf-8")
     meta = {
-        "charset": charset,
+        "charset": "custom" if custom else charset,
         "size": size,
         "num_classes": len(codepoints),
         "fonts_dir": str(fonts_dir),

@@ -1,0 +1,137 @@
+"""mhe-timm-train / validate / export end to end on the committed glyph subset (tiny random-weight models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import timm_ext.train as train_mod
+from mhe_plugins.datasets.glyphs import subset_glyph_dataset
+from mhe_plugins.training import load_checkpoint
+from timm_ext.export import export_onnx
+from timm_ext.train import build_parser, train
+from timm_ext.validate import validate
+
+REPO = Path(__file__).resolve().parents[2]
+SUBSET = REPO / "data" / "glyphs"
+TINY = ["--model", "resnet10t", "--model-kwargs", "channels=(16,32,64,64)", "--input-size", "1", "32", "32"]
+
+
+def _args(data_dir, out, *extra, dataset="glyphs"):
+    argv = ["--data-dir", str(data_dir), "--dataset", dataset, *TINY, "--output", str(out), "--no-progress"]
+    return build_parser().parse_args(argv + ["--threads", "1", *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def glyphs100(tmp_path_factory):
+    """The first 100 classes of the committed subset (train ~1.8k images, test from the held-out fonts)."""
+    out = tmp_path_factory.mktemp("g100")
+    subset_glyph_dataset(SUBSET, out, 100)
+    return out
+
+
+def test_mhp_converges_on_held_out_fonts(glyphs100, tmp_path):
+    args = _args(glyphs100, tmp_path / "run", "--head", "mhp", "--head-sizes", 10, 10, "--epochs", 6,
+                 "--batch-size", 32, "--lr", 0.1, "--extra-eval-split", "test", "--seed", 0)  # fmt: skip
+    summary = train(args)
+    hist = summary["history"]
+    assert len(hist) == 6 and hist[-1]["train_loss"] < 0.6 * hist[0]["train_loss"]
+    assert hist[-1]["test_top1"] > 30.0  # chance is 1%; unseen fonts
+    assert hist[-1]["test_top5"] > hist[-1]["test_top1"]
+    assert summary["head_params"] == 64 * 20 + 20
+    out = tmp_path / "run"
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert len(rows) == 7 and rows[0].startswith("epoch,train_loss")
+    assert len((out / "log.jsonl").read_text().splitlines()) == 6
+    # validate CLI on the last checkpoint reproduces the trainer's test numbers
+    res = validate(str(glyphs100), str(out / "last.pt"), split="test")
+    assert res["top1"] == pytest.approx(hist[-1]["test_top1"]) and res["n"] > 250
+
+
+def test_resume_reproduces_uninterrupted_run(glyphs100, tmp_path, monkeypatch):
+    common = ["--head", "mhc", "--head-sizes", 10, 10, "--epochs", 2, "--batch-size", 16,
+              "--max-steps-per-epoch", 4, "--seed", 1]  # fmt: skip
+    full = train(_args(glyphs100, tmp_path / "full", *common))
+    calls = {"n": 0}
+    real_eval = train_mod.evaluate
+
+    def crash_in_second_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_args(glyphs100, tmp_path / "cut", *common))
+    monkeypatch.setattr(train_mod, "evaluate", real_eval)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 0
+    resumed = train(_args(glyphs100, tmp_path / "cut", *common, "--resume", tmp_path / "cut" / "last.pt"))
+    assert [r["epoch"] for r in resumed["history"]] == [0, 1]
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=f"{k} differs after resume")
+    assert resumed["history"][-1]["train_loss"] == pytest.approx(full["history"][-1]["train_loss"])
+
+
+def test_bad_inputs_give_clear_errors(glyphs100, tmp_path):
+    with pytest.raises(ValueError, match=r"--head-sizes \[9, 10\] cover 90 ids .* 100 classes"):
+        train(_args(glyphs100, tmp_path / "a", "--head", "mhp", "--head-sizes", 9, 10, "--epochs", 1))
+    with pytest.raises(ValueError, match=r"has class id \d+, outside \[0, 50\)"):
+        train(_args(glyphs100, tmp_path / "b", "--head", "mhp", "--num-classes", 50, "--epochs", 1))
+    with pytest.raises(ValueError, match="--head mhs"):
+        train(_args(glyphs100, tmp_path / "c", "--head", "mhs", "--mixup", 0.8, "--epochs", 1))
+    # ImageFolder with a corrupt file: the error names the file (timm would skip it with a warning)
+    root = tmp_path / "folder"
+    for split in ("train", "valid"):
+        for c in range(3):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((32, 32), 40 * i + c, np.uint8)).save(
+                    root / split / f"class{c}" / f"{i}.png"
+                )
+    (root / "train" / "class1" / "2.png").write_bytes(b"\x89PNG\r\n garbage")
+    with pytest.raises(ValueError, match=r"corrupt or unreadable image .*class1/2\.png"):
+        train(_args(root, tmp_path / "d", "--head", "mhp", "--epochs", 1, "--batch-size", 4, dataset=""))
+
+
+@pytest.mark.parametrize("head", ["mhp", "mhs"])
+def test_onnx_export_matches_pytorch(glyphs100, tmp_path, head):
+    out = tmp_path / head
+    train(
+        _args(
+            glyphs100, out, "--head", head, "--head-sizes", 10, 10, "--epochs", 1, "--max-steps-per-epoch", 2
+        )
+    )
+    rep = export_onnx(out / "last.pt", out / "model.onnx", top_k=5)
+    assert rep["ids_equal"] and rep["max_abs_score_diff"] < 1e-4
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    scores, ids = sess.run(None, {"images": np.random.randn(7, 1, 32, 32).astype(np.float32)})
+    assert ids.shape == (7, 5) and ids.dtype == np.int64 and (ids < 100).all()
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # sorted best first
+
+
+def test_torchrun_ddp_two_processes(glyphs100, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "timm_ext.train", "--data-dir", str(glyphs100), "--dataset", "glyphs", *TINY, "--head", "mhp",
+           "--head-sizes", "10", "10", "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "3",
+           "--output", str(out), "--no-progress", "--threads", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["history"]) == 1
+    # the validation set is sharded over the 2 ranks and summed back: every item counted once
+    assert load_checkpoint(out / "last.pt")["epoch"] == 0
