@@ -176,11 +176,11 @@ def train(cfg: SimpleNamespace) -> dict:
     steps_per_epoch = len(sampler) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.rec}: {len(dataset)} images < one global batch of {cfg.batch_size * world}")
-    total = cfg.num_epoch * steps_per_epoch
+    total = int(cfg.num_epoch * steps_per_epoch)
     if cfg.max_steps is not None:
         total = min(total, int(cfg.max_steps))
     warm = int(cfg.warmup_epoch * steps_per_epoch)
-    full_total = cfg.num_epoch * steps_per_epoch  # the schedule does not depend on max_steps
+    full_total = int(cfg.num_epoch * steps_per_epoch)  # the schedule does not depend on max_steps
 
     def lr_lambda(s):
         return poly_warmup(s, full_total, warm)
