@@ -357,6 +357,7 @@ def train(args: argparse.Namespace) -> dict:
             "epoch_s": epoch_s,
             f"{args.val_split}_top1": val["top1"],
             f"{args.val_split}_top5": val["top5"],
+            f"{args.val_split}_n": val["n"],
         }
         if extra_loader is not None:
             ex = evaluate(model, extra_loader, device, progress=main and not args.no_progress)
