@@ -55,12 +55,15 @@ def run(cmd: list[str], log: Path) -> str:
     print("+", " ".join(cmd), flush=True)
     n = str(THREADS["n"])
     env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
-    with open(log, "a", encoding="utf-8") as f:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        f.write(proc.stdout)
+    start = log.stat().st_size if log.exists() else 0
+    with open(log, "a", encoding="utf-8") as f:  # streamed, so `tail -f` shows fairseq's progress
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
+    with open(log, encoding="utf-8") as f:
+        f.seek(start)
+        out = f.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[2]} failed ({proc.returncode}); see {log}:\n{proc.stdout[-3000:]}")
-    return proc.stdout
+        raise RuntimeError(f"{cmd[2]} failed ({proc.returncode}); see {log}:\n{out[-3000:]}")
+    return out
 
 
 def preprocess(data_dir: Path, vocab: int, work: Path, langs: tuple[str, str]) -> Path:

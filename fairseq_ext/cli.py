@@ -14,8 +14,9 @@ from fairseq_ext import register
 def _run(module: str, argv: list[str] | None) -> None:
     import importlib
 
-    register()
+    # fairseq_cli modules call logging.basicConfig at import: import first so logs keep fairseq's format
     cli = importlib.import_module(f"fairseq_cli.{module}")
+    register()
     if argv is not None:
         sys.argv = [f"mhe-fairseq-{module}", *argv]
     cli.cli_main()
