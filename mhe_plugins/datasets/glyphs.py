@@ -261,6 +261,12 @@ def build_glyph_dataset(
     test_set = set(test_packages)
     te_im, te_lab, te_font = gather(lambda f: f.package in test_set)
     tr_im, tr_lab, tr_font = gather(lambda f: f.package not in test_set)
+    for name, lab, which in (("test", te_lab, sorted(test_set)), ("train", tr_lab, "all other packages")):
+        if len(lab) == 0:
+            raise ValueError(
+                f"no glyph of {'the given code points' if custom else charset} rendered for the {name} split "
+                f"(font packages: {which}) under {fonts_dir}; do these fonts cover the characters?"
+            )
     keep = _dedup(te_im, te_lab)
     te_im, te_lab, te_font = te_im[keep], te_lab[keep], te_font[keep]
     banned = {te_lab[i].tobytes() + te_im[i].tobytes() for i in range(len(te_lab))}

@@ -143,3 +143,15 @@ def test_real_fonts_render_hanzi(tmp_path):
     assert meta["splits"]["test"]["classes_present"] == 5
     assert {f.split(":")[0] for f in meta["splits"]["test"]["faces"]} == set(TEST_PACKAGES)
     assert meta["splits"]["train"]["classes_present"] == 5 and meta["splits"]["train"]["images"] >= 5 * 2
+
+
+def test_cli_builds_and_subsets(latin_fonts, tmp_path):
+    from timm_ext.datasets import main
+
+    # Latin fonts render no hanzi: a clear error, not an empty dataset
+    with pytest.raises(ValueError, match="no glyph of gb2312-1 rendered for the test split"):
+        main(["glyphs", "--out", str(tmp_path / "cjk"), "--fonts-dir", str(latin_fonts), "--num-classes", "3",
+              "--workers", "1"])  # fmt: skip
+    main(["subset", "--src", str(SUBSET), "--out", str(tmp_path / "s10"), "--num-classes", "10"])
+    _, lab, _ = load_glyph_split(tmp_path / "s10", "test")
+    assert set(lab.tolist()) == set(range(10)) and read_classes(tmp_path / "s10") == read_classes(SUBSET)[:10]
