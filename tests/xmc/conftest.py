@@ -27,8 +27,9 @@ def wordnet_small(tmp_path_factory) -> Path:
     keep = set(np.argsort(-counts)[:300].tolist())  # 300 most frequent labels
     for split, n in (("train", 2400), ("valid", 300), ("test", 300)):
         part = ds.splits[split]
-        rows = [i for i in rng.permutation(len(part)) if set(part.label_lists()[i]) & keep][:n]
+        lists = part.label_lists()
+        rows = [i for i in rng.permutation(len(part)) if set(lists[i].tolist()) & keep][:n]
         texts = [part.texts[i] for i in rows]
-        labels = [[ds.label_vocab[j] for j in part.label_lists()[i] if j in keep] for i in rows]
+        labels = [[ds.label_vocab[j] for j in lists[i] if j in keep] for i in rows]
         write_raw(out, split, texts, labels)
     return out

@@ -1,0 +1,240 @@
+"""Benchmark on one dataset and split: MHC and flat (this package) vs omikuji (Parabel) and napkinxc (PLT),
+all on the same TF-IDF features; writes a Markdown table, the same figures as JSON, and a PNG chart.
+
+    python -m xmc.bench --data-dir data/wordnet_xmc            # ~20-25 min on 2 shared CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from mhe_plugins import metrics as M
+from mhe_plugins.training import atomic_write_json, atomic_write_text
+from xmc.data import load_dataset
+from xmc.encoders import TfidfFeaturizer
+from xmc.evaluate import compute_metrics, evaluate_model_dir
+from xmc.train import TrainConfig, train
+
+COLUMNS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def run_neural(head: str, data_dir: str, work: Path, args) -> dict:
+    cfg = TrainConfig(
+        data_dir=data_dir,
+        output=str(work / head),
+        head=head,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        tfidf_dim=args.tfidf_dim,
+        max_features=args.max_features,
+        threads=args.threads,
+        overwrite=True,
+        progress=args.progress,
+        num_groups=args.num_groups,
+        candidates_topk=args.candidates_topk,
+        permutation_seed=args.permutation_seed if head == "mhc" else None,
+    )
+    summary = train(cfg)
+    res = evaluate_model_dir(cfg.output, data_dir, "test", device="cpu")
+    meta = json.loads((Path(cfg.output) / "config.json").read_text())
+    return {
+        **res,
+        "train_s": summary["train_s"],
+        "classifier_params": summary["classifier_parameters"],
+        "model_bytes": 4 * summary["classifier_parameters"],
+        "best_epoch": summary["best_epoch"],
+        "config": {
+            k: meta["model"][k] for k in ("num_groups", "candidates_topk", "hidden_dim", "permutation_seed")
+        }
+        if head == "mhc"
+        else {},
+    }
+
+
+def _write_xc(path: Path, x: sp.csr_matrix, y: sp.csr_matrix) -> None:
+    """XC BoW format, as omikuji reads it."""
+    with open(path, "w") as fh:
+        fh.write(f"{x.shape[0]} {x.shape[1]} {y.shape[1]}\n")
+        for i in range(x.shape[0]):
+            labs = ",".join(map(str, y.indices[y.indptr[i] : y.indptr[i + 1]]))
+            s, e = x.indptr[i], x.indptr[i + 1]
+            feats = " ".join(f"{j}:{v:.6g}" for j, v in zip(x.indices[s:e], x.data[s:e]))
+            fh.write(f"{labs} {feats}\n")
+
+
+def run_omikuji(x_tr, y_tr, x_te, threads: int, work: Path) -> tuple[np.ndarray, float, int]:
+    import omikuji
+
+    path = work / "omikuji_train.txt"
+    _write_xc(path, x_tr, y_tr)
+    t0 = time.time()
+    hp = omikuji.Model.default_hyper_param()  # Parabel-like defaults: 3 trees, balanced 2-means, hinge
+    model = omikuji.Model.train_on_data(str(path), hp, n_threads=threads)
+    train_s = time.time() - t0
+    model.save(str(work / "omikuji_model"))
+    pred = np.full((x_te.shape[0], 5), -1, dtype=np.int64)
+    for i in range(x_te.shape[0]):
+        s, e = x_te.indptr[i], x_te.indptr[i + 1]
+        out = model.predict(list(zip(x_te.indices[s:e].tolist(), x_te.data[s:e].tolist())), top_k=5)
+        pred[i, : len(out)] = [lab for lab, _ in out]
+    return pred, train_s, _dir_bytes(work / "omikuji_model")
+
+
+def run_napkinxc(x_tr, y_tr, x_te, threads: int, work: Path) -> tuple[np.ndarray, float, int]:
+    from napkinxc.models import PLT
+
+    model = PLT(str(work / "napkinxc_model"), threads=threads, seed=0)
+    labels = [y_tr.indices[y_tr.indptr[i] : y_tr.indptr[i + 1]].tolist() for i in range(y_tr.shape[0])]
+    t0 = time.time()
+    model.fit(x_tr, labels)
+    train_s = time.time() - t0
+    out = model.predict(x_te, top_k=5)
+    pred = np.full((x_te.shape[0], 5), -1, dtype=np.int64)
+    for i, row in enumerate(out):
+        pred[i, : len(row)] = row
+    return pred, train_s, _dir_bytes(work / "napkinxc_model")
+
+
+def write_reports(result: dict, md: Path, js: Path, png: Path) -> None:
+    atomic_write_json(result, js)
+    rows = [
+        "| method | " + " | ".join(COLUMNS) + " | train s | classifier params | model MB |",
+        "|---" * (len(COLUMNS) + 4) + "|",
+    ]
+    for name, m in result["methods"].items():
+        params = f"{m['classifier_params']:,}" if m.get("classifier_params") else "n/a (sparse trees)"
+        rows.append(
+            f"| {name} | "
+            + " | ".join(f"{m[c]:.2f}" for c in COLUMNS)
+            + f" | {m['train_s']:.0f} | {params} | {m['model_bytes'] / 1e6:.1f} |"
+        )
+    s = result["setup"]
+    text = (
+        f"# XMC benchmark: {s['dataset']}\n\n"
+        f"Test split ({s['n_test']:,} docs), {s['num_labels']:,} labels, {s['n_train']:,} train docs; "
+        f"all methods on the same TF-IDF features ({s['num_features']:,} unigrams). "
+        f"Percentages; PSP with Jain propensities (A={s['propensity_a']}, B={s['propensity_b']}). "
+        f"Neural models: {s['epochs']} epochs, batch {s['batch_size']}, {s['threads']} thread(s), selected on the valid split. "
+        f"Tree baselines: library defaults, {s['threads']} thread(s). Train time includes validation passes "
+        f"for the neural models. Machine: {s['machine']}.\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + result.get("notes", "")
+        + "\n"
+    )
+    atomic_write_text(text, md)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["methods"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    w = 0.8 / len(names)
+    for j, name in enumerate(names):
+        vals = [result["methods"][name][c] for c in COLUMNS]
+        ax.bar(np.arange(len(COLUMNS)) + j * w, vals, w, label=name)
+    ax.set_xticks(np.arange(len(COLUMNS)) + w * (len(names) - 1) / 2, COLUMNS)
+    ax.set_ylabel("%")
+    ax.set_title(f"{s['dataset']} test: MHC vs flat vs tree baselines")
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, png)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m xmc.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default="data/wordnet_xmc")
+    ap.add_argument("--methods", default="mhc,flat,omikuji,napkinxc")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--tfidf-dim", type=int, default=512)
+    ap.add_argument("--max-features", type=int, default=100_000)
+    ap.add_argument("--num-groups", type=int, default=None)
+    ap.add_argument("--candidates-topk", type=int, default=None)
+    ap.add_argument("--permutation-seed", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work-dir", default="runs/xmc_bench")
+    ap.add_argument(
+        "--results", default="benchmarks/results/xmc_wordnet", help="path prefix for .md/.json/.png"
+    )
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(args.data_dir)
+    tr, te = ds.splits["train"], ds.splits["test"]
+    methods = args.methods.split(",")
+    result: dict = {"methods": {}}
+    prop = M.jain_propensity(tr.labels, A=0.55, B=1.5)
+    trees = [m for m in methods if m in ("omikuji", "napkinxc")]
+    if trees and ds.format == "raw":
+        feat = TfidfFeaturizer(max_features=args.max_features).fit(tr.texts)
+        x_tr, x_te = feat.transform(tr.texts), feat.transform(te.texts)
+        num_features = feat.num_features
+    else:
+        x_tr, x_te, num_features = tr.features, te.features, ds.num_features
+    for m in methods:
+        print(f"== {m}", flush=True)
+        if m in ("mhc", "flat"):
+            result["methods"][m] = run_neural(m, args.data_dir, work, args)
+        else:
+            with tempfile.TemporaryDirectory(dir=work) as tmp:
+                runner = run_omikuji if m == "omikuji" else run_napkinxc
+                pred, train_s, nbytes = runner(x_tr, tr.labels, x_te, args.threads, Path(tmp))
+            result["methods"][m] = {
+                **compute_metrics(pred, te.labels, prop),
+                "train_s": round(train_s, 2),
+                "classifier_params": None,
+                "model_bytes": nbytes,
+            }
+        print(json.dumps(result["methods"][m]), flush=True)
+    result["setup"] = {
+        "dataset": Path(args.data_dir).name,
+        "n_train": len(tr),
+        "n_test": len(te),
+        "num_labels": ds.num_labels,
+        "num_features": num_features,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "propensity_a": 0.55,
+        "propensity_b": 1.5,
+        "machine": f"{os.cpu_count()}-core CPU shared with other jobs, torch {torch.__version__}",
+    }
+    if "mhc" in result["methods"] and "flat" in result["methods"]:
+        mh, fl = result["methods"]["mhc"], result["methods"]["flat"]
+        result["targets"] = {
+            "mhc_P@1_minus_flat_P@1": round(mh["P@1"] - fl["P@1"], 3),
+            "mhc_vs_omikuji_P@1": round(
+                mh["P@1"] - result["methods"].get("omikuji", {}).get("P@1", float("nan")), 3
+            ),
+            "classifier_params_ratio_flat_over_mhc": round(
+                fl["classifier_params"] / mh["classifier_params"], 3
+            ),
+        }
+    prefix = Path(args.results)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    write_reports(result, prefix.with_suffix(".md"), prefix.with_suffix(".json"), prefix.with_suffix(".png"))
+    print(prefix.with_suffix(".md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()
