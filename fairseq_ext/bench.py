@@ -44,6 +44,7 @@ def model_args(dim: int, layers: int, heads: int) -> list[str]:
 
 
 THREADS = {"n": 1}
+LOG_INTERVAL = 50
 
 
 def run(cmd: list[str], log: Path) -> str:
@@ -111,6 +112,13 @@ def _num(v):
         return v
 
 
+def _done_updates(done: Path) -> int:
+    try:
+        return int(done.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return 0
+
+
 def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace) -> dict:
     save = work / method
     save.mkdir(parents=True, exist_ok=True)
@@ -149,15 +157,16 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace) -> dict
         "50",
         "--report-accuracy",
     ]
-    done = save / "DONE"
-    if not done.exists():
-        t0 = time.perf_counter()
+    done = save / "DONE"  # holds the --max-update reached; a larger budget continues from checkpoint_last.pt
+    if _done_updates(done) < a.max_update:
         run(cmd, log)
-        atomic_write_text(f"{time.perf_counter() - t0:.1f}\n", done)
+        atomic_write_text(f"{a.max_update}\n", done)
     stats = parse_log(log.read_text(encoding="utf-8"))
     inner = stats["train_inner"] or stats["train"]
-    # words/s over the run: target words of each logged window (wpb * updates) / summed training wall time
-    prev, words, wall = 0, 0.0, 0.0
+    # words/s over the run: target words of each logged window (wpb * updates) / summed training wall time;
+    # a resumed run's first window starts one --log-interval before its first logged update
+    prev = max(0, int(inner[0]["num_updates"]) - LOG_INTERVAL) if stats["train_inner"] else 0
+    words, wall = 0.0, 0.0
     for r in inner:
         window = r["wpb"] * (r["num_updates"] - prev)
         words, wall, prev = words + window, wall + (window / r["wps"] if r["wps"] else 0.0), r["num_updates"]
@@ -165,10 +174,17 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace) -> dict
         "train_wps": round(words / wall, 1) if wall else None,
         "train_wall_s": round(wall, 1),
         "num_updates": int(max((r["num_updates"] for r in inner), default=0)),
-        "valid_curve": [
-            {"updates": int(r["num_updates"]), "nll_loss": r["nll_loss"], "ppl": r["ppl"]}
-            for r in stats["valid"]
-        ],
+        "valid_curve": sorted(
+            {
+                int(r["num_updates"]): {
+                    "updates": int(r["num_updates"]),
+                    "nll_loss": r["nll_loss"],
+                    "ppl": r["ppl"],
+                }
+                for r in stats["valid"]
+            }.values(),
+            key=lambda r: r["updates"],
+        ),
         "valid_nll_loss": stats["valid"][-1]["nll_loss"] if stats["valid"] else None,
         "valid_accuracy": stats["valid"][-1].get("accuracy") if stats["valid"] else None,
         "checkpoint": str(save / "checkpoint_last.pt"),
@@ -184,7 +200,7 @@ def generate(method: str, bin_dir: Path, work: Path, refs: list[str], a: argpars
     cmd += ["--batch-size", str(a.gen_batch), "--required-batch-size-multiple", "1", "--cpu"]
     cmd += ["--remove-bpe", "sentencepiece", "--num-workers", "0", "--max-len-a", "1.2", "--max-len-b", "10"]
     out_path = work / method / "generate.txt"
-    if not out_path.exists():
+    if not out_path.exists() or out_path.stat().st_mtime < ckpt.stat().st_mtime:  # stale after more training
         out = run(cmd, work / method / "generate.log")
         atomic_write_text(out, out_path)
     out = out_path.read_text(encoding="utf-8")
@@ -268,6 +284,25 @@ def scaling(vocabs: list[int], dim: int, tokens: int, rows: int, reps: int) -> d
         str(v): _scaling_one(v, dim, tokens, rows, reps) for v in tqdm(vocabs, desc="output-layer scaling")
     }
     return {"dim": dim, "tokens": tokens, "beam_rows": rows, "reps": reps, "by_vocab": res}
+
+
+def cached_scaling(path: Path, a: argparse.Namespace) -> dict:
+    """Scaling numbers are reused when the settings match, so a re-run only re-parses the logs."""
+    key = {
+        "vocabs": a.scaling_vocabs,
+        "dim": a.scaling_dim,
+        "tokens": a.scaling_tokens,
+        "reps": a.scaling_reps,
+    }
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("key") == key:
+            return old["result"]
+    res = scaling(
+        [int(v) for v in a.scaling_vocabs.split(",")], a.scaling_dim, a.scaling_tokens, 320, a.scaling_reps
+    )
+    atomic_write_json({"key": key, "result": res}, path)
+    return res
 
 
 def write_report(result: dict, out_dir: Path, stem: str) -> None:
@@ -397,17 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
         r.update(output_params(r.pop("checkpoint")))
         methods[method] = r
         print(method, {k: v for k, v in r.items() if k != "valid_curve"}, flush=True)
-    scal = (
-        {}
-        if a.skip_scaling
-        else scaling(
-            [int(v) for v in a.scaling_vocabs.split(",")],
-            a.scaling_dim,
-            a.scaling_tokens,
-            320,
-            a.scaling_reps,
-        )
-    )
+    scal = {} if a.skip_scaling else cached_scaling(work / "scaling.json", a)
     ce, mhe = methods["ce"], methods["mhe"]
     stats_path = a.data_dir / "stats.json"
     result = {
