@@ -56,12 +56,22 @@ def _mem_available() -> int:
 
 
 def _head_args(method: str, n: int, mhs_heads: tuple[int, int]) -> dict:
-    spec = METHODS[method]
-    if spec["head_sizes"] == "full":
+    """Head split of a method; variants: ``pfc_<rate>`` and ``mhs_<G>x<per>``."""
+    if method == "arcface_full":
         return {"head_sizes": (1, n), "sample_rate": None}
-    if spec["head_sizes"] == "single":
-        return {"head_sizes": (n, 1), "sample_rate": spec["sample_rate"]}
-    return {"head_sizes": tuple(mhs_heads), "sample_rate": None}
+    if method.startswith("pfc_"):
+        return {"head_sizes": (n, 1), "sample_rate": float(method[4:])}
+    if method == "mhs":
+        return {"head_sizes": tuple(mhs_heads), "sample_rate": None}
+    if method.startswith("mhs_"):
+        g, per = (int(v) for v in method[4:].split("x"))
+        return {"head_sizes": (g, per), "sample_rate": None}
+    raise ValueError(f"unknown method {method!r}: arcface_full, pfc_<rate>, mhs or mhs_<G>x<per>")
+
+
+def _method(name: str) -> str:
+    _head_args(name, 10**6, (1, 1))  # validates
+    return name
 
 
 # --------------------------------------------------------------------------- open-set glyph verification
@@ -153,14 +163,11 @@ def glyph_worker(a: argparse.Namespace) -> dict:
 def _estimate_bytes(method: str, n: int, d: int, b: int, mhs_heads) -> int:
     """Rough fp32 footprint of one head step (weights, optimizer state, gradients, logits, temporaries)."""
     w = 4 * n * d
-    if method == "arcface_full":
-        return (
-            4 * w + 6 * 4 * b * n
-        )  # weight, momentum, dense grad, normalised copy; logits + softmax temporaries
-    if method == "pfc_0.1":
-        k = int(0.1 * n) + b
-    else:
-        k = min(b, mhs_heads[0]) * (n // mhs_heads[0] + 1)
+    h = _head_args(method, n, mhs_heads)
+    g, per = h["head_sizes"]
+    if g == 1:  # full: weight, momentum, dense grad, normalised copy; logits + softmax temporaries
+        return 4 * w + 6 * 4 * b * n
+    k = int(h["sample_rate"] * n) + b if h["sample_rate"] else min(b, g) * per
     return 2 * w + 4 * 4 * k * d + 6 * 4 * b * k
 
 
@@ -239,7 +246,7 @@ def _plot(res: dict, path: Path) -> None:
     ax[1].set_xticks(x, names)
     ax[1].set(title="unseen level-2 characters, unseen fonts", ylabel="%")
     ax[1].legend()
-    for m in METHODS:
+    for m in sorted({m for v in res["scaling"].values() for m in v}):
         pts = [(int(k), v[m]["step_ms"]) for k, v in res["scaling"].items() if m in v and "error" not in v[m]]
         if pts:
             ax[2].loglog(*zip(*pts), "o-", label=m)
@@ -302,7 +309,12 @@ def _markdown(res: dict) -> str:
     for n, per in res["scaling"].items():
         for m, r in per.items():
             if "error" in r:
-                lines.append(f"| {int(n):,} | {m} | | | error: {r['error']} | | |")
+                cap = (
+                    f" (allocation cap {r['mem_budget_bytes'] / 2**30:.1f} GiB)"
+                    if "mem_budget_bytes" in r
+                    else ""
+                )
+                lines.append(f"| {int(n):,} | {m} | | | error{cap}: {r['error']} | | |")
             else:
                 lines.append(
                     f"| {int(n):,} | {m} | {r['head_sizes']} | {r['sampled_classes']:.0f} | {r['step_ms']:.0f} | "
@@ -392,6 +404,18 @@ def run(a: argparse.Namespace) -> dict:
             scaling[str(n)][m] = _collect(p, out)
             scaling[str(n)][m].update(estimated_bytes=est, mem_budget_bytes=budget)
             print(f"[bench] scaling {n} {m}: {scaling[str(n)][m]}", flush=True)
+    out = Path(a.out)
+    command = "python -m insightface_ext.bench " + " ".join(a.argv)
+    wall = time.perf_counter() - t0
+    if a.merge and out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())
+        methods = {**old.get("methods", {}), **methods}
+        scaling = {
+            n: {**old.get("scaling", {}).get(n, {}), **scaling.get(n, {})}
+            for n in {*old.get("scaling", {}), *scaling}
+        }
+        command = f"{old['command']} && {command}"
+        wall += old.get("wall_seconds", 0.0)
     res = {
         "methods": methods,
         "scaling": scaling,
@@ -407,10 +431,9 @@ def run(a: argparse.Namespace) -> dict:
             "train_dir": a.train_dir,
             "eval_dir": a.eval_dir,
         },
-        "wall_seconds": time.perf_counter() - t0,
-        "command": "python -m insightface_ext.bench " + " ".join(a.argv),
+        "wall_seconds": wall,
+        "command": command,
     }
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(res, out.with_suffix(".json"))
     atomic_write_text(_markdown(res), out.with_suffix(".md"))
@@ -445,7 +468,14 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--balanced-pairs", type=int, default=6000)
     g.add_argument("--mhs-heads", type=int, nargs=2, default=(751, 5))
     drv = sub.add_parser("run", parents=[g], help="the whole benchmark (default)")
-    drv.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    drv.add_argument(
+        "--methods",
+        nargs="*",
+        default=list(METHODS),
+        type=_method,
+        help="arcface_full, pfc_<rate>, mhs (--mhs-heads) or mhs_<G>x<per>",
+    )
+    drv.add_argument("--merge", action="store_true", help="update the methods of an existing --out JSON")
     drv.add_argument("--scaling-ids", type=int, nargs="*", default=[100_000, 1_000_000])
     drv.add_argument("--dim", type=int, default=512)
     drv.add_argument("--scale-batch", type=int, default=256)
@@ -453,10 +483,10 @@ def main(argv: list[str] | None = None) -> dict:
     drv.add_argument("--skip-glyphs", action="store_true")
     drv.add_argument("--out", default=str(RESULTS / "face_glyphs"))
     gw = sub.add_parser("glyph-worker", parents=[g])
-    gw.add_argument("--method", required=True, choices=list(METHODS))
+    gw.add_argument("--method", required=True, type=_method)
     gw.add_argument("--json", required=True)
     sw = sub.add_parser("scale-worker")
-    sw.add_argument("--method", required=True, choices=list(METHODS))
+    sw.add_argument("--method", required=True, type=_method)
     sw.add_argument("--num-ids", type=int, required=True)
     sw.add_argument("--dim", type=int, default=512)
     sw.add_argument("--batch", type=int, default=256)
