@@ -82,8 +82,12 @@ def write_results(results: dict, meta: dict, out_dir: Path) -> None:
         f"{meta['epochs']} epochs, batch {meta['batch_size']}, {meta['opt']} lr {meta['lr']} cosine, "
         f"seed {meta['seed']}, same augmentation (RandomResizedCrop scale 0.6-1) for every method. "
         f"Numbers are the **last** epoch on the test fonts (no selection on test).",
-        f"Machine: {meta['machine']}, torch threads {meta['threads']}; the CPU was shared with other jobs, "
-        "so epoch times are noisy upper bounds.",
+        f"Head settings: MHS per-sample sampling of {meta['sampled_groups_mhs']} groups (own group + random "
+        f"others) per step, MHC hidden {meta['mhc_hidden_dim']} and beam {meta['mhc_beam']} at test, MHP "
+        "ce_sum loss with exact product top-k; head sizes = the balanced 2-head split (62x61 = 3,782 >= 3,755).",
+        f"Machine: {meta['machine']}, torch threads {meta['threads']}; the 2 CPUs were shared with 4 other "
+        "engineers' jobs (load average 9-12) and two methods trained at a time, so epoch times are "
+        "wall-clock upper bounds, not a speed comparison.",
         "",
         "| method | head sizes | top-1 | top-5 | head params | s / epoch |",
         "|---|---|---:|---:|---:|---:|",
