@@ -496,10 +496,21 @@ def main(argv: list[str] | None = None) -> dict:
         "--mem-budget", type=int, default=0, help="bytes the head step may allocate (RLIMIT_DATA)"
     )
     sw.add_argument("--json", required=True)
-    if not argv or argv[0] not in ("run", "glyph-worker", "scale-worker"):
+    rep = sub.add_parser("report", help="re-render the .md/.png from an existing results JSON")
+    rep.add_argument("--out", default=str(RESULTS / "face_glyphs"))
+    if not argv or argv[0] not in ("run", "glyph-worker", "scale-worker", "report"):
         argv = ["run", *argv]
     a = p.parse_args(argv)
     a.argv = argv
+    if a.cmd == "report":
+        from mhe_plugins.training import atomic_write_text
+
+        out = Path(a.out)
+        res = json.loads(out.with_suffix(".json").read_text())
+        atomic_write_text(_markdown(res), out.with_suffix(".md"))
+        if res["methods"]:
+            _plot(res, out.with_suffix(".png"))
+        return res
     if a.cmd == "glyph-worker":
         a.mhs_heads = tuple(a.mhs_heads)
         res = glyph_worker(a)
