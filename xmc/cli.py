@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from xmc.train import TrainConfig
@@ -108,10 +109,17 @@ def main(argv: list[str] | None = None) -> None:
         summary = train_cli(args)
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     elif args.cmd == "eval":
+        from mhe_plugins.distributed import cleanup_distributed, get_rank, init_distributed_from_env
         from xmc.evaluate import evaluate_model_dir
 
-        res = evaluate_model_dir(args.model, args.data_dir, args.split, args.batch_size, args.device)
-        print(json.dumps(res, indent=1))
+        init_distributed_from_env()  # under torchrun the batches are sharded over ranks
+        rank = get_rank()
+        try:
+            res = evaluate_model_dir(args.model, args.data_dir, args.split, args.batch_size, args.device)
+        finally:
+            cleanup_distributed()
+        if rank == 0:
+            print(json.dumps({**res, "world_size": int(os.environ.get("WORLD_SIZE", 1))}, indent=1))
     else:
         from xmc.evaluate import predict_lines
 

@@ -166,6 +166,10 @@ def _write_static_files(
         "model": model.cfg,
         "train_config": asdict(cfg),
         "classifier_parameters": model.head.classifier_parameters(),
+        "head_resolved": {
+            k: getattr(model.head, k, None)
+            for k in ("num_groups", "group_size", "candidates_topk", "hidden_dim")
+        },
     }
     if cfg.encoder != "tfidf":
         model.encoder.model.config.save_pretrained(out / "encoder")

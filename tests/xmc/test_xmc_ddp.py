@@ -16,12 +16,13 @@ from xmc.train import TrainConfig, train
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _torchrun(*args: str) -> None:
+def _torchrun(*args: str) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "xmc.cli", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 @pytest.mark.slow
@@ -39,7 +40,10 @@ def test_two_process_training_and_eval_match_one_process(wordnet_small, tmp_path
     for f in one.iterdir():
         (two_eval / f.name).write_bytes(f.read_bytes())
     (two_eval / "metrics.json").unlink()
-    _torchrun("eval", "--model", str(two_eval), "--data-dir", str(wordnet_small), "--batch-size", "37")
+    stdout = _torchrun(
+        "eval", "--model", str(two_eval), "--data-dir", str(wordnet_small), "--batch-size", "37"
+    )
+    assert stdout.count('"world_size": 2') == 1  # a real 2-rank group; only rank 0 reports
     assert json.loads((two_eval / "metrics.json").read_text()) == ref
 
     # training on 2 ranks x 32 docs = the same global batches of 64: same weights and metrics
