@@ -118,3 +118,14 @@ def test_cli_defaults_work_on_bow_format(tmp_path, capsys):
     assert res["P@1"] > 70  # features identify the labels
     meta = json.loads((out / "config.json").read_text())
     assert meta["format"] == "bow" and meta["model"]["head"] == "mhc"
+
+
+def test_gradient_accumulation_equals_the_larger_batch(wordnet_small, tmp_path):
+    kw = dict(head="flat", epochs=1, swa=False, dropout=0.0, max_steps=6)
+    train(_cfg(wordnet_small, tmp_path / "big", batch_size=64, **kw))
+    train(_cfg(wordnet_small, tmp_path / "acc", batch_size=32, grad_accum=2, **kw))
+    a = load_checkpoint(tmp_path / "big" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "acc" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=2e-5, rtol=1e-4)
