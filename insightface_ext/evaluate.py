@@ -18,7 +18,7 @@ from .backbones import get_model
 from .config import apply_overrides, load_config
 from .verification import evaluate_bin, evaluate_pairs
 
-__all__ = ["load_backbone", "evaluate", "main"]
+__all__ = ["load_backbone", "evaluate", "cli", "main"]
 
 
 def load_backbone(cfg, weights: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -45,7 +45,8 @@ def evaluate(cfg, weights, bins=(), pairs=None, root=None, device="cpu", batch_s
     return results
 
 
-def main(argv: list[str] | None = None) -> dict:
+def cli(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` and run; returns the results (``main`` is the console-script entry point)."""
     p = argparse.ArgumentParser(prog="mhe-face-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the training config (network, sizes)")
     p.add_argument("--weights", required=True, help="model.pt or checkpoint.pt")
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     if a.json:
         atomic_write_json(res, a.json)
     return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(argv)
 
 
 if __name__ == "__main__":

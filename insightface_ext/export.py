@@ -14,7 +14,7 @@ import torch
 from .config import apply_overrides, load_config
 from .evaluate import load_backbone
 
-__all__ = ["export_onnx", "main"]
+__all__ = ["export_onnx", "cli", "main"]
 
 
 def export_onnx(
@@ -61,7 +61,8 @@ def export_onnx(
     return {"path": str(path), "max_abs_diff": diff}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def cli(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` and run; returns the results (``main`` is the console-script entry point)."""
     p = argparse.ArgumentParser(prog="mhe-face-export", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--weights", required=True, help="model.pt or checkpoint.pt")
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     res = export_onnx(load_backbone(cfg, a.weights), a.output, cfg.input_size, cfg.in_chans, a.opset)
     print(f"wrote {res['path']} (onnxruntime vs torch max |diff| = {res['max_abs_diff']:.2e})")
     return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(argv)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from .data import open_train_dataset
 from .heads import MHSArcFace
 from .optim import LazySGD, sum_allreduce_hook
 
-__all__ = ["train", "build_head", "poly_warmup", "main"]
+__all__ = ["train", "build_head", "poly_warmup", "cli", "main"]
 
 
 def poly_warmup(step: int, total: int, warmup: int, power: float = 2.0) -> float:
@@ -286,7 +286,8 @@ def train(cfg: SimpleNamespace) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def cli(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` and run; returns the results (``main`` is the console-script entry point)."""
     p = argparse.ArgumentParser(prog="mhe-face-train", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="bundled config name (e.g. glyphs_r18_mhs) or path to a config .py")
     p.add_argument("--output", help="override config.output")
@@ -299,6 +300,10 @@ def main(argv: list[str] | None = None) -> dict:
     if a.no_resume:
         cfg.resume = False
     return train(cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(argv)
 
 
 if __name__ == "__main__":

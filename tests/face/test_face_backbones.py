@@ -14,8 +14,9 @@ def _params(m):
 
 def test_iresnet_parameter_counts_match_arcface_torch():
     # arcface_torch's iresnet50 / iresnet100 with a 512-d embedding at 112x112: 43.59 M / 65.16 M parameters
-    assert _params(get_model("r50")) == 43_590_848
-    assert _params(get_model("r100")) == 65_156_160
+    with torch.device("meta"):  # count without allocating 100 M floats
+        assert _params(get_model("r50")) == 43_590_848
+        assert _params(get_model("r100")) == 65_156_160
 
 
 @torch.no_grad()

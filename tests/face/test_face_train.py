@@ -16,7 +16,7 @@ from insightface_ext import evaluate as face_eval
 from insightface_ext import export as face_export
 from insightface_ext.config import load_config
 from insightface_ext.recordio import write_face_rec
-from insightface_ext.train import main as train_main
+from insightface_ext.train import cli as train_main
 from insightface_ext.train import poly_warmup
 from insightface_ext.verification import embed_images, evaluate_bin, load_bin, verification_metrics, write_bin
 from mhe_plugins.metrics import pair_scores
@@ -174,7 +174,7 @@ def test_eval_cli_bin_and_pairs_and_export(setup, tmp_path):
             Image.fromarray(samples[k * PER_ID + j][0]).save(tmp_path / f"{k}_{j}.png")
         lines += [f"{k}_0.png {k}_1.png 1", f"{k}_0.png {(k + 1) % NUM_IDS}_1.png 0"]
     (tmp_path / "pairs.txt").write_text("# img1 img2 same\n" + "\n".join(lines) + "\n")
-    res = face_eval.main(
+    res = face_eval.cli(
         [
             "--config",
             str(cfg),
@@ -198,10 +198,10 @@ def test_eval_cli_bin_and_pairs_and_export(setup, tmp_path):
     assert res["pairs"]["num_pairs"] == 2 * NUM_IDS
     with pytest.raises(ValueError, match=r"pairs.txt:2: expected"):
         (tmp_path / "pairs.txt").write_text("a.png b.png 1\na.png b.png yes\n")
-        face_eval.main(
+        face_eval.cli(
             ["--config", str(cfg), "--weights", str(weights), "--pairs", str(tmp_path / "pairs.txt")]
         )
-    out = face_export.main(
+    out = face_export.cli(
         ["--config", str(cfg), "--weights", str(weights), "--output", str(tmp_path / "m.onnx")]
     )
     assert Path(out["path"]).is_file() and out["max_abs_diff"] < 1e-4
