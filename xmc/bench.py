@@ -119,7 +119,6 @@ def run_napkinxc(x_tr, y_tr, x_te, threads: int, work: Path) -> tuple[np.ndarray
 
 
 def write_reports(result: dict, md: Path, js: Path, png: Path) -> None:
-    atomic_write_json(result, js)
     rows = [
         "| method | " + " | ".join(COLUMNS) + " | train s | classifier params | model MB |",
         "|---" * (len(COLUMNS) + 4) + "|",
@@ -132,6 +131,22 @@ def write_reports(result: dict, md: Path, js: Path, png: Path) -> None:
             + f" | {m['train_s']:.0f} | {params} | {m['model_bytes'] / 1e6:.1f} |"
         )
     s = result["setup"]
+    notes = []
+    if "mhc" in result["methods"]:
+        c = result["methods"]["mhc"]["config"]
+        notes.append(
+            f"MHC head: groups {c['groups']} ({{G; per}}), {c['candidates_topk']} candidate groups per document, "
+            f"label-embedding width {c['hidden_dim']}, permutation seed {c['permutation_seed']}."
+        )
+    if "targets" in result:
+        t = result["targets"]
+        notes.append(
+            f"Targets: MHC P@1 - flat P@1 = {t['mhc_P@1_minus_flat_P@1']:+.2f} (target >= -1); "
+            f"MHC P@1 - omikuji P@1 = {t['mhc_vs_omikuji_P@1']:+.2f} (target >= 0); "
+            f"flat / MHC classifier parameters = {t['classifier_params_ratio_flat_over_mhc']:.2f}x (target > 1)."
+        )
+    result["notes"] = "\n\n".join(notes)
+    atomic_write_json(result, js)
     text = (
         f"# XMC benchmark: {s['dataset']}\n\n"
         f"Test split ({s['n_test']:,} docs), {s['num_labels']:,} labels, {s['n_train']:,} train docs; "
