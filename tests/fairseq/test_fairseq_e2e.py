@@ -131,3 +131,25 @@ def test_generate_user_dir_and_wrapper_agree(data, trained):
     assert len(ha) == 150 and ha == hb
     assert all(float(score) < 0 for _, score, _ in ha)
     assert "Generate test with beam=5: BLEU4" in a
+
+
+def test_interactive_wrapper_translates_raw_text(data, trained):
+    args = [str(data / "bin"), "--path", str(trained / "checkpoint_best.pt"), "--beam", "3", "--cpu"]
+    args += [
+        "--bpe",
+        "sentencepiece",
+        "--sentencepiece-model",
+        str(data / "spm600.model"),
+        "--max-len-b",
+        "10",
+    ]
+    proc = subprocess.run(
+        [str(BIN / "mhe-fairseq-interactive"), *args],
+        input="This package contains the documentation.\nSearches for text.\n",
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(re.findall(r"^H-\d+\t-\d+\.\d+\t", proc.stdout, re.M)) == 2, proc.stdout[-2000:]
