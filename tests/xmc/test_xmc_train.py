@@ -1,5 +1,6 @@
 """End-to-end trainer on a real WordNet-XMC slice: convergence, eval/predict, SWA weights, resume."""
 
+import io
 import json
 
 import numpy as np
@@ -85,7 +86,7 @@ def test_resume_continues_exactly(wordnet_small, tmp_path):
         torch.testing.assert_close(a[k], b[k])
 
 
-def test_cli_defaults_work_on_bow_format(tmp_path, capsys):
+def test_cli_defaults_work_on_bow_format(tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(0)
     data = tmp_path / "bow"
     data.mkdir()
@@ -118,6 +119,12 @@ def test_cli_defaults_work_on_bow_format(tmp_path, capsys):
     assert res["P@1"] > 70  # features identify the labels
     meta = json.loads((out / "config.json").read_text())
     assert meta["format"] == "bow" and meta["model"]["head"] == "mhc"
+    # predict reads BoW feature lines from stdin: features 6,7 identify label 3
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("6:1.0 7:1.0\n"))
+    main(["predict", "--model", str(out), "--top-k", "2"])
+    line = capsys.readouterr().out.strip()
+    assert line.split()[0].split(":")[0] == "3" and len(line.split()) == 2
 
 
 def test_gradient_accumulation_equals_the_larger_batch(wordnet_small, tmp_path):
