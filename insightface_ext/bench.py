@@ -363,7 +363,7 @@ def run(a: argparse.Namespace) -> dict:
         procs = {
             m: _spawn("glyph-worker", ["--method", m, *common], work / f"glyph_{m}.json") for m in a.methods
         }
-        methods = {m: _collect(p, work / f"glyph_{m}.json") for m, p in procs.items()}
+        methods = {m + a.key_suffix: _collect(p, work / f"glyph_{m}.json") for m, p in procs.items()}
         for m, r in methods.items():
             print(
                 f"[bench] {m}: "
@@ -476,6 +476,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="arcface_full, pfc_<rate>, mhs (--mhs-heads) or mhs_<G>x<per>",
     )
     drv.add_argument("--merge", action="store_true", help="update the methods of an existing --out JSON")
+    drv.add_argument(
+        "--key-suffix", default="", help="appended to the method names in the results (e.g. _seed2)"
+    )
     drv.add_argument("--scaling-ids", type=int, nargs="*", default=[100_000, 1_000_000])
     drv.add_argument("--dim", type=int, default=512)
     drv.add_argument("--scale-batch", type=int, default=256)
