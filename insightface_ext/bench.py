@@ -270,8 +270,9 @@ def _markdown(res: dict) -> str:
         "unseen test fonts (genuine = same character in two fonts, impostor = two different characters).",
         f"Backbone IResNet-18 width {cfg['width']} (32x32 grey, 128-d), batch {cfg['batch']}, "
         f"{cfg['epochs']} epochs (max_steps={cfg['max_steps']}), SGD lr 0.1 poly decay, margin (1, 0.3, 0) s=32, "
-        f"{cfg['threads']} thread(s) per run; the three trainings ran concurrently on a shared 2-core CPU, "
-        "so images/s compare methods under identical contention, not absolute speed.",
+        f"{cfg['threads']} thread(s) per run; the trainings of one invocation ran concurrently on a shared 2-core "
+        "CPU (rows of different invocations, e.g. the variants and `_seed7`, ran under different load), so images/s "
+        "compare the methods of one invocation, not absolute speed.",
         "Peak memory = peak RSS of the training process (dataset, backbone, head).",
         "",
         "| method | head sizes | sampled classes / step | TAR@FAR=1e-4 | TAR@FAR=1e-3 | TAR@FAR=1e-2 | 10-fold acc | img/s | peak RSS (MiB) |",
@@ -306,7 +307,7 @@ def _markdown(res: dict) -> str:
         "| identities | method | head sizes | sampled classes | step (ms) | peak RSS (MiB) | head memory (MiB) |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
-    for n, per in res["scaling"].items():
+    for n, per in sorted(res["scaling"].items(), key=lambda kv: int(kv[0])):
         for m, r in per.items():
             if "error" in r:
                 cap = (
