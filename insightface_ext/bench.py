@@ -275,16 +275,16 @@ def _markdown(res: dict) -> str:
         "compare the methods of one invocation, not absolute speed.",
         "Peak memory = peak RSS of the training process (dataset, backbone, head).",
         "",
-        "| method | head sizes | sampled classes / step | TAR@FAR=1e-4 | TAR@FAR=1e-3 | TAR@FAR=1e-2 | 10-fold acc | img/s | peak RSS (MiB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | head sizes | steps | sampled classes / step | TAR@FAR=1e-4 | TAR@FAR=1e-3 | TAR@FAR=1e-2 | 10-fold acc | img/s | peak RSS (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m, r in res["methods"].items():
         if "error" in r:
-            lines.append(f"| {m} | | | error: {r['error']} | | | | | |")
+            lines.append(f"| {m} | | | | error: {r['error']} | | | | | |")
             continue
         lines.append(
             f"| {m} | {r['head_sizes']}{' rate ' + str(r['sample_rate']) if r['sample_rate'] else ''} | "
-            f"{r['sampled_classes_mean']:.0f} | {r['tar_at_far_1e-4']:.2f} | {r['tar_at_far_1e-3']:.2f} | "
+            f"{r['steps']} | {r['sampled_classes_mean']:.0f} | {r['tar_at_far_1e-4']:.2f} | {r['tar_at_far_1e-3']:.2f} | "
             f"{r['tar_at_far_1e-2']:.2f} | {r['acc10fold']:.2f} ± {r['acc10fold_std']:.2f} | {r['img_per_s']:.0f} | "
             f"{r['peak_mem_bytes'] / 2**20:.0f} |"
         )
@@ -406,6 +406,7 @@ def run(a: argparse.Namespace) -> dict:
             scaling[str(n)][m].update(estimated_bytes=est, mem_budget_bytes=budget)
             print(f"[bench] scaling {n} {m}: {scaling[str(n)][m]}", flush=True)
     out = Path(a.out)
+    cfg_note = None
     command = "python -m insightface_ext.bench " + " ".join(a.argv)
     wall = time.perf_counter() - t0
     if a.merge and out.with_suffix(".json").is_file():
@@ -416,11 +417,13 @@ def run(a: argparse.Namespace) -> dict:
             for n in {*old.get("scaling", {}), *scaling}
         }
         command = f"{old['command']} && {command}"
+        cfg_note = old.get("config")
         wall += old.get("wall_seconds", 0.0)
     res = {
         "methods": methods,
         "scaling": scaling,
-        "config": {
+        "config": cfg_note
+        or {
             "width": a.width,
             "batch": a.batch,
             "epochs": a.epochs,
