@@ -155,7 +155,9 @@ class MHSArcFace(nn.Module):
         self.weight = nn.Parameter(
             torch.normal(0.0, init_std, (n_local, self.group_size * self.embedding_size))
         )
-        self.last_num_sampled = 0  # classes scored in the last step (summed over ranks), for logging
+        if shard and process_group is not None:
+            raise NotImplementedError("a custom process_group is not supported yet; use the default group")
+        self._last_sampled: torch.Tensor | int = 0
 
     # ------------------------------------------------------------------ helpers
     def extra_repr(self) -> str:
@@ -185,14 +187,30 @@ class MHSArcFace(nn.Module):
         score[positives] = 2.0
         return torch.sort(torch.topk(score, k).indices).values
 
+    @property
+    def last_num_sampled(self) -> int:
+        """Classes scored in the last step, summed over ranks (for logging; synchronises only when read)."""
+        return int(self._last_sampled)
+
+    def _count_sampled(self, groups: torch.Tensor) -> torch.Tensor:
+        """Global number of scored classes, computed locally: every rank knows the global labels and the shards."""
+        u = torch.unique(groups)
+        if self.sample_rate is None:
+            return torch.tensor(u.numel() * self.group_size)
+        starts = torch.tensor(
+            [shard_range(self.num_groups, r, self.world_size)[0] for r in range(self.world_size)]
+            + [self.num_groups],
+            device=groups.device,
+        )
+        sizes = starts[1:] - starts[:-1]
+        pos = torch.bincount(torch.bucketize(u, starts[1:-1], right=True), minlength=self.world_size)
+        k = torch.maximum(torch.ceil(self.sample_rate * sizes).long(), pos).minimum(sizes)
+        return k.sum() * self.group_size
+
     def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Global batch (embeddings with gradient, labels) from all ranks of the process group."""
         if self.world_size == 1:
             return embeddings, labels
-        if self.process_group is not None:
-            raise NotImplementedError(
-                "a custom process_group is not supported by the gather yet; use the default group"
-            )
         labs = [torch.empty_like(labels) for _ in range(self.world_size)]
         dist.all_gather(labs, labels.contiguous())
         return all_gather_with_grad(embeddings), torch.cat(labs)
@@ -233,7 +251,7 @@ class MHSArcFace(nn.Module):
                     + torch.arange(self.group_size, device=sel.device)
                 ).reshape(-1)
                 logits = logits.masked_fill((gid >= self.num_classes)[None, :], -torch.inf)
-            self.last_num_sampled = sel.numel() * self.group_size * self.world_size
+            self._last_sampled = self._count_sampled(groups.detach())
             losses = dist_softmax_cross_entropy(logits, target, self.process_group, self.world_size > 1)
         if reduction == "none":
             return losses

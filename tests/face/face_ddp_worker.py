@@ -54,7 +54,7 @@ def run(world: int, rank: int) -> dict:
     opt_b = torch.optim.SGD(backbone.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
     opt_h = LazySGD(head.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
     n = BATCH // world
-    losses = []
+    losses, sampled = [], []
     for x, y in zip(st["x"], st["y"]):
         xs, ys = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
         loss = head(model(xs), ys)
@@ -64,7 +64,13 @@ def run(world: int, rank: int) -> dict:
         opt_b.step()
         opt_h.step()
         losses.append(loss.item())
-    return {"losses": losses, "backbone": backbone.weight.detach().clone(), "head": head.shard_state()}
+        sampled.append(head.last_num_sampled)
+    return {
+        "losses": losses,
+        "sampled": sampled,
+        "backbone": backbone.weight.detach().clone(),
+        "head": head.shard_state(),
+    }
 
 
 if __name__ == "__main__":

@@ -157,6 +157,7 @@ def test_two_processes_equal_one_process(tmp_path):
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for out in outs:
         assert out["losses"] == pytest.approx(ref["losses"], abs=1e-5)
+        assert out["sampled"] == ref["sampled"]
         torch.testing.assert_close(out["backbone"], ref["backbone"], rtol=0, atol=1e-5)
     assert [o["head"]["group_start"] for o in outs] == [0, 4]
     shards = torch.cat([o["head"]["weight"] for o in outs])
