@@ -208,6 +208,10 @@ def generate(method: str, bin_dir: Path, work: Path, refs: list[str], a: argpars
     if len(hyps) != len(refs):
         raise RuntimeError(f"{out_path}: {len(hyps)} hypotheses for {len(refs)} references")
     speed = re.search(r"Translated ([\d,]+) sentences .* in ([\d.]+)s \(([\d.]+) sentences/s", out)
+    if speed is None:
+        raise RuntimeError(
+            f"{out_path}: no 'Translated N sentences ... sentences/s' line from fairseq-generate"
+        )
     sys_out = [hyps[i] for i in range(len(refs))]
     metric = sacrebleu.metrics.BLEU()
     bleu = metric.corpus_score(sys_out, [refs])
@@ -215,8 +219,8 @@ def generate(method: str, bin_dir: Path, work: Path, refs: list[str], a: argpars
         "bleu": round(bleu.score, 2),
         "bleu_detail": str(bleu),
         "bleu_signature": str(metric.get_signature()),
-        "gen_sent_per_s": float(speed.group(3)) if speed else None,
-        "gen_seconds": float(speed.group(2)) if speed else None,
+        "gen_sent_per_s": float(speed.group(3)),
+        "gen_seconds": float(speed.group(2)),
     }
 
 
