@@ -233,23 +233,28 @@ def _plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, ax = plt.subplots(1, 3, figsize=(16, 5.2))
     names = [m for m in res["methods"] if "error" not in res["methods"][m]]
     for m in names:
         c = np.asarray(res["methods"][m]["loss_curve"])
-        ax[0].plot(c[:, 0], c[:, 1], label=m)
+        ax[0].plot(c[:, 0], c[:, 1], label=m, lw=1)
     ax[0].set(title="glyph training loss", xlabel="step", ylabel="ArcFace CE (sampled classes)")
-    ax[0].legend()
+    ax[0].legend(fontsize=7)
     x = np.arange(len(names))
     ax[1].bar(x - 0.2, [res["methods"][m]["tar_at_far_1e-3"] for m in names], 0.4, label="TAR@FAR=1e-3")
     ax[1].bar(x + 0.2, [res["methods"][m]["acc10fold"] for m in names], 0.4, label="10-fold acc")
-    ax[1].set_xticks(x, names)
+    ax[1].set_xticks(x, names, rotation=40, ha="right", fontsize=8)
     ax[1].set(title="unseen level-2 characters, unseen fonts", ylabel="%")
-    ax[1].legend()
+    ax[1].legend(loc="lower right", fontsize=8)
     for m in sorted({m for v in res["scaling"].values() for m in v}):
         pts = [(int(k), v[m]["step_ms"]) for k, v in res["scaling"].items() if m in v and "error" not in v[m]]
         if pts:
             ax[2].loglog(*zip(*pts), "o-", label=m)
+    failed = [f"{m} @ {int(k):,}: failed" for k, v in res["scaling"].items() for m in v if "error" in v[m]]
+    if failed:
+        ax[2].text(
+            0.03, 0.97, "\n".join(failed), transform=ax[2].transAxes, va="top", fontsize=8, color="red"
+        )
     ax[2].set(title="synthetic ids: head step time", xlabel="identities", ylabel="ms / step")
     ax[2].legend()
     fig.tight_layout()
