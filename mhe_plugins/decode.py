@@ -5,7 +5,8 @@ candidate prefixes. Keeping the k best prefixes is exact for prefixes whose ever
 (exchange argument: k better prefixes with the same suffix would give k better ids). Only one prefix per
 level can have invalid completions (ids >= N): the prefix of N-1, the "boundary". It is carried along as a
 separate extra candidate, so ids >= N are masked and the result still equals brute force.
-Cost per level: O(B * (k+1) * C_h), memory O(B * k * max C_h).
+Only a head's k best digits can extend a prefix into the top k, so each level costs one top-k over the
+head's C_h scores plus a top-k over k*k sums: O(B * (C_h + k^2)) per level, never O(B * N).
 """
 
 from __future__ import annotations
@@ -38,16 +39,28 @@ def product_topk(
     for scores, size, last in zip(head_scores, codec.head_sizes, codec.last_digits):
         if scores.shape != (b, size):
             raise ValueError(f"head scores must have shape ({b}, {size}), got {tuple(scores.shape)}")
+        # Only a head's k best digits can extend a prefix into the top k (k better digits would give k
+        # better ids), so one top-(k + excluded) per head replaces a top-k over (k x C) combinations.
+        excluded = size - last  # digits >= last are not allowed after the boundary prefix
+        wide = min(size, k + excluded) if excluded <= k else min(size, k)
+        top_v, top_d = scores.topk(wide, dim=1)
         parts_v, parts_i = [], []
-        if nb_scores.shape[1]:  # every kept prefix x every digit
-            ext = (nb_scores.unsqueeze(-1) + scores.unsqueeze(1)).reshape(b, -1)
+        if nb_scores.shape[1]:  # every kept prefix x the head's best digits
+            kk = min(k, size)
+            ext = (nb_scores.unsqueeze(-1) + top_v[:, None, :kk]).reshape(b, -1)
+            ext_ids = (nb_ids.unsqueeze(-1) * size + top_d[:, None, :kk]).reshape(b, -1)
             v, pos = ext.topk(min(k, ext.shape[1]), dim=1)
             parts_v.append(v)
-            parts_i.append(nb_ids.gather(1, torch.div(pos, size, rounding_mode="floor")) * size + pos % size)
+            parts_i.append(ext_ids.gather(1, pos))
         if last > 0:  # children of the boundary with a smaller digit have only valid completions
-            v, pos = scores[:, :last].topk(min(k, last), dim=1)
+            if excluded <= k:
+                v = top_v.masked_fill(top_d >= last, float("-inf"))
+                v, pos = v.topk(min(k, last), dim=1)
+                d = top_d.gather(1, pos)
+            else:
+                v, d = scores[:, :last].topk(min(k, last), dim=1)
             parts_v.append(v + bd_score.unsqueeze(-1))
-            parts_i.append(pos + bd_id * size)
+            parts_i.append(d + bd_id * size)
         if parts_v:
             cand_v, cand_i = torch.cat(parts_v, 1), torch.cat(parts_i, 1)
             nb_scores, pos = cand_v.topk(min(k, cand_v.shape[1]), dim=1)

@@ -132,11 +132,20 @@ class MHPHead(MHEHead):
         return full_product_scores(lps, self.num_labels) - log_valid_mass(lps, self.codec).unsqueeze(-1)
 
     def topk_from_logits(self, logits: Sequence[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k (log-probs, ids) from per-head logits (B, C_h), without materialising N."""
+        """Exact top-k (log-probs, ids) from per-head logits (B, C_h), without materialising N.
+
+        Ranking by the sum of raw logits equals ranking by the sum of log-softmaxes (they differ by a
+        per-row constant), so the search runs on the logits and the normaliser is subtracted at the end.
+        """
         self._check_k(k)
-        lps = [F.log_softmax(upcast(z), -1) for z in logits]
-        values, ids = product_topk(lps, self.codec, k)
-        return values - log_valid_mass(lps, self.codec).unsqueeze(-1), ids
+        zs = [upcast(z) for z in logits]
+        values, ids = product_topk(zs, self.codec, k)
+        lse = [torch.logsumexp(z, -1) for z in zs]
+        values = values - sum(lse).unsqueeze(-1)
+        if self.codec.capacity > self.num_labels:
+            lps = [z - c.unsqueeze(-1) for z, c in zip(zs, lse)]
+            values = values - log_valid_mass(lps, self.codec).unsqueeze(-1)
+        return values, ids
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Full (..., N) log-probabilities: outer sum of the per-head log-softmaxes (materialises N)."""
