@@ -61,7 +61,7 @@ def summarise(summary: dict) -> dict:
         "valid_top1": round(last["valid_top1"], 2),
         "head_params": int(summary["head_params"]),
         "head_sizes": summary["config"]["head_sizes"],
-        "epoch_s": round(sum(r["epoch_s"] for r in hist) / len(hist), 1),
+        "epoch_s": round(sum(r["epoch_s"] for r in hist) / len(hist), 3),
         "epochs": len(hist),
         "curve_test_top1": [round(r["test_top1"], 2) for r in hist],
         "curve_valid_top1": [round(r["valid_top1"], 2) for r in hist],
@@ -95,7 +95,7 @@ def write_results(results: dict, meta: dict, out_dir: Path) -> None:
     for m, r in results.items():
         hs = "-" if not r["head_sizes"] else "x".join(map(str, r["head_sizes"]))
         lines.append(
-            f"| {METHOD_LABEL[m]} | {hs} | {r['top1']:.2f} | {r['top5']:.2f} | {r['head_params']:,} | {r['epoch_s']:.0f} |"
+            f"| {METHOD_LABEL[m]} | {hs} | {r['top1']:.2f} | {r['top5']:.2f} | {r['head_params']:,} | {r['epoch_s']:.1f} |"
         )
     if "linear" in results:
         base = results["linear"]["top1"]
