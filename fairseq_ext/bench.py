@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fairseq_ext import USER_DIR
-from fairseq_ext.model import full_log_probs
 from mhe_plugins import LabelCodec, MHPHead
 from mhe_plugins.training import atomic_write_json, atomic_write_text
 
@@ -264,7 +263,7 @@ def _scaling_one(v: int, dim: int, tokens: int, rows: int, reps: int) -> dict:
 
     @torch.no_grad()
     def mhe_lp():
-        return full_log_probs(codec, torch.cat(mhe(xr), -1))
+        return mhe.log_prob(xr)
 
     r = {
         "head_sizes": list(codec.head_sizes),

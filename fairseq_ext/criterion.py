@@ -18,7 +18,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 
-from mhe_plugins.decode import log_valid_mass, product_topk
+from mhe_plugins.decode import log_valid_mass
 from mhe_plugins.heads.mhp import LOSS_VARIANTS
 
 from .model import TransformerMHEDecoder, digit_log_probs
@@ -95,10 +95,10 @@ class MHECrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         return -(logp - log_valid_mass(lps, codec)) * mask
 
     def compute_accuracy(self, model, net_output, sample):
-        codec = self._decoder(model).codec
+        head = self._decoder(model).output_projection
         logits, target = self._logits_and_target(model, net_output, sample)
-        lps = [lp.reshape(-1, lp.shape[-1]) for lp in digit_log_probs(codec, logits)]
-        pred = product_topk(lps, codec, 1)[1][:, 0]  # exact argmax over valid ids, no |V| scores
+        digit_logits = [z.reshape(-1, z.shape[-1]) for z in logits.split(list(head.codec.head_sizes), -1)]
+        pred = head.topk_from_logits(digit_logits, 1)[1][:, 0]  # exact argmax over valid ids, no |V| scores
         target = target.reshape(-1)
         mask = target.ne(self.padding_idx)
         return (pred.eq(target) & mask).sum(), mask.sum()

@@ -19,7 +19,6 @@ from fairseq.models.transformer.transformer_legacy import base_architecture, tra
 from torch import nn
 
 from mhe_plugins import LabelCodec, MHPHead
-from mhe_plugins.decode import full_product_scores, log_valid_mass
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +27,6 @@ __all__ = [
     "TransformerMHEDecoder",
     "codec_from_args",
     "digit_log_probs",
-    "full_log_probs",
 ]
 
 
@@ -57,12 +55,6 @@ def codec_from_args(args, vocab_size: int) -> LabelCodec:
 def digit_log_probs(codec: LabelCodec, digit_logits: torch.Tensor) -> list[torch.Tensor]:
     """Per-head log-softmax (float32) of concatenated digit logits (..., sum C_h)."""
     return [F.log_softmax(z.float(), dim=-1) for z in digit_logits.split(list(codec.head_sizes), dim=-1)]
-
-
-def full_log_probs(codec: LabelCodec, digit_logits: torch.Tensor) -> torch.Tensor:
-    """(..., |V|) log-probs: sum_h log_softmax_h[digit_h(v)] - log P(id < |V|), by an outer sum."""
-    lps = digit_log_probs(codec, digit_logits)
-    return full_product_scores(lps, codec.num_labels) - log_valid_mass(lps, codec).unsqueeze(-1)
 
 
 class TransformerMHEDecoder(TransformerDecoderBase):
@@ -96,7 +88,8 @@ class TransformerMHEDecoder(TransformerDecoderBase):
 
     def get_normalized_probs_scriptable(self, net_output, log_probs: bool, sample=None) -> torch.Tensor:
         """Full-vocabulary (log-)probs: sum_h log_softmax_h[digit_h(v)] - log P(id < |V|)."""
-        out = full_log_probs(self.codec, net_output[0])
+        head = self.output_projection
+        out = head.log_prob_from_logits(net_output[0].split(list(self.codec.head_sizes), dim=-1))
         return out if log_probs else out.exp()
 
 
