@@ -19,6 +19,8 @@ __all__ = ["as_int", "check_finite", "check_soft_target"]
 def as_int(value, name: str, minimum: int | None = None) -> int:
     """``value`` as a Python int; integral floats (3.0) pass, 3.7 / NaN / bools / strings raise ValueError."""
     out = None
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        value = value.item()  # 0-d / one-element tensors: judge the number they hold
     if not isinstance(value, (bool, np.bool_)):
         try:
             out = operator.index(value)  # int, numpy ints, 0-d integer tensors

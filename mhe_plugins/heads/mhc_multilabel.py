@@ -223,6 +223,7 @@ class MHCMultiLabelHead(nn.Module):
     def full_scores(self, x: torch.Tensor) -> torch.Tensor:
         """All N product scores (B, N) in global id order; for checks and small N only."""
         n = self.num_labels
+        x = x.to(self.group.weight.dtype)
         gs = torch.sigmoid(self.group(x).float())
         ls = torch.sigmoid((self.query(x) @ self.embed.weight[:n].T).float())
         internal = ls * gs.repeat_interleave(self.group_size, dim=1)[:, :n]

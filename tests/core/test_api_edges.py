@@ -167,6 +167,9 @@ def test_non_integer_ids_digits_and_sizes_raise_naming_the_value():
         MHCHead(4, codec, beam=0)
     # integral floats are accepted and mean the integer
     assert LabelCodec([3.0, np.int64(4)], 10.0) == codec
+    assert LabelCodec([torch.tensor(3), 4], torch.tensor(10.0)) == codec
+    with pytest.raises(ValueError, match=r"num_labels must be a positive int, got tensor\(9.5000\)"):
+        LabelCodec([3, 4], torch.tensor(9.5))
     assert codec.decode(np.array([2.0, 1.0])) == 9
     assert torch.equal(codec.encode(torch.tensor([9.0])), torch.tensor([[2, 1]]))
 
