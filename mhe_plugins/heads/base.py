@@ -46,10 +46,14 @@ class MHEHead(nn.Module, ABC):
         return self.codec.num_labels
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
-        """Features in the head's parameter dtype (under autocast the matmul recasts them anyway)."""
+        """Checked features (..., d) in the head's parameter dtype (under autocast the matmul recasts them)."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(
                 f"features must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}"
+            )
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected features with last dim {self.in_features}, got shape {tuple(x.shape)}"
             )
         param = next((p for p in self.parameters() if p.is_floating_point()), None)
         return x if param is None or x.dtype == param.dtype else x.to(param.dtype)
@@ -57,10 +61,6 @@ class MHEHead(nn.Module, ABC):
     def _flat(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
         """(..., d) -> (B, d) in the head's dtype, and the leading shape (explicit B: -1 fails for 0 rows)."""
         x = self._cast(x)
-        if x.ndim == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"expected features with last dim {self.in_features}, got shape {tuple(x.shape)}"
-            )
         lead = x.shape[:-1]
         return x.reshape(math.prod(lead), self.in_features), lead
 

@@ -136,6 +136,8 @@ def test_half_features_are_cast_to_the_head_dtype(dtype):
     assert torch.equal(ml.topk(x, 3)[1], ml.topk(ref, 3)[1])
     with pytest.raises(ValueError, match=r"features must be a floating-point tensor, got Tensor torch.int64"):
         heads[0].topk(torch.ones(2, 8, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match=r"expected features with last dim 8, got shape \(2, 7\)"):
+        heads[0](torch.randn(2, 7))  # forward too, not only topk
 
 
 # ---------------------------------------------------------------- item 8: non-integer ids and sizes
