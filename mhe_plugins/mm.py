@@ -86,7 +86,8 @@ def parse_cls_loss(loss: dict | None, num_classes: int, head: str) -> dict:
         eps = eps / (1 + eps)
     elif mode != "original":
         raise ValueError(
-            f"{head}: LabelSmoothLoss mode {mode!r} is not supported (single-label heads); use 'original' or 'classy_vision'"
+            f"{head}: LabelSmoothLoss mode {mode!r} is not supported (single-label heads); "
+            "use 'original' or 'classy_vision'"
         )
     if loss.get("num_classes") is not None and as_int(loss["num_classes"], "loss num_classes") != num_classes:
         raise ValueError(
