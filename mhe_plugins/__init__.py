@@ -5,6 +5,7 @@ training; features -> head ``topk`` / ``predict`` / ``log_prob`` -> global ids -
 """
 
 from . import metrics
+from .checks import check_finite
 from .codec import LabelCodec, group_split
 from .decode import log_valid_mass, product_topk
 from .heads import MHCHead, MHCOutput, MHEHead, MHPHead, MHSHead, MHSOutput
@@ -28,6 +29,7 @@ __all__ = [
     "MHCMultiLabelOutput",
     "pad_labels",
     "metrics",
+    "check_finite",
     "CombinedMargin",
     "ArcFaceMargin",
     "CosFaceMargin",

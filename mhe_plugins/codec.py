@@ -13,9 +13,42 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["LabelCodec", "group_split"]
+from .checks import as_int
+
+__all__ = ["LabelCodec", "group_split", "INT64_MAX"]
 
 ArrayLike = torch.Tensor | np.ndarray
+INT64_MAX = 2**63 - 1  # ids, strides and digit sums are int64
+
+
+def _positive_int(value, what: str) -> int:
+    try:
+        out = as_int(value, what)
+    except ValueError:
+        out = 0
+    if out < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return out
+
+
+def _as_int64(values: ArrayLike, what: str) -> ArrayLike:
+    """Integer ids/digits as int64; integral floats (3.0) pass, 1.7 / NaN / inf / bool raise naming the value."""
+    if isinstance(values, torch.Tensor):
+        if values.dtype == torch.bool or values.is_complex():
+            raise ValueError(f"{what} must be integers, got dtype {values.dtype}")
+        if values.is_floating_point():
+            bad = ~torch.isfinite(values) | (values != values.round())
+            if bool(bad.any()):
+                raise ValueError(f"{what} must be integers, got {values[bad].reshape(-1)[0].item()}")
+        return values.long()
+    values = np.asarray(values)
+    if values.dtype.kind == "f":
+        bad = ~np.isfinite(values) | (values != np.round(values))
+        if bool(bad.any()):
+            raise ValueError(f"{what} must be integers, got {values[bad].reshape(-1)[0]}")
+    elif values.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be integers, got dtype {values.dtype}")
+    return values.astype(np.int64)
 
 
 def _first_bad(values: ArrayLike, bad: ArrayLike) -> int:
@@ -31,19 +64,28 @@ class LabelCodec:
         sizes = list(head_sizes) if head_sizes is not None else []
         if len(sizes) == 0:
             raise ValueError("head_sizes must be a non-empty sequence of positive ints, got []")
+        checked = []
         for s in sizes:
-            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or int(s) < 1:
-                raise ValueError(f"head sizes must be positive ints, got {s!r} in {list(head_sizes)!r}")
-        self.head_sizes: tuple[int, ...] = tuple(int(s) for s in sizes)
+            try:
+                checked.append(_positive_int(s, "head size"))
+            except ValueError:
+                raise ValueError(
+                    f"head sizes must be positive ints, got {s!r} in {list(head_sizes)!r}"
+                ) from None
+        self.head_sizes: tuple[int, ...] = tuple(checked)
         self.capacity: int = math.prod(self.head_sizes)
-        if num_labels is None:
-            num_labels = self.capacity
-        if isinstance(num_labels, bool) or int(num_labels) < 1:
-            raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
-        self.num_labels: int = int(num_labels)
+        self.num_labels: int = (
+            self.capacity if num_labels is None else _positive_int(num_labels, "num_labels")
+        )
         if self.capacity < self.num_labels:
             raise ValueError(
                 f"product of head sizes {list(self.head_sizes)} is {self.capacity} < num_labels={self.num_labels}"
+            )
+        if self.capacity > INT64_MAX:
+            raise ValueError(
+                f"product of head sizes {list(self.head_sizes)} is {self.capacity} > 2**63 - 1: label ids and "
+                "digit arithmetic are int64, so use fewer or smaller heads (the product only needs to reach "
+                "num_labels)"
             )
         strides, acc = [], 1
         for s in reversed(self.head_sizes):
@@ -63,11 +105,7 @@ class LabelCodec:
         An optimum exists with all sizes in {m, m+1}: if two sizes differ by >= 2, moving one unit from the
         larger to the smaller keeps the sum and does not decrease the product.
         """
-        if isinstance(num_labels, bool) or int(num_labels) < 1:
-            raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
-        if isinstance(num_heads, bool) or int(num_heads) < 1:
-            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-        n, h = int(num_labels), int(num_heads)
+        n, h = _positive_int(num_labels, "num_labels"), _positive_int(num_heads, "num_heads")
         root = max(1, int(math.floor(n ** (1.0 / h))))
         best: tuple[int, int, list[int]] | None = None
         for m in range(max(1, root - 2), root + 3):
@@ -137,28 +175,15 @@ class LabelCodec:
 
     def encode(self, ids: ArrayLike) -> ArrayLike:
         """Ids of any shape ``(...)`` -> digits ``(..., H)`` (int64), for torch tensors or numpy arrays."""
-        is_torch = isinstance(ids, torch.Tensor)
-        if not is_torch:
-            ids = np.asarray(ids)
-            if ids.dtype.kind not in "iu":
-                raise ValueError(f"label ids must be integers, got dtype {ids.dtype}")
-            ids = ids.astype(np.int64)
-        elif ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"label ids must be integers, got dtype {ids.dtype}")
-        else:
-            ids = ids.long()
+        ids = _as_int64(ids, "label ids")
         self.check_ids(ids)
         strides, sizes = self._consts(ids)
         return (ids[..., None] // strides) % sizes
 
     def decode(self, digits: ArrayLike, allow_invalid: bool = False) -> ArrayLike:
         """Digits ``(..., H)`` -> ids ``(...)``. Ids >= num_labels raise unless ``allow_invalid``."""
-        is_torch = isinstance(digits, torch.Tensor)
-        if not is_torch:
-            digits = np.asarray(digits).astype(np.int64)
-        else:
-            digits = digits.long()
-        if digits.shape[-1] != self.num_heads:
+        digits = _as_int64(digits, "digits")
+        if digits.ndim == 0 or digits.shape[-1] != self.num_heads:
             raise ValueError(f"digits must have last dim {self.num_heads}, got shape {tuple(digits.shape)}")
         strides, sizes = self._consts(digits)
         bad = (digits < 0) | (digits >= sizes)
@@ -179,6 +204,26 @@ class LabelCodec:
         """True where digits ``(..., H)`` decode to an id < num_labels."""
         return self.decode(digits, allow_invalid=True) < self.num_labels
 
+    def digit_marginals(self, class_probs: torch.Tensor) -> list[torch.Tensor]:
+        """A distribution over the N ids (..., N) -> its H per-digit marginals (..., C_h).
+
+        Exact for the MHP ``ce_sum`` loss, which is linear in the target: the soft-class CE of a
+        product model equals sum_h CE(marginal_h, head h). This is how Mixup/CutMix scores become digits.
+        """
+        if class_probs.shape[-1] != self.num_labels:
+            raise ValueError(
+                f"class distribution must have last dim num_labels={self.num_labels}, "
+                f"got shape {tuple(class_probs.shape)}"
+            )
+        lead = class_probs.shape[:-1]
+        full = torch.nn.functional.pad(class_probs, (0, self.capacity - self.num_labels))
+        grid = full.reshape(*lead, *self.head_sizes)
+        start = len(lead)
+        return [
+            grid.sum(dim=[start + j for j in range(self.num_heads) if j != h]) if self.num_heads > 1 else grid
+            for h in range(self.num_heads)
+        ]
+
     def prefix_limit(self, level: int) -> int:
         """Largest valid prefix id after ``level+1`` heads: prefix p is valid iff p <= this."""
         return (self.num_labels - 1) // self.strides[level]
@@ -190,11 +235,8 @@ def group_split(num_labels: int, num_groups: int) -> tuple[int, int]:
     Groups are contiguous id ranges ``[g*per, (g+1)*per)``; the last one may be short.
     Examples: (670091, 8400) -> (8377, 80); (2812281, 8761) -> (8761, 321).
     """
-    if isinstance(num_labels, bool) or int(num_labels) < 1:
-        raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
-    if isinstance(num_groups, bool) or int(num_groups) < 1:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
-    n, g = int(num_labels), min(int(num_groups), int(num_labels))
+    n = _positive_int(num_labels, "num_labels")
+    g = min(_positive_int(num_groups, "num_groups"), n)
     while True:
         per = -(-n // g)
         if g * per - n < per:

@@ -7,6 +7,9 @@ level can have invalid completions (ids >= N): the prefix of N-1, the "boundary"
 separate extra candidate, so ids >= N are masked and the result still equals brute force.
 Only a head's k best digits can extend a prefix into the top k, so each level costs one top-k over the
 head's C_h scores plus a top-k over k*k sums: O(B * (C_h + k^2)) per level, never O(B * N).
+Which ids can be returned never depends on the score values: digits that would leave the valid range are
+dropped by position, not by a -inf fill (a -inf or NaN score would tie with the fill), so NaN, +-inf or
+overflowing scores still give ids < N (their values are then NaN/inf: see ``checks.check_finite``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .checks import as_int
 from .codec import LabelCodec
 
 __all__ = ["product_topk", "log_valid_mass", "full_product_scores"]
@@ -26,8 +30,9 @@ def product_topk(
     """Top-k ids of ``sum_h head_scores[h][digit_h]`` over ids < N. Scores are (B, C_h); returns (B, k) x2."""
     if len(head_scores) != codec.num_heads:
         raise ValueError(f"expected {codec.num_heads} head score tensors, got {len(head_scores)}")
-    if not 1 <= k <= codec.num_labels:
+    if not 1 <= as_int(k, "k") <= codec.num_labels:
         raise ValueError(f"k must be in [1, num_labels={codec.num_labels}], got {k}")
+    k = int(k)
     first = head_scores[0]
     b, device, dtype = first.shape[0], first.device, first.dtype
     # non-boundary candidates (all completions valid)
@@ -47,16 +52,15 @@ def product_topk(
         parts_v, parts_i = [], []
         if nb_scores.shape[1]:  # every kept prefix x the head's best digits
             kk = min(k, size)
-            ext = (nb_scores.unsqueeze(-1) + top_v[:, None, :kk]).reshape(b, -1)
-            ext_ids = (nb_ids.unsqueeze(-1) * size + top_d[:, None, :kk]).reshape(b, -1)
+            ext = (nb_scores.unsqueeze(-1) + top_v[:, None, :kk]).flatten(1)  # flatten: 0 rows are fine
+            ext_ids = (nb_ids.unsqueeze(-1) * size + top_d[:, None, :kk]).flatten(1)
             v, pos = ext.topk(min(k, ext.shape[1]), dim=1)
             parts_v.append(v)
             parts_i.append(ext_ids.gather(1, pos))
         if last > 0:  # children of the boundary with a smaller digit have only valid completions
-            if excluded <= k:
-                v = top_v.masked_fill(top_d >= last, float("-inf"))
-                v, pos = v.topk(min(k, last), dim=1)
-                d = top_d.gather(1, pos)
+            if excluded <= k:  # the best allowed digits, in score order (a stable sort moves the others last)
+                pos = (top_d >= last).int().argsort(dim=1, stable=True)[:, : min(k, last)]
+                v, d = top_v.gather(1, pos), top_d.gather(1, pos)
             else:
                 v, d = scores[:, :last].topk(min(k, last), dim=1)
             parts_v.append(v + bd_score.unsqueeze(-1))

@@ -5,6 +5,15 @@ and use ``head=dict(type='MHPClsHead', in_channels=2048, num_classes=10000, head
 They follow mmpretrain's ``ClsHead`` interface: ``loss(feats, data_samples) -> dict`` and
 ``predict(feats, data_samples) -> list`` of samples carrying ``pred_score`` / ``pred_label``; ``feats`` is
 the neck's tuple and the last element is used. Thin wrappers: all MHE logic is in the core heads.
+
+The arguments every mmpretrain ``ClsHead`` config carries are accepted with mmpretrain's meaning:
+``loss=dict(type='CrossEntropyLoss' | 'LabelSmoothLoss', loss_weight, label_smooth_val, use_soft, ...)``
+(``loss_weight`` scales the loss, ``label_smooth_val`` becomes the head's label smoothing, ``mode=
+'classy_vision'`` uses eps / (1 + eps), ``use_sigmoid`` selects MHP's ``bce`` variant), ``topk`` and
+``cal_acc`` (adds ``accuracy_top-k`` in percent to the loss dict). Losses that cannot apply to an MHE head
+(FocalLoss, class weights, ...) raise. Mixup/CutMix ``gt_score`` (a soft (num_classes,) vector per sample)
+is used by MHP as per-digit marginals (exact for its product loss); MHC/MHS train on one hard label per
+sample and refuse soft scores (one-hot scores are read as hard labels).
 """
 
 from __future__ import annotations
@@ -17,8 +26,14 @@ from mmengine.registry import MODELS
 from mmengine.structures import BaseDataElement
 
 from . import LabelCodec, MHCHead, MHPHead, MHSHead
+from .checks import as_int, check_soft_target
 
-__all__ = ["MHPClsHead", "MHCClsHead", "MHSClsHead"]
+__all__ = ["MHPClsHead", "MHCClsHead", "MHSClsHead", "parse_cls_loss"]
+
+_LOSS_KEYS = {
+    "CrossEntropyLoss": {"use_sigmoid", "use_soft", "reduction", "loss_weight", "class_weight", "pos_weight"},
+    "LabelSmoothLoss": {"label_smooth_val", "num_classes", "use_sigmoid", "mode", "reduction", "loss_weight"},
+}
 
 
 def _codec(num_classes: int, head_sizes: Sequence[int] | None, num_heads: int) -> LabelCodec:
@@ -27,22 +42,115 @@ def _codec(num_classes: int, head_sizes: Sequence[int] | None, num_heads: int) -
     return LabelCodec.balanced(num_classes, num_heads)
 
 
-def _gt_labels(data_samples: Sequence, device: torch.device) -> torch.Tensor:
-    """One hard label per sample from ``gt_label`` (mmpretrain DataSample or any element with that field)."""
+def parse_cls_loss(loss: dict | None, num_classes: int, head: str) -> dict:
+    """mmpretrain loss config -> ``{"loss_weight", "label_smoothing", "use_sigmoid", "reduction"}``.
+
+    ``CrossEntropyLoss`` (also accepting ``label_smooth_val``) and ``LabelSmoothLoss`` (modes
+    ``original`` / ``classy_vision``) map onto the MHE heads' own cross-entropy; anything else raises.
+    """
+    out = {"loss_weight": 1.0, "label_smoothing": 0.0, "use_sigmoid": False, "reduction": "mean"}
+    if loss is None:
+        return out
+    if not isinstance(loss, dict):
+        raise ValueError(
+            f"{head}: loss must be a config dict like dict(type='CrossEntropyLoss'), got {loss!r}"
+        )
+    kind = loss.get("type")
+    name = getattr(kind, "__name__", str(kind)).rsplit(".", 1)[-1]  # 'mmpretrain.CrossEntropyLoss' -> name
+    if name not in _LOSS_KEYS:
+        raise ValueError(
+            f"{head}: loss type {kind!r} cannot apply to an MHE head (it computes its own cross-entropy per "
+            f"head); use one of {sorted(_LOSS_KEYS)}"
+        )
+    allowed = _LOSS_KEYS[name] | {"label_smooth_val"}
+    for key, value in loss.items():
+        if key != "type" and key not in allowed:
+            raise ValueError(f"{head}: {name} option {key}={value!r} is not supported by an MHE head")
+    for key in ("class_weight", "pos_weight"):
+        if loss.get(key) is not None:
+            raise ValueError(
+                f"{head}: {name} option {key} is not supported (no per-class weights over N classes)"
+            )
+    if loss.get("use_soft") and loss.get("use_sigmoid"):
+        raise ValueError(f"{head}: use_sigmoid and use_soft cannot both be set (as in mmpretrain)")
+    reduction = loss.get("reduction", "mean")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"{head}: loss reduction must be 'mean' or 'sum' (the loss dict needs a scalar), got {reduction!r}"
+        )
+    eps = float(loss.get("label_smooth_val", 0.0))
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"{head}: label_smooth_val must be in [0, 1), got {eps}")
+    mode = loss.get("mode", "original")
+    if mode == "classy_vision":
+        eps = eps / (1 + eps)
+    elif mode != "original":
+        raise ValueError(
+            f"{head}: LabelSmoothLoss mode {mode!r} is not supported (single-label heads); "
+            "use 'original' or 'classy_vision'"
+        )
+    if loss.get("num_classes") is not None and as_int(loss["num_classes"], "loss num_classes") != num_classes:
+        raise ValueError(
+            f"{head}: loss num_classes={loss['num_classes']} differs from the head's num_classes={num_classes}"
+        )
+    out.update(
+        loss_weight=float(loss.get("loss_weight", 1.0)),
+        label_smoothing=eps,
+        use_sigmoid=bool(loss.get("use_sigmoid") or False),
+        reduction=reduction,
+    )
+    return out
+
+
+def _targets(
+    data_samples: Sequence, num_classes: int, device: torch.device, head: str, soft_ok: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hard labels (B,), soft scores (B, N) or None): ``gt_score`` wins when present, as in mmpretrain."""
+    has_score = [getattr(s, "gt_score", None) is not None for s in data_samples]
+    if any(has_score):
+        if not all(has_score):
+            raise ValueError(
+                f"{head}: data sample {has_score.index(False)} has no gt_score but others have one"
+            )
+        scores = []
+        for i, s in enumerate(data_samples):
+            sc = torch.as_tensor(s.gt_score)
+            if tuple(sc.shape) != (num_classes,):
+                raise ValueError(
+                    f"{head}: data sample {i} gt_score must have shape ({num_classes},), got {tuple(sc.shape)}"
+                )
+            scores.append(sc)
+        soft = torch.stack(scores).to(device=device, dtype=torch.float32)
+        check_soft_target(soft, num_classes, (len(scores),), f"{head}: gt_score (row = data sample)")
+        hard = soft.argmax(-1)
+        if soft_ok:
+            return hard, soft
+        one_hot = soft.gather(1, hard[:, None]).squeeze(1) == 1
+        if not bool(one_hot.all()):
+            i = int((~one_hot).nonzero()[0, 0])
+            raise ValueError(
+                f"{head}: data sample {i} has a soft gt_score (Mixup/CutMix); this head trains on one hard "
+                "label per sample: use MHPClsHead for mixed targets or drop the batch augments"
+            )
+        return hard, None
     labels = []
     for i, s in enumerate(data_samples):
         gt = getattr(s, "gt_label", None)
         if gt is None:
-            raise ValueError(f"data sample {i} has no gt_label")
+            raise ValueError(f"{head}: data sample {i} has neither gt_label nor gt_score")
         gt = torch.as_tensor(gt).reshape(-1)
         if gt.numel() != 1:
             raise ValueError(f"data sample {i}: MHE cls heads are single-label, got gt_label {gt.tolist()}")
         labels.append(gt)
-    return torch.cat(labels).long().to(device)
+    if not labels:
+        return torch.zeros(0, dtype=torch.long, device=device), None
+    return torch.cat(labels).to(device), None
 
 
 class _MHEClsHead(BaseModule):
     """Shared mmpretrain-style plumbing around a core head built by ``_build``."""
+
+    soft_targets = False  # does the core head train on soft class distributions?
 
     def __init__(
         self,
@@ -51,19 +159,50 @@ class _MHEClsHead(BaseModule):
         head_sizes: Sequence[int] | None = None,
         num_heads: int = 2,
         label_smoothing: float = 0.0,
+        loss: dict | None = None,
+        topk: int | Sequence[int] = (1,),
+        cal_acc: bool = False,
         init_cfg: dict | None = None,
         **head_kwargs,
     ):
         super().__init__(init_cfg=init_cfg)
-        self.in_channels, self.num_classes = int(in_channels), int(num_classes)
-        self.label_smoothing = float(label_smoothing)
-        self.head = self._build(int(in_channels), _codec(num_classes, head_sizes, num_heads), **head_kwargs)
+        name = type(self).__name__
+        self.in_channels = as_int(in_channels, "in_channels", minimum=1)
+        self.num_classes = as_int(num_classes, "num_classes", minimum=1)
+        cfg = parse_cls_loss(loss, self.num_classes, name)
+        if cfg["label_smoothing"] and label_smoothing and cfg["label_smoothing"] != float(label_smoothing):
+            raise ValueError(
+                f"{name}: label_smoothing={label_smoothing} conflicts with the loss label_smooth_val "
+                f"(smoothing {cfg['label_smoothing']})"
+            )
+        self.label_smoothing = float(label_smoothing) or cfg["label_smoothing"]
+        self.loss_weight, self.reduction = cfg["loss_weight"], cfg["reduction"]
+        self._use_sigmoid(cfg["use_sigmoid"])
+        ks = (topk,) if not isinstance(topk, (tuple, list)) else tuple(topk)
+        self.topk = tuple(as_int(k, "topk", minimum=1) for k in ks)
+        if not self.topk or max(self.topk) > self.num_classes:
+            raise ValueError(
+                f"{name}: topk must be ints in [1, num_classes={self.num_classes}], got {topk!r}"
+            )
+        self.cal_acc = bool(cal_acc)
+        codec = _codec(self.num_classes, head_sizes, num_heads)
+        self.head = self._build(self.in_channels, codec, **head_kwargs)
 
     def _build(self, in_channels: int, codec: LabelCodec, **kw):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _use_sigmoid(self, flag: bool) -> None:
+        if flag:
+            raise ValueError(
+                f"{type(self).__name__}: loss use_sigmoid=True has no equivalent for this head (softmax over "
+                "siblings); MHPClsHead maps it to its per-digit 'bce' variant"
+            )
+
     def _loss_kwargs(self) -> dict:
-        return {"label_smoothing": self.label_smoothing}
+        return {"label_smoothing": self.label_smoothing, "reduction": self.reduction}
+
+    def _soft_target(self, soft: torch.Tensor):  # pragma: no cover - only heads with soft_targets
+        raise NotImplementedError
 
     def pre_logits(self, feats) -> torch.Tensor:
         return feats[-1] if isinstance(feats, (tuple, list)) else feats
@@ -73,9 +212,30 @@ class _MHEClsHead(BaseModule):
         return self.head.log_prob(self.pre_logits(feats))
 
     def loss(self, feats, data_samples: Sequence, **kwargs) -> dict:
+        """``{"loss": loss_weight * head loss}`` plus ``accuracy_top-k`` (percent) when ``cal_acc``."""
+        name = type(self).__name__
         x = self.pre_logits(feats)
-        target = _gt_labels(data_samples, x.device)
-        return {"loss": self.head.compute_loss(x, target, **{**self._loss_kwargs(), **kwargs})}
+        hard, soft = _targets(data_samples, self.num_classes, x.device, name, self.soft_targets)
+        target = hard if soft is None else self._soft_target(soft)
+        loss = self.head.compute_loss(x, target, **{**self._loss_kwargs(), **kwargs})
+        losses = {"loss": loss * self.loss_weight}
+        if self.cal_acc:
+            if soft is not None:
+                raise ValueError(
+                    f"{name}: cal_acc=True with gt_score (Mixup/CutMix targets): training accuracy is "
+                    "meaningless there, set cal_acc=False (as mmpretrain asserts)"
+                )
+            losses.update(self.accuracy(x, hard))
+        return losses
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, target: torch.Tensor) -> dict:
+        """``accuracy_top-k`` in percent for every k of ``topk`` (mmpretrain's key names and scale)."""
+        if target.numel() == 0:
+            return {f"accuracy_top-{k}": x.new_zeros(()) for k in self.topk}
+        ids = self.head.topk(x, max(self.topk))[1]
+        hit = ids == target.reshape(-1, 1)
+        return {f"accuracy_top-{k}": hit[:, :k].any(1).float().mean() * 100 for k in self.topk}
 
     @torch.no_grad()
     def predict(self, feats, data_samples: Sequence | None = None) -> list:
@@ -98,14 +258,33 @@ class _MHEClsHead(BaseModule):
 
 @MODELS.register_module()
 class MHPClsHead(_MHEClsHead):
-    """Multi-head product: one ``Linear(in_channels, sum C_h)``; ``loss_variant`` ce_sum | joint_softmax | bce."""
+    """Multi-head product: one ``Linear(in_channels, sum C_h)``; ``loss_variant`` ce_sum | joint_softmax | bce.
 
-    def __init__(self, *args, loss_variant: str = "ce_sum", **kwargs):
+    ``gt_score`` (Mixup/CutMix) trains on its per-digit marginals: for ``ce_sum`` this equals the soft-class
+    cross-entropy of the product model exactly.
+    """
+
+    soft_targets = True
+
+    def __init__(self, *args, loss_variant: str | None = None, **kwargs):
         self.loss_variant = loss_variant
         super().__init__(*args, **kwargs)
+        if self.loss_variant is None:
+            self.loss_variant = "ce_sum"
+
+    def _use_sigmoid(self, flag: bool) -> None:
+        if flag:
+            if self.loss_variant not in (None, "bce"):
+                raise ValueError(
+                    f"MHPClsHead: loss use_sigmoid=True conflicts with loss_variant={self.loss_variant!r}"
+                )
+            self.loss_variant = "bce"
 
     def _build(self, in_channels: int, codec: LabelCodec, **kw):
         return MHPHead(in_channels, codec, **kw)
+
+    def _soft_target(self, soft: torch.Tensor) -> list[torch.Tensor]:
+        return self.head.codec.digit_marginals(soft)
 
     def _loss_kwargs(self) -> dict:
         return {**super()._loss_kwargs(), "variant": self.loss_variant}
@@ -113,7 +292,7 @@ class MHPClsHead(_MHEClsHead):
 
 @MODELS.register_module()
 class MHCClsHead(_MHEClsHead):
-    """Multi-head cascade (``hidden_dim``, ``beam``)."""
+    """Multi-head cascade (``hidden_dim``, ``beam``); hard labels only."""
 
     def _build(self, in_channels: int, codec: LabelCodec, **kw):
         return MHCHead(in_channels, codec, **kw)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import as_int
 from ..codec import LabelCodec
 from .base import MHEHead, reduce_loss, upcast
 
@@ -34,9 +35,8 @@ class MHCHead(MHEHead):
         super().__init__(in_features, codec)
         if codec.num_heads < 2:
             raise ValueError(f"MHC needs at least 2 heads, got head sizes {list(codec.head_sizes)}")
-        if beam < 1:
-            raise ValueError(f"beam must be >= 1, got {beam}")
-        self.hidden_dim, self.beam = int(hidden_dim), int(beam)
+        self.hidden_dim = as_int(hidden_dim, "hidden_dim", minimum=1)
+        self.beam = as_int(beam, "beam", minimum=1)
         self.group = nn.Linear(in_features, codec.head_sizes[0])
         self.queries = nn.ModuleList(nn.Linear(in_features, hidden_dim) for _ in codec.head_sizes[1:])
         self.node_embed = nn.ModuleList()
@@ -84,7 +84,14 @@ class MHCHead(MHEHead):
             raise ValueError(
                 "MHCHead.forward needs the target (teacher forcing); use topk/predict at test time"
             )
-        flat, _ = self._flat(x)
+        flat, lead = self._flat(x)
+        if not isinstance(target, torch.Tensor):
+            raise ValueError(
+                f"MHCHead trains on hard label ids (a tensor), got {type(target).__name__}; "
+                "soft/mixed targets need MHPHead"
+            )
+        if tuple(target.shape) != tuple(lead):
+            raise ValueError(f"target shape {tuple(target.shape)} does not match the features {tuple(lead)}")
         digits = self.codec.encode(target.reshape(-1))
         logits, targets = [self._root_logits(flat)], [digits[:, 0]]
         prefix = digits[:, 0]
@@ -130,7 +137,7 @@ class MHCHead(MHEHead):
         self, x: torch.Tensor, k: int, beam: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # the beam is widened to k so that k leaves always exist (beam=1, k=1 is greedy decoding)
-        beam = max(int(beam or self.beam), k)
+        beam = max(self.beam if beam is None else as_int(beam, "beam", minimum=1), k)
         lp = F.log_softmax(upcast(self._root_logits(x)), -1)
         scores, prefix = lp.topk(min(beam, lp.shape[1]), dim=1)
         for h in range(1, self.codec.num_heads):
@@ -147,7 +154,7 @@ class MHCHead(MHEHead):
     @torch.no_grad()
     def topk(self, x: torch.Tensor, k: int, beam: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Beam-search top-k (beam defaults to ``self.beam``; beam >= C_0 * ... is exact)."""
-        self._check_k(k)
+        k = self._check_k(k)
         flat, lead = self._flat(x)
-        values, indices = self._topk_flat(flat, int(k), beam)
+        values, indices = self._topk_flat(flat, k, beam)
         return values.reshape(*lead, k), indices.reshape(*lead, k)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mhe_plugins.checks import as_int
 from mhe_plugins.codec import LabelCodec, group_split
 
 __all__ = [
@@ -81,8 +82,10 @@ class MHCMultiLabelHead(nn.Module):
         permutation_seed: int | None = None,
     ):
         super().__init__()
-        if num_labels < 2:
-            raise ValueError(f"num_labels must be >= 2, got {num_labels}")
+        num_labels = as_int(num_labels, "num_labels", minimum=2)
+        in_features, hidden_dim = as_int(in_features, "in_features", 1), as_int(hidden_dim, "hidden_dim", 1)
+        if candidates_topk is not None:
+            candidates_topk = as_int(candidates_topk, "candidates_topk", minimum=1)
         g, per = group_split(num_labels, num_groups or default_num_groups(num_labels))
         self.codec = LabelCodec([g, per], num_labels=num_labels)
         self.num_labels, self.num_groups, self.group_size = num_labels, g, per
@@ -164,6 +167,11 @@ class MHCMultiLabelHead(nn.Module):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> MHCMultiLabelOutput:
         """Training (target given): teacher-forced groups. Inference: the top-K groups by score."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(
+                f"features must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}"
+            )
+        x = x.to(self.group.weight.dtype)  # fp16/bf16 features into an fp32 head without autocast
         group_logits = self.group(x)
         q = self.query(x)
         scores = torch.sigmoid(group_logits.detach())
@@ -197,6 +205,7 @@ class MHCMultiLabelHead(nn.Module):
     # ------------------------------------------------------------------ inference
     def topk(self, x: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k (scores, global ids) with score = sigmoid(label) * sigmoid(group); -1 ids if fewer exist."""
+        k = as_int(k, "k", minimum=1)
         out = self(x)
         scores = torch.sigmoid(out.candidate_logits.float()) * out.group_scores.float()
         scores = torch.where(out.candidate_mask, scores, torch.full_like(scores, -1.0))
@@ -214,6 +223,7 @@ class MHCMultiLabelHead(nn.Module):
     def full_scores(self, x: torch.Tensor) -> torch.Tensor:
         """All N product scores (B, N) in global id order; for checks and small N only."""
         n = self.num_labels
+        x = x.to(self.group.weight.dtype)
         gs = torch.sigmoid(self.group(x).float())
         ls = torch.sigmoid((self.query(x) @ self.embed.weight[:n].T).float())
         internal = ls * gs.repeat_interleave(self.group_size, dim=1)[:, :n]

@@ -7,12 +7,14 @@ log p(id) = sum_h log_softmax_h[digit_h] (renormalised over ids < N when prod C_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_soft_target
 from ..codec import LabelCodec
 from ..decode import full_product_scores, log_valid_mass, product_topk
 from .base import MHEHead, reduce_loss, upcast
@@ -32,21 +34,29 @@ class MHPHead(MHEHead):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per-head logits, a tuple of H tensors (..., C_h)."""
-        return tuple(self.proj(x).split(list(self.codec.head_sizes), dim=-1))
+        return tuple(self.proj(self._cast(x)).split(list(self.codec.head_sizes), dim=-1))
 
     # ------------------------------------------------------------------ loss
     def digit_targets(
-        self, target: torch.Tensor | Sequence[torch.Tensor], label_smoothing: float = 0.0
+        self,
+        target: torch.Tensor | Sequence[torch.Tensor],
+        label_smoothing: float = 0.0,
+        lead: tuple[int, ...] | None = None,
     ) -> list[torch.Tensor] | torch.Tensor:
-        """Global ids -> digits (..., H); soft per-head targets are smoothed and returned as a list."""
+        """Global ids -> digits (..., H); soft per-head targets are checked, smoothed, returned as a list.
+
+        Each soft target must be ``lead + (C_h,)`` (``lead`` defaults to head 0's), non-negative, rows
+        summing to 1: a wrong shape would broadcast and a row summing to 2 would silently double a loss.
+        """
         if isinstance(target, torch.Tensor):
             return self.codec.encode(target)
         soft = list(target)
         if len(soft) != self.codec.num_heads:
             raise ValueError(f"expected {self.codec.num_heads} soft digit targets, got {len(soft)}")
-        for q, c in zip(soft, self.codec.head_sizes):
-            if q.shape[-1] != c:
-                raise ValueError(f"soft target for a head of size {c} has shape {tuple(q.shape)}")
+        if lead is None:
+            lead = tuple(getattr(soft[0], "shape", (0,))[:-1])
+        for h, (q, c) in enumerate(zip(soft, self.codec.head_sizes)):
+            check_soft_target(q, c, tuple(lead), f"soft target of head {h} (size {c})")
         if label_smoothing:
             soft = [(1 - label_smoothing) * q + label_smoothing / q.shape[-1] for q in soft]
         return soft
@@ -79,7 +89,8 @@ class MHPHead(MHEHead):
         if len(weights) != len(sizes):
             raise ValueError(f"head_weights needs {len(sizes)} values, got {len(weights)}")
         lead = logits[0].shape[:-1]
-        flat_logits = [z.reshape(-1, z.shape[-1]) for z in logits]
+        rows = math.prod(lead)  # explicit: reshape(-1, C) fails on an empty batch
+        flat_logits = [z.reshape(rows, z.shape[-1]) for z in logits]
         mask = None
         if isinstance(target, torch.Tensor):
             if target.shape != lead:
@@ -91,7 +102,9 @@ class MHPHead(MHEHead):
             digits = self.codec.encode(tgt)  # validates ids (ignored items were replaced by 0)
             soft = None
         else:
-            soft = [q.reshape(-1, q.shape[-1]) for q in self.digit_targets(target, label_smoothing)]
+            soft = [
+                q.reshape(rows, q.shape[-1]) for q in self.digit_targets(target, label_smoothing, tuple(lead))
+            ]
             digits = None
 
         if variant == "ce_sum":
@@ -137,7 +150,7 @@ class MHPHead(MHEHead):
         Ranking by the sum of raw logits equals ranking by the sum of log-softmaxes (they differ by a
         per-row constant), so the search runs on the logits and the normaliser is subtracted at the end.
         """
-        self._check_k(k)
+        k = self._check_k(k)
         zs = [upcast(z) for z in logits]
         values, ids = product_topk(zs, self.codec, k)
         lse = [torch.logsumexp(z, -1) for z in zs]
