@@ -108,9 +108,14 @@ def test_bad_inputs_give_clear_errors(glyphs100, tmp_path):
 def test_onnx_export_matches_pytorch(glyphs100, tmp_path, head):
     out = tmp_path / head
     steps = ["--epochs", 1, "--max-steps-per-epoch", 2, "--amp"]  # bf16 autocast on CPU
-    train(_args(glyphs100, out, "--head", head, "--head-sizes", 10, 10, *steps))
+    neck = ["--head-neck", 48] if head == "mhc" else []  # the neck is rebuilt from the checkpoint config
+    train(_args(glyphs100, out, "--head", head, "--head-sizes", 10, 10, *steps, *neck))
     rep = export_onnx(out / "last.pt", out / "model.onnx", top_k=5)
     assert rep["ids_equal"] and rep["max_abs_score_diff"] < 1e-4
+    assert rep["preprocess"] == str(out / "model.preprocess.json") and rep["classes"] == str(
+        out / "model.classes.json"
+    )
+    _check_export_sidecars(out / "last.pt", out / "model.onnx", glyphs100, head)
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -134,3 +139,51 @@ def test_torchrun_ddp_two_processes(glyphs100, tmp_path):
     n_valid = len(np.load(glyphs100 / "valid.npz")["labels"])
     assert load_checkpoint(out / "last.pt")["epoch"] == 0
     assert n_valid <= summary["history"][0]["valid_n"] <= n_valid + 1
+
+
+def _check_export_sidecars(ckpt: Path, onnx: Path, data: Path, head: str) -> None:
+    """OUT.preprocess.json / OUT.classes.json agree with the checkpoint and rebuild the evaluation transform."""
+    from timm.data import create_transform
+
+    from mhe_plugins.datasets.glyphs import GlyphDataset
+    from timm_ext.data import build_loader
+
+    pre = json.loads(onnx.with_name("model.preprocess.json").read_text())
+    classes = json.loads(onnx.with_name("model.classes.json").read_text())
+    cfg = load_checkpoint(ckpt)["config"]
+    for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "num_classes", "head_sizes"):
+        assert pre[key] == cfg[key], key
+    assert pre["top_k"] == 5 and pre["outputs"]["scores"] == (
+        "logits" if head == "mhs" else "log-probabilities"
+    )
+    ds = GlyphDataset(data, "test", mode="L")
+    assert classes["num_classes"] == 100 and classes["names"] == ds.classes
+    # the JSON alone rebuilds the exact evaluation transform mhe-timm-validate applies
+    ours = create_transform(
+        input_size=tuple(pre["input_size"]), interpolation=pre["interpolation"], mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]), crop_pct=pre["crop_pct"], crop_mode=pre["crop_mode"], is_training=False,
+    )  # fmt: skip
+    ref = build_loader(ds, tuple(cfg["input_size"]), 8, False, tuple(cfg["mean"]), tuple(cfg["std"]),
+                       interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"]).dataset.transform  # fmt: skip
+    for i in (0, 5, 17):
+        torch.testing.assert_close(ours(ds[i][0]), ref(ds[i][0]), atol=0, rtol=0)
+
+
+def test_mhs_sampling_correction_flag(monkeypatch):
+    parse = lambda *a: build_parser().parse_args(["--data-dir", "d", "--output", "o", *a])  # noqa: E731
+    assert "sampling_correction" not in train_mod.head_kwargs_from_args(parse("--head", "mhs"))
+    with pytest.raises(ValueError, match="applies to --head mhs, not --head mhp"):
+        train_mod.head_kwargs_from_args(parse("--head", "mhp", "--mhs-sampling-correction"))
+
+    class Old:
+        def __init__(self, in_features, codec, mode="batch_union"): ...
+
+    class New:
+        def __init__(self, in_features, codec, mode="batch_union", sampling_correction: bool = False): ...
+
+    monkeypatch.setattr(train_mod, "MHSHead", Old)
+    with pytest.raises(ValueError, match="has no sampling_correction option"):
+        train_mod.head_kwargs_from_args(parse("--head", "mhs", "--mhs-sampling-correction"))
+    monkeypatch.setattr(train_mod, "MHSHead", New)
+    kw = train_mod.head_kwargs_from_args(parse("--head", "mhs", "--mhs-sampling-correction"))
+    assert kw == {"mode": "per_sample", "sampling_correction": True}
