@@ -187,3 +187,26 @@ def test_mhs_sampling_correction_flag(monkeypatch):
     monkeypatch.setattr(train_mod, "MHSHead", New)
     kw = train_mod.head_kwargs_from_args(parse("--head", "mhs", "--mhs-sampling-correction"))
     assert kw == {"mode": "per_sample", "sampling_correction": True}
+
+
+def test_documented_cli_commands_at_tiny_size(glyphs100, tmp_path, capsys):
+    """The mhe-timm-train / validate / export lines of docs/timm.md, through their console-script mains."""
+    from timm_ext.export import main as export_main
+    from timm_ext.train import main as train_main
+    from timm_ext.validate import main as validate_main
+
+    out = tmp_path / "out"
+    common = ["--data-dir", str(glyphs100), "--dataset", "glyphs", *TINY, "--head", "mhp", "--head-sizes", "10",
+              "10", "--batch-size", "16", "--lr", "0.1", "--opt", "sgd", "--sched", "cosine",
+              "--warmup-epochs", "1", "--smoothing", "0.1", "--mixup", "0.2", "--output", str(out),
+              "--head-neck", "32", "--max-steps-per-epoch", "2", "--no-progress", "--threads", "1"]  # fmt: skip
+    assert train_main([*common, "--epochs", "1"]) == 0
+    assert train_main([*common, "--epochs", "2", "--resume", str(out / "last.pt")]) == 0
+    capsys.readouterr()
+    assert validate_main(["--data-dir", str(glyphs100), "--checkpoint", str(out / "best.pt"), "--split", "test",
+                          "--out", str(tmp_path / "res.json")]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "res.json").read_text()) and printed["n"] > 250
+    assert export_main(["--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "model.onnx"),
+                        "--top-k", "5", "--no-check"]) == 0  # fmt: skip
+    assert (tmp_path / "model.preprocess.json").exists() and (tmp_path / "model.classes.json").exists()
