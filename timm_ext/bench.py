@@ -325,7 +325,8 @@ def plot_curves(res: dict, path: Path) -> None:
     axes[1].set(xlabel="epoch", ylabel="test top-1 (%)", title="variants, first seed")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -388,9 +388,9 @@ def train(args: argparse.Namespace) -> dict:
             set_rng_state(ckpt["rng"])
         if main:  # rows of epochs after the resumed checkpoint were never committed: drop them
             dropped = logger.truncate(lambda r: r.get("epoch", -1) <= ckpt["epoch"])
-            logged = {r.get("epoch") for r in logger.read()}
-            for row in history:  # a kill between the commit and the log line never happens (log first),
-                if row["epoch"] not in logged:  # but a log from another folder may lack rows
+            if [r.get("epoch") for r in logger.read()] != [r["epoch"] for r in history]:
+                logger.truncate(lambda r: False)  # e.g. resuming another folder's checkpoint: the log
+                for row in history:  # becomes exactly the checkpoint's history
                     logger.log(row)
             if dropped:
                 print(f"resume: dropped {dropped} log row(s) after epoch {ckpt['epoch']}", flush=True)
