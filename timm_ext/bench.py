@@ -244,7 +244,7 @@ def write_results(res: dict, meta: dict, out_dir: Path) -> None:
 def markdown(res: dict, meta: dict) -> str:
     seeds = ", ".join(map(str, meta["seeds"]))
     lines = [
-        "# CJK glyphs, 3,755 classes: linear (OHE) vs MHP / MHC / MHS at convergence",
+        f"# CJK glyphs, {meta['num_classes']:,} classes: linear (OHE) vs MHP / MHC / MHS at convergence",
         "",
         *(["**PARTIAL RESULTS: some planned runs have not finished.**", ""] if res["partial"] else []),
         f"Data: GB2312 level-1 hanzi rendered at 32x32 from Debian fonts; train {meta['train_images']} images "
@@ -394,7 +394,7 @@ def parse_recommend(items: list[str]) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     a = build_bench_parser().parse_args(argv)
     fixed = parse_recommend(a.recommend)
-    from mhe_plugins.datasets.glyphs import TEST_PACKAGES, load_glyph_split
+    from mhe_plugins.datasets.glyphs import TEST_PACKAGES, load_glyph_split, read_classes
 
     _, tr_lab, tr_font = load_glyph_split(a.data_dir, "train")
     _, te_lab, _ = load_glyph_split(a.data_dir, "test")
@@ -409,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--recommend {m}={v}: {v} is not among the variants run here ({variants})")
     meta = {
         "data_dir": str(a.data_dir),
+        "num_classes": len(read_classes(a.data_dir)),
         "train_images": int(len(tr_lab)),
         "train_faces": int(len(set(tr_font.tolist()))),
         "test_images": int(len(te_lab)),
