@@ -11,7 +11,52 @@ import torch
 from PIL import Image
 from timm.data import ImageDataset, create_dataset, create_loader
 
+from mhe_plugins.datasets.glyphs import SPLITS as GLYPH_SPLITS
 from mhe_plugins.datasets.glyphs import GlyphDataset
+
+#: timm's split synonyms (``timm.data.dataset_factory``), searched in the same order as timm
+TRAIN_SYNONYMS = ("train", "training")
+EVAL_SYNONYMS = ("val", "valid", "validation", "eval", "evaluation")
+#: timm dataset names that read a folder (timm falls back to the root folder when the split is missing)
+FOLDER_DATASETS = ("", "folder", "imagefolder", "torch/folder", "torch/image_folder")
+
+
+def split_candidates(split: str) -> list[str]:
+    """``split`` first, then timm's synonyms of it (``valid`` -> val, validation, eval, evaluation)."""
+    name = split.split("[")[0]
+    for syn in (TRAIN_SYNONYMS, EVAL_SYNONYMS):
+        if name in syn:
+            return [name, *[s for s in syn if s != name]]
+    return [name]
+
+
+def resolve_split_dir(data_dir: str | os.PathLike, split: str) -> Path:
+    """The folder of ``split`` under ``data_dir``, searched like timm's ``_search_split``.
+
+    Unlike timm, a missing split is an error instead of the whole ``data_dir``: falling back silently pooled
+    train, validation and test into one "validation" set. ``split='.'`` means ``data_dir`` itself.
+    """
+    root = Path(data_dir)
+    tried = [root / c for c in split_candidates(split)]
+    for path in tried:
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"split {split!r} not found in {root}: tried {', '.join(str(p) for p in tried)}; "
+        f"name the folder with --val-split/--train-split/--split (use '.' for {root} itself)"
+    )
+
+
+def glyph_split(split: str) -> str:
+    """Map timm's split names onto the glyph set's train/valid/test files."""
+    if split in GLYPH_SPLITS:
+        return split
+    name = split.split("[")[0]
+    if name in TRAIN_SYNONYMS:
+        return "train"
+    if name in EVAL_SYNONYMS:
+        return "valid"
+    raise ValueError(f"unknown glyph split {split!r}; expected one of {GLYPH_SPLITS} or a timm synonym")
 
 
 class StrictImageDataset(ImageDataset):
@@ -23,6 +68,11 @@ class StrictImageDataset(ImageDataset):
         try:
             img = Image.open(img)
             img = img.convert(self.input_img_mode) if self.input_img_mode else img
+        except Image.DecompressionBombError as exc:
+            raise ValueError(
+                f"image {name} (item {index}) is too large to decode safely (PIL decompression-bomb "
+                f"limit {Image.MAX_IMAGE_PIXELS} pixels): {exc}"
+            ) from exc
         except (OSError, ValueError) as exc:
             raise ValueError(f"corrupt or unreadable image {name} (item {index}): {exc}") from exc
         if self.transform is not None:
@@ -35,18 +85,34 @@ class StrictImageDataset(ImageDataset):
 
 
 def build_dataset(dataset: str, data_dir: str | os.PathLike, split: str, in_chans: int = 3):
-    """``glyphs`` (npz set from ``timm_ext.datasets``), ``""``/``folder`` (ImageFolder ``data_dir/split``)
-    or any timm dataset name (e.g. ``torch/cifar100``; never downloads)."""
+    """``glyphs`` (npz set from ``timm_ext.datasets``), ``""``/``folder`` (ImageFolder ``data_dir/split``,
+    split names searched like timm, a missing split is an error) or any timm dataset name
+    (e.g. ``torch/cifar100``; never downloads)."""
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise FileNotFoundError(f"--data-dir {data_dir} does not exist")
     if dataset == "glyphs":
-        return GlyphDataset(data_dir, split, mode="L" if in_chans == 1 else "RGB")
+        return GlyphDataset(data_dir, glyph_split(split), mode="L" if in_chans == 1 else "RGB")
     mode = "L" if in_chans == 1 else "RGB"
     if dataset in ("", "folder", "imagefolder"):
-        root = data_dir / split if (data_dir / split).is_dir() else data_dir
-        return StrictImageDataset(str(root), input_img_mode=mode)
+        return StrictImageDataset(str(resolve_split_dir(data_dir, split)), input_img_mode=mode)
+    if dataset in FOLDER_DATASETS:  # torch/folder: resolve here so timm cannot fall back to data_dir
+        root = resolve_split_dir(data_dir, split)
+        return create_dataset(dataset, root=str(root), split=split, search_split=False, input_img_mode=mode)
     return create_dataset(dataset, root=str(data_dir), split=split, download=False, input_img_mode=mode)
+
+
+def class_names(ds, num_classes: int) -> list[str] | None:
+    """Class names in id order when the dataset knows them (glyph characters, ImageFolder folder names)."""
+    names = getattr(ds, "classes", None)
+    if names is None:
+        mapping = getattr(getattr(ds, "reader", None), "class_to_idx", None)
+        if mapping:
+            inv = {int(i): str(n) for n, i in mapping.items()}
+            names = [inv.get(i) for i in range(max(inv) + 1)]
+    if names is None or len(names) != num_classes or any(n is None for n in names):
+        return None
+    return [str(n) for n in names]
 
 
 def dataset_targets(ds) -> np.ndarray:

@@ -81,6 +81,23 @@ def build_head(
     return cls(in_features, codec, **head_kwargs)
 
 
+def build_neck(in_features: int, neck_dim: int | None) -> nn.Module:
+    """Linear(d, neck_dim) + BatchNorm + ReLU in front of the head, or Identity when ``neck_dim`` is falsy.
+
+    Why: a product head scores class (r, c) as W_0[r] + W_1[c], so the features must place every image on
+    an arbitrary (row, col) code; extra width right before the head is what helped most in our checks.
+    """
+    if not neck_dim:
+        return nn.Identity()
+    if int(neck_dim) < 1:
+        raise ValueError(f"neck_dim must be a positive width, got {neck_dim}")
+    return nn.Sequential(
+        nn.Linear(in_features, int(neck_dim), bias=False),
+        nn.BatchNorm1d(int(neck_dim)),
+        nn.ReLU(inplace=True),
+    )
+
+
 def use_small_input_stem(model: nn.Module) -> nn.Module:
     """Adapt a timm ResNet-family stem to small (32x32) inputs: drop the max-pool (stride 4 -> 2).
 
@@ -109,6 +126,7 @@ class MHEClassifier(nn.Module):
         head_sizes: Sequence[int] | None = None,
         num_heads: int = 2,
         head_kwargs: dict | None = None,
+        neck_dim: int | None = None,
     ):
         super().__init__()
         if int(num_classes) < 1:
@@ -119,8 +137,10 @@ class MHEClassifier(nn.Module):
         self.head_kwargs = dict(head_kwargs or {})
         # pooled feature width (timm: head_hidden_size when the head has a pre-logits MLP/norm)
         self.num_features = int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+        self.neck_dim = int(neck_dim) if neck_dim else None
+        self.neck = build_neck(self.num_features, self.neck_dim)
         self.head = build_head(
-            head, self.num_features, num_classes, head_sizes, num_heads, **self.head_kwargs
+            head, self.head_in_features, num_classes, head_sizes, num_heads, **self.head_kwargs
         )
         self.num_classes = int(num_classes)
         cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
@@ -129,6 +149,11 @@ class MHEClassifier(nn.Module):
         self.default_cfg = cfg
 
     # ------------------------------------------------------------------ timm conventions
+    @property
+    def head_in_features(self) -> int:
+        """Width of the head's input: the neck's width when there is a neck, else the backbone's."""
+        return self.neck_dim or self.num_features
+
     @property
     def head_sizes(self) -> list[int] | None:
         codec = getattr(self.head, "codec", None)
@@ -140,6 +165,7 @@ class MHEClassifier(nn.Module):
             "head": self.head_type,
             "num_classes": self.num_classes,
             "head_sizes": self.head_sizes,
+            "neck_dim": self.neck_dim,
             "head_kwargs": {
                 k: v for k, v in self.head_kwargs.items() if isinstance(v, (int, float, str, bool))
             },
@@ -149,11 +175,11 @@ class MHEClassifier(nn.Module):
         return self.backbone.forward_features(x)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> pooled (B, num_features) features, the head's input."""
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        """Images -> (B, head_in_features) features after pooling and the optional neck: the head's input."""
+        return self.neck(self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        feats = self.backbone.forward_head(x, pre_logits=True)
+        feats = self.neck(self.backbone.forward_head(x, pre_logits=True))
         return feats if pre_logits else self.head.log_prob(feats)
 
     def forward(self, x: torch.Tensor, target=None, **loss_kwargs: Any) -> torch.Tensor:
@@ -182,6 +208,7 @@ class MHEClassifier(nn.Module):
             self.num_features = int(
                 getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
             )
+            self.neck = build_neck(self.num_features, self.neck_dim)
         self.head_type = head or self.head_type
         self.num_classes = int(num_classes)
         if num_classes == 0:
@@ -189,7 +216,7 @@ class MHEClassifier(nn.Module):
         else:
             self.head = build_head(
                 self.head_type,
-                self.num_features,
+                self.head_in_features,
                 num_classes,
                 head_sizes,
                 self.num_heads_requested,
@@ -247,6 +274,7 @@ def create_model(
     small_stem: bool = False,
     head_kwargs: dict | None = None,
     backbone_kwargs: dict | None = None,
+    neck_dim: int | None = None,
     **timm_kwargs: Any,
 ) -> MHEClassifier:
     """``timm.create_model(model_name, num_classes=0, ...)`` + an MHE head over ``num_classes`` labels.
@@ -256,13 +284,15 @@ def create_model(
     (e.g. ``hidden_dim``/``beam`` for MHC, ``sampled_groups``/``mode`` for MHS).
     ``small_stem`` removes a ResNet's stem max-pool for 32x32 inputs. ``num_heads`` means MHE heads here;
     a backbone argument of the same name (a ViT's attention heads) goes in ``backbone_kwargs``.
+    ``neck_dim`` puts Linear(d, neck_dim) + BatchNorm + ReLU between the pooled features and the head.
     """
     timm_kwargs = {**timm_kwargs, **(backbone_kwargs or {})}
     backbone = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **timm_kwargs)
     if small_stem:
         use_small_input_stem(backbone)
-    return MHEClassifier(backbone, head, num_classes, head_sizes, num_heads, head_kwargs)
+    return MHEClassifier(backbone, head, num_classes, head_sizes, num_heads, head_kwargs, neck_dim)
 
 
 def head_parameters(model: MHEClassifier) -> int:
-    return sum(p.numel() for p in model.head.parameters())
+    """Parameters after the backbone: the head plus the optional neck (the neck is part of the head's cost)."""
+    return sum(p.numel() for p in model.head.parameters()) + sum(p.numel() for p in model.neck.parameters())

@@ -2,8 +2,11 @@
 
 timm's own pieces do the work (``create_dataset``/``create_loader``, ``create_optimizer_v2``,
 ``create_scheduler_v2``, ``Mixup``); the loss goes through the core head's ``compute_loss`` so no B x N
-score matrix is built for MHE heads. Per epoch: a row in ``summary.csv`` and ``log.jsonl``, an atomic
-``last.pt`` (+ ``best.pt`` on the best validation top-1); ``--resume`` continues exactly where it stopped.
+score matrix is built for MHE heads. Per epoch: a row in ``log.jsonl``, then ``last.pt`` (+ ``best.pt`` on
+the best validation top-1) committed together (``LastBestCheckpoint``), then ``summary.csv`` and
+``summary.json``; a kill at any point leaves best, last and the summaries consistent, and ``--resume``
+continues exactly where the last commit stopped. A folder that holds a run is never written over unless
+``--resume`` or ``--overwrite`` says so.
 Multi-process: ``torchrun --nproc_per_node=K -m timm_ext.train ...`` (DDP; gloo on CPU, nccl on CUDA).
 """
 
@@ -11,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import io
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +28,38 @@ from timm.utils import ParseKwargs
 from tqdm import tqdm
 
 from mhe_plugins.distributed import (
+    DEFAULT_TIMEOUT_S,
     all_reduce_sum,
     barrier,
     cleanup_distributed,
+    collective_timeout_guard,
     init_distributed_from_env,
     is_main_process,
+    wrap_ddp,
 )
+from mhe_plugins.heads import MHSHead
 from mhe_plugins.training import (
+    Amp,
     JsonlLogger,
-    atomic_save,
+    LastBestCheckpoint,
+    RunExistsError,
     atomic_write_json,
     atomic_write_text,
+    check_finite_loss,
     load_checkpoint,
+    prepare_output_dir,
     rng_state,
     seed_everything,
     set_rng_state,
 )
 
-from .data import build_dataset, build_loader, check_targets, infer_num_classes
+from .data import build_dataset, build_loader, check_targets, class_names, infer_num_classes
 from .mixup import DigitMixup, check_mixup_support
 from .model import HEADS, MHEClassifier, create_model, head_parameters
+
+#: evaluation preprocessing (also written by ``mhe-timm-export``): resize to the input size, no crop
+EVAL_INTERPOLATION = "bilinear"
+EVAL_CROP_PCT = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", default="", help="'' (ImageFolder), 'glyphs', or a timm name like torch/cifar100"
     )
     d.add_argument("--train-split", default="train")
-    d.add_argument("--val-split", default="valid")
+    d.add_argument(
+        "--val-split",
+        default="valid",
+        help="folder/split name; timm's synonyms are searched too (valid -> val, validation, eval); "
+        "a missing split is an error ('.' = DATA_DIR itself)",
+    )
     d.add_argument("--extra-eval-split", default=None, help="also evaluate (report only) e.g. 'test'")
     d.add_argument("--num-classes", type=int, default=None, help="default: the training set's class count")
     d.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"))
@@ -77,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--beam", type=int, default=8, help="MHC")
     m.add_argument("--mhs-mode", default="per_sample", choices=["per_sample", "batch_union"])
     m.add_argument("--sampled-groups", type=int, default=None, help="MHS")
+    m.add_argument(
+        "--mhs-sampling-correction",
+        action="store_true",
+        help="MHS: subtract log(expected sampling rate) from the logits of randomly sampled groups",
+    )
+    m.add_argument(
+        "--head-neck",
+        type=int,
+        default=None,
+        metavar="DIM",
+        help="Linear(d, DIM) + BatchNorm + ReLU before the head (any head; counted in head params)",
+    )
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=10)
     o.add_argument("--batch-size", type=int, default=128)
@@ -96,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--output", required=True)
     r.add_argument("--resume", default=None, help="checkpoint to resume (e.g. OUT/last.pt)")
+    r.add_argument(
+        "--overwrite", action="store_true", help="delete a previous run in --output and start over"
+    )
+    r.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="fail a collective after this long (a stuck or dead rank) instead of hanging",
+    )
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     r.add_argument("--no-progress", action="store_true")
@@ -109,7 +151,15 @@ def head_kwargs_from_args(args: argparse.Namespace) -> dict:
         kw: dict[str, Any] = {"mode": args.mhs_mode}
         if args.sampled_groups is not None:
             kw["sampled_groups"] = args.sampled_groups
+        if args.mhs_sampling_correction:
+            if "sampling_correction" not in inspect.signature(MHSHead.__init__).parameters:
+                raise ValueError(
+                    "--mhs-sampling-correction: this mhe_plugins' MHSHead has no sampling_correction option"
+                )
+            kw["sampling_correction"] = True
         return kw
+    if args.mhs_sampling_correction:
+        raise ValueError(f"--mhs-sampling-correction applies to --head mhs, not --head {args.head}")
     return {}
 
 
@@ -130,6 +180,7 @@ def build_model_from_config(cfg: dict) -> MHEClassifier:
         small_stem=cfg.get("small_stem", False),
         head_kwargs=cfg.get("head_kwargs") or {},
         in_chans=cfg["input_size"][0],
+        neck_dim=cfg.get("neck_dim"),
         **(cfg.get("model_kwargs") or {}),
     )
 
@@ -173,15 +224,55 @@ def _write_csv(rows: list[dict], path: Path) -> None:
     atomic_write_text(buf.getvalue(), path)
 
 
+#: files whose presence means "a run lives in this folder" (what --overwrite deletes)
+RUN_FILES = (
+    "last.pt",
+    "best.pt",
+    "best.pt.prev",
+    "log.jsonl",
+    "summary.csv",
+    "summary.json",
+    "config.json",
+    "classes.json",
+)
+
+
+def _prepare_output(args: argparse.Namespace, main: bool) -> Path:
+    """Refuse to write over a run unless --resume/--overwrite; every rank decides before anyone writes."""
+    out = Path(args.output)
+    if not main and not args.resume and not args.overwrite and out.is_dir():
+        if any(p for pattern in RUN_FILES for p in out.glob(pattern)):
+            raise RunExistsError(f"{out} already holds a training run: pass --resume or --overwrite")
+    barrier()
+    out = prepare_output_dir(out, resume=bool(args.resume), overwrite=args.overwrite, run_files=RUN_FILES,
+                             main_process=main)  # fmt: skip
+    barrier()
+    return out
+
+
+def _summary(config: dict, head_params: int, best: float, history: list[dict], epochs: int) -> dict:
+    return {
+        "config": config,
+        "head_params": head_params,
+        "best_val_top1": best,
+        "epochs": epochs,
+        "finished": len(history) >= epochs,
+        "history": history,
+    }
+
+
 def train(args: argparse.Namespace) -> dict:
-    """Run a training job described by parsed CLI ``args``; returns the final summary dict."""
+    """Run a training job described by parsed CLI ``args``; returns the summary dict (also summary.json)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, device = init_distributed_from_env()
+    rank, world, device = init_distributed_from_env(timeout_s=args.dist_timeout)
     main = is_main_process()
-    out = Path(args.output)
+    out = _prepare_output(args, main)
+    ckpts = LastBestCheckpoint(out)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        for note in ckpts.recover():
+            print(f"recovered after an interrupted run: {note}", flush=True)
+    barrier()
     check_mixup_support(args.head, args.mixup, args.cutmix)
     seed_everything(args.seed + rank)
 
@@ -214,6 +305,7 @@ def train(args: argparse.Namespace) -> dict:
         small_stem=args.small_stem,
         head_kwargs=head_kwargs_from_args(args),
         in_chans=in_chans,
+        neck_dim=args.head_neck,
         **model_kwargs,
     ).to(device)
     pcfg = model.pretrained_cfg
@@ -229,9 +321,12 @@ def train(args: argparse.Namespace) -> dict:
         "input_size": list(input_size),
         "mean": list(mean),
         "std": list(std),
+        "interpolation": EVAL_INTERPOLATION,
+        "crop_pct": EVAL_CROP_PCT,
         "dataset": args.dataset,
         **model.mhe_config(),
     }
+    names = class_names(train_ds, num_classes)
 
     loader_kw = dict(input_size=input_size, mean=mean, std=std, workers=args.workers, distributed=world > 1)
     train_loader = build_loader(
@@ -242,11 +337,10 @@ def train(args: argparse.Namespace) -> dict:
         hflip=args.hflip,
         **loader_kw,
     )
-    val_loader = build_loader(val_ds, batch_size=args.batch_size, is_training=False, **loader_kw)
+    eval_kw = dict(interpolation=EVAL_INTERPOLATION, crop_pct=EVAL_CROP_PCT, **loader_kw)
+    val_loader = build_loader(val_ds, batch_size=args.batch_size, is_training=False, **eval_kw)
     extra_loader = (
-        build_loader(extra_ds, batch_size=args.batch_size, is_training=False, **loader_kw)
-        if extra_ds
-        else None
+        build_loader(extra_ds, batch_size=args.batch_size, is_training=False, **eval_kw) if extra_ds else None
     )
 
     optimizer = create_optimizer_v2(
@@ -267,9 +361,7 @@ def train(args: argparse.Namespace) -> dict:
         step_on_epochs=False,
         updates_per_epoch=steps,
     )
-    use_cuda_amp = args.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_cuda_amp else None
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    amp = Amp(device, enabled=args.amp, cpu_bf16=True)  # --amp: bf16 autocast on CPU, fp16 + scaler on CUDA
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         mix_kw = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing)
@@ -280,31 +372,30 @@ def train(args: argparse.Namespace) -> dict:
         else:
             mixup = DigitMixup(model.head.codec, **mix_kw)
 
+    logger = JsonlLogger(out / "log.jsonl", enabled=main)
     start_epoch, best, history = 0, -1.0, []
     if args.resume:
         ckpt = load_checkpoint(args.resume, map_location=device)
-        if (
-            ckpt.get("config", {}).get("head_sizes") != config["head_sizes"]
-            or ckpt["config"]["head"] != args.head
-        ):
-            raise ValueError(
-                f"--resume {args.resume} was trained with a different head: {ckpt.get('config')}"
-            )
+        old = ckpt.get("config", {})
+        if any(old.get(k) != config[k] for k in ("head", "head_sizes", "neck_dim", "num_classes")):
+            raise ValueError(f"--resume {args.resume} was trained with a different head: {old}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+        amp.load_state_dict(ckpt.get("scaler"))
         start_epoch, best, history = ckpt["epoch"] + 1, ckpt.get("best", -1.0), list(ckpt.get("history", []))
         if ckpt.get("rng") is not None and world == 1:
             set_rng_state(ckpt["rng"])
+        if main:  # rows of epochs after the resumed checkpoint were never committed: drop them
+            dropped = logger.truncate(lambda r: r.get("epoch", -1) <= ckpt["epoch"])
+            if [r.get("epoch") for r in logger.read()] != [r["epoch"] for r in history]:
+                logger.truncate(lambda r: False)  # e.g. resuming another folder's checkpoint: the log
+                for row in history:  # becomes exactly the checkpoint's history
+                    logger.log(row)
+            if dropped:
+                print(f"resume: dropped {dropped} log row(s) after epoch {ckpt['epoch']}", flush=True)
 
-    ddp_model = model
-    if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    logger = JsonlLogger(out / "log.jsonl", enabled=main)
+    ddp_model = wrap_ddp(model, device)
     loss_kw = loss_kwargs_from_args(args)
     if mixup is not None:
         loss_kw.pop("label_smoothing")  # already inside the mixed soft targets
@@ -313,86 +404,93 @@ def train(args: argparse.Namespace) -> dict:
         atomic_write_json(
             {"config": config, "args": _plain(vars(args)), "head_params": head_params}, out / "config.json"
         )
-
-    for epoch in range(start_epoch, num_epochs):
-        if world > 1 and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        ddp_model.train()
-        t0 = time.time()
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-        bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not main or args.no_progress, leave=False)
-        for step, (x, y) in enumerate(train_loader):
-            if step >= steps:
-                break
-            x, y = x.to(device), y.to(device)
-            target: Any = y
-            if mixup is not None:
-                x, target = mixup(x, y)
-            ctx = torch.autocast(device.type, dtype=amp_dtype) if args.amp else nullcontext()
-            with ctx:
-                loss = ddp_model(x, target=target, **loss_kw)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step_update(epoch * steps + step + 1)
-            loss_sum += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64, device=device)
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
-        bar.close()
-        scheduler.step(epoch + 1)
-        loss_sum = all_reduce_sum(loss_sum)
-        epoch_s = time.time() - t0
-        val = evaluate(model, val_loader, device, progress=main and not args.no_progress)
-        row = {
-            "epoch": epoch,
-            "train_loss": loss_sum[0].item() / max(loss_sum[1].item(), 1),
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_s": epoch_s,
-            f"{args.val_split}_top1": val["top1"],
-            f"{args.val_split}_top5": val["top5"],
-            f"{args.val_split}_n": val["n"],
-        }
-        if extra_loader is not None:
-            ex = evaluate(model, extra_loader, device, progress=main and not args.no_progress)
-            row.update(
-                {f"{args.extra_eval_split}_top1": ex["top1"], f"{args.extra_eval_split}_top5": ex["top5"]}
-            )
-        history.append(row)
-        is_best = val["top1"] > best
-        best = max(best, val["top1"])
-        if main:
-            logger.log(row)
+        atomic_write_json({"num_classes": num_classes, "names": names}, out / "classes.json")
+        if history:
             _write_csv(history, out / "summary.csv")
-            ckpt = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
+            atomic_write_json(_summary(config, head_params, best, history, num_epochs), out / "summary.json")
+
+    pos = {"epoch": start_epoch, "step": 0}
+    with collective_timeout_guard(lambda: f"epoch {pos['epoch']} step {pos['step']}"):
+        for epoch in range(start_epoch, num_epochs):
+            pos.update(epoch=epoch, step=0)
+            if world > 1 and hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)
+            ddp_model.train()
+            t0 = time.time()
+            loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+            bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not main or args.no_progress, leave=False)
+            for step, (x, y) in enumerate(train_loader):
+                if step >= steps:
+                    break
+                pos["step"] = step
+                x, y = x.to(device), y.to(device)
+                target: Any = y
+                if mixup is not None:
+                    x, target = mixup(x, y)
+                with amp.autocast():
+                    loss = ddp_model(x, target=target, **loss_kw)
+                loss_value = check_finite_loss(loss, epoch=epoch, step=step)
+                optimizer.zero_grad(set_to_none=True)
+                amp.backward(loss)
+                amp.step(optimizer)
+                scheduler.step_update(epoch * steps + step + 1)
+                loss_sum += torch.tensor([loss_value * len(y), len(y)], dtype=torch.float64, device=device)
+                bar.update()
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+            bar.close()
+            scheduler.step(epoch + 1)
+            loss_sum = all_reduce_sum(loss_sum)
+            epoch_s = time.time() - t0
+            val = evaluate(model, val_loader, device, progress=main and not args.no_progress)
+            row = {
                 "epoch": epoch,
-                "best": best,
-                "history": history,
-                "config": config,
-                "rng": rng_state(),
+                "train_loss": loss_sum[0].item() / max(loss_sum[1].item(), 1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "epoch_s": epoch_s,
+                f"{args.val_split}_top1": val["top1"],
+                f"{args.val_split}_top5": val["top5"],
+                f"{args.val_split}_n": val["n"],
             }
-            atomic_save(ckpt, out / "last.pt")
-            if is_best:
-                atomic_save({"model": model.state_dict(), "config": config, "epoch": epoch}, out / "best.pt")
-            print(
-                f"epoch {epoch}: loss {row['train_loss']:.4f}  {args.val_split} top1 {val['top1']:.2f} "
-                f"top5 {val['top5']:.2f}  ({epoch_s:.1f}s)",
-                flush=True,
-            )
-        barrier()
-    summary = {"config": config, "head_params": head_params, "best_val_top1": best, "history": history}
-    if main:
-        atomic_write_json(summary, out / "summary.json")
+            if extra_loader is not None:
+                ex = evaluate(model, extra_loader, device, progress=main and not args.no_progress)
+                row.update(
+                    {f"{args.extra_eval_split}_top1": ex["top1"], f"{args.extra_eval_split}_top5": ex["top5"]}
+                )
+            history.append(row)
+            is_best = val["top1"] > best
+            best = max(best, val["top1"])
+            if main:
+                logger.log(row)  # before the commit: a resume drops it again if the commit never happened
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": amp.state_dict(),
+                    "epoch": epoch,
+                    "best": best,
+                    "history": history,
+                    "config": config,
+                    "class_names": names,
+                    "rng": rng_state(),
+                }
+                best_state = (
+                    {"model": model.state_dict(), "config": config, "class_names": names, "epoch": epoch,
+                     "val_top1": val["top1"]}
+                    if is_best
+                    else None
+                )  # fmt: skip
+                ckpts.save(state, best_state)  # best first, then last.pt = the commit point
+                _write_csv(history, out / "summary.csv")
+                atomic_write_json(
+                    _summary(config, head_params, best, history, num_epochs), out / "summary.json"
+                )
+                print(
+                    f"epoch {epoch}: loss {row['train_loss']:.4f}  {args.val_split} top1 {val['top1']:.2f} "
+                    f"top5 {val['top5']:.2f}  ({epoch_s:.1f}s)",
+                    flush=True,
+                )
+            barrier()
+    summary = _summary(config, head_params, best, history, num_epochs)
     cleanup_distributed()
     return summary
 

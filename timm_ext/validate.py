@@ -9,14 +9,22 @@ from pathlib import Path
 
 import torch
 
-from mhe_plugins.training import atomic_write_json, load_checkpoint
+from mhe_plugins.training import LastBestCheckpoint, atomic_write_json, load_checkpoint
 
 from .data import build_dataset, build_loader, check_targets
-from .train import build_model_from_config, evaluate
+from .train import EVAL_CROP_PCT, EVAL_INTERPOLATION, build_model_from_config, evaluate
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, config) from a checkpoint written by ``mhe-timm-train``."""
+    """(model in eval mode, config) from a checkpoint written by ``mhe-timm-train``.
+
+    A ``best.pt`` beside a ``last.pt`` is first repaired if a kill left it newer than the last commit, so it
+    always matches the run's ``summary.json``.
+    """
+    path = Path(checkpoint)
+    if path.name == "best.pt" and (path.parent / "last.pt").is_file():
+        for note in LastBestCheckpoint(path.parent).recover():
+            print(f"{path}: {note}", file=sys.stderr)
     ckpt = load_checkpoint(checkpoint, map_location=device)
     if "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{checkpoint} is not a mhe-timm-train checkpoint (needs 'model' and 'config')")
@@ -48,6 +56,8 @@ def validate(
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
         workers=workers,
+        interpolation=cfg.get("interpolation", EVAL_INTERPOLATION),
+        crop_pct=cfg.get("crop_pct", EVAL_CROP_PCT),
     )
     res = evaluate(model, loader, device)
     return {
@@ -63,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mhe-timm-validate", description=__doc__)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--split",
+        default="test",
+        help="split/folder name (timm synonyms searched; missing = error; '.' = DATA_DIR)",
+    )
     p.add_argument("--dataset", default=None, help="default: the dataset the checkpoint was trained on")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=0)

@@ -21,6 +21,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -359,8 +361,15 @@ def load_glyph_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.n
     try:
         with np.load(path, allow_pickle=False) as z:
             images, labels, fonts = z["images"], z["labels"], z["fonts"]
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise ValueError(f"{path}: corrupt or truncated npz file ({type(exc).__name__}: {exc})") from exc
     except (KeyError, ValueError, OSError) as exc:
         raise ValueError(f"{path}: not a glyph split (needs arrays images, labels, fonts): {exc}") from exc
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"{path}: labels must be a 1-d integer array, got {labels.dtype} {labels.shape}"
+            f"{_first_non_integer(labels)}; casting would truncate them"
+        )
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"{path}: images must be uint8 (n, S, S), got {images.dtype} {images.shape}")
     if not (len(images) == len(labels) == len(fonts)):
@@ -371,6 +380,18 @@ def load_glyph_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.n
         i = int(np.argmin(labels))
         raise ValueError(f"{path}: item {i} has negative label {int(labels[i])}")
     return images, labels.astype(np.int64), fonts
+
+
+def _first_non_integer(labels: np.ndarray) -> str:
+    """``": item i is v"`` for the first label that is not a whole number (else the first label)."""
+    flat = labels.reshape(-1)
+    if not len(flat):
+        return ""
+    i = 0
+    if flat.dtype.kind == "f":
+        frac = np.flatnonzero(~np.isfinite(flat) | (flat != np.floor(flat)))
+        i = int(frac[0]) if len(frac) else 0
+    return f": item {i} is {flat[i].item()!r}"
 
 
 class GlyphDataset:

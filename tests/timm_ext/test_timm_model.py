@@ -12,7 +12,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import timm_ext
 from timm_ext.mixup import DigitMixup, check_mixup_support
-from timm_ext.model import create_model
+from timm_ext.model import create_model, head_parameters
 
 TINY = {
     "resnet10t": dict(channels=(8, 16, 32, 32), in_chans=1),
@@ -121,3 +121,35 @@ def test_small_stem_keeps_more_resolution():
     assert a.forward_features(x).shape[-1] == 1 and b.forward_features(x).shape[-1] == 2
     with pytest.raises(ValueError, match="ResNet-style"):
         create_model("convnext_atto", head="mhp", num_classes=N, small_stem=True, **TINY["convnext_atto"])
+
+
+@pytest.mark.parametrize("head", ["linear", "mhp", "mhc", "mhs"])
+def test_neck_in_front_of_every_head(head):
+    torch.manual_seed(0)
+    kw = dict(num_classes=N, head_sizes=None if head == "linear" else SIZES, **TINY["resnet10t"])
+    plain = create_model("resnet10t", head=head, **kw)
+    m = create_model("resnet10t", head=head, neck_dim=24, **kw)
+    d = m.num_features
+    assert m.head_in_features == 24 and m.mhe_config()["neck_dim"] == 24
+    # head parameters = neck (Linear without bias + BatchNorm affine) + the head on 24-d inputs
+    neck = d * 24 + 2 * 24
+    assert head_parameters(m) == neck + sum(p.numel() for p in m.head.parameters())
+    assert head_parameters(plain) == sum(p.numel() for p in plain.head.parameters())
+    if head in ("linear", "mhp"):
+        width = N if head == "linear" else sum(SIZES)
+        assert head_parameters(m) - neck == 24 * width + width
+    x = torch.randn(6, 1, 32, 32)
+    m.train()
+    m(x[:4], target=torch.randint(0, N, (4,))).backward()
+    assert m.neck[0].weight.grad is not None and m.neck[0].weight.grad.abs().sum() > 0
+    m.eval()
+    feats = m.backbone.forward_head(m.backbone.forward_features(x), pre_logits=True)
+    ref = torch.relu(m.neck[1](m.neck[0](feats)))  # Linear -> BatchNorm (running stats) -> ReLU
+    torch.testing.assert_close(m.pooled(x), ref)
+    if head == "mhc":
+        m.head.beam = SIZES[0]
+    logp = m(x)
+    assert logp.shape == (6, N)
+    assert torch.equal(m.topk(x, 5)[1], logp.topk(5, dim=-1)[1])
+    with pytest.raises(ValueError, match="neck_dim must be a positive width"):
+        create_model("resnet10t", head=head, neck_dim=-3, **kw)

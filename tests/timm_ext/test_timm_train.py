@@ -108,9 +108,14 @@ def test_bad_inputs_give_clear_errors(glyphs100, tmp_path):
 def test_onnx_export_matches_pytorch(glyphs100, tmp_path, head):
     out = tmp_path / head
     steps = ["--epochs", 1, "--max-steps-per-epoch", 2, "--amp"]  # bf16 autocast on CPU
-    train(_args(glyphs100, out, "--head", head, "--head-sizes", 10, 10, *steps))
+    neck = ["--head-neck", 48] if head == "mhc" else []  # the neck is rebuilt from the checkpoint config
+    train(_args(glyphs100, out, "--head", head, "--head-sizes", 10, 10, *steps, *neck))
     rep = export_onnx(out / "last.pt", out / "model.onnx", top_k=5)
     assert rep["ids_equal"] and rep["max_abs_score_diff"] < 1e-4
+    assert rep["preprocess"] == str(out / "model.preprocess.json") and rep["classes"] == str(
+        out / "model.classes.json"
+    )
+    _check_export_sidecars(out / "last.pt", out / "model.onnx", glyphs100, head)
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -134,3 +139,74 @@ def test_torchrun_ddp_two_processes(glyphs100, tmp_path):
     n_valid = len(np.load(glyphs100 / "valid.npz")["labels"])
     assert load_checkpoint(out / "last.pt")["epoch"] == 0
     assert n_valid <= summary["history"][0]["valid_n"] <= n_valid + 1
+
+
+def _check_export_sidecars(ckpt: Path, onnx: Path, data: Path, head: str) -> None:
+    """OUT.preprocess.json / OUT.classes.json agree with the checkpoint and rebuild the evaluation transform."""
+    from timm.data import create_transform
+
+    from mhe_plugins.datasets.glyphs import GlyphDataset
+    from timm_ext.data import build_loader
+
+    pre = json.loads(onnx.with_name("model.preprocess.json").read_text())
+    classes = json.loads(onnx.with_name("model.classes.json").read_text())
+    cfg = load_checkpoint(ckpt)["config"]
+    for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "num_classes", "head_sizes"):
+        assert pre[key] == cfg[key], key
+    assert pre["top_k"] == 5 and pre["outputs"]["scores"] == (
+        "logits" if head == "mhs" else "log-probabilities"
+    )
+    ds = GlyphDataset(data, "test", mode="L")
+    assert classes["num_classes"] == 100 and classes["names"] == ds.classes
+    # the JSON alone rebuilds the exact evaluation transform mhe-timm-validate applies
+    ours = create_transform(
+        input_size=tuple(pre["input_size"]), interpolation=pre["interpolation"], mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]), crop_pct=pre["crop_pct"], crop_mode=pre["crop_mode"], is_training=False,
+    )  # fmt: skip
+    ref = build_loader(ds, tuple(cfg["input_size"]), 8, False, tuple(cfg["mean"]), tuple(cfg["std"]),
+                       interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"]).dataset.transform  # fmt: skip
+    for i in (0, 5, 17):
+        torch.testing.assert_close(ours(ds[i][0]), ref(ds[i][0]), atol=0, rtol=0)
+
+
+def test_mhs_sampling_correction_flag(monkeypatch):
+    parse = lambda *a: build_parser().parse_args(["--data-dir", "d", "--output", "o", *a])  # noqa: E731
+    assert "sampling_correction" not in train_mod.head_kwargs_from_args(parse("--head", "mhs"))
+    with pytest.raises(ValueError, match="applies to --head mhs, not --head mhp"):
+        train_mod.head_kwargs_from_args(parse("--head", "mhp", "--mhs-sampling-correction"))
+
+    class Old:
+        def __init__(self, in_features, codec, mode="batch_union"): ...
+
+    class New:
+        def __init__(self, in_features, codec, mode="batch_union", sampling_correction: bool = False): ...
+
+    monkeypatch.setattr(train_mod, "MHSHead", Old)
+    with pytest.raises(ValueError, match="has no sampling_correction option"):
+        train_mod.head_kwargs_from_args(parse("--head", "mhs", "--mhs-sampling-correction"))
+    monkeypatch.setattr(train_mod, "MHSHead", New)
+    kw = train_mod.head_kwargs_from_args(parse("--head", "mhs", "--mhs-sampling-correction"))
+    assert kw == {"mode": "per_sample", "sampling_correction": True}
+
+
+def test_documented_cli_commands_at_tiny_size(glyphs100, tmp_path, capsys):
+    """The mhe-timm-train / validate / export lines of docs/timm.md, through their console-script mains."""
+    from timm_ext.export import main as export_main
+    from timm_ext.train import main as train_main
+    from timm_ext.validate import main as validate_main
+
+    out = tmp_path / "out"
+    common = ["--data-dir", str(glyphs100), "--dataset", "glyphs", *TINY, "--head", "mhp", "--head-sizes", "10",
+              "10", "--batch-size", "16", "--lr", "0.1", "--opt", "sgd", "--sched", "cosine",
+              "--warmup-epochs", "1", "--smoothing", "0.1", "--mixup", "0.2", "--output", str(out),
+              "--head-neck", "32", "--max-steps-per-epoch", "2", "--no-progress", "--threads", "1"]  # fmt: skip
+    assert train_main([*common, "--epochs", "1"]) == 0
+    assert train_main([*common, "--epochs", "2", "--resume", str(out / "last.pt")]) == 0
+    capsys.readouterr()
+    assert validate_main(["--data-dir", str(glyphs100), "--checkpoint", str(out / "best.pt"), "--split", "test",
+                          "--out", str(tmp_path / "res.json")]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "res.json").read_text()) and printed["n"] > 250
+    assert export_main(["--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "model.onnx"),
+                        "--top-k", "5", "--no-check"]) == 0  # fmt: skip
+    assert (tmp_path / "model.preprocess.json").exists() and (tmp_path / "model.classes.json").exists()
