@@ -51,7 +51,9 @@ class MHSArcFace(MHSHead):
         else:
             codec = LabelCodec(list(head_sizes), num_labels=num_classes)
         if codec.num_heads < 2:
-            raise ValueError(f"MHSArcFace needs at least 2 heads (group, member), got {list(codec.head_sizes)}")
+            raise ValueError(
+                f"MHSArcFace needs at least 2 heads (group, member), got {list(codec.head_sizes)}"
+            )
         m = tuple(float(v) for v in margin)
         if len(m) != 3:
             raise ValueError(f"margin must be the triple (m1, m2, m3), got {margin!r}")
@@ -76,7 +78,9 @@ class MHSArcFace(MHSHead):
     ) -> torch.Tensor:
         """ArcFace CE over the *global* batch (same value on every rank), in fp32 even under autocast."""
         if local_embeddings.dim() != 2:
-            raise ValueError(f"embeddings must be (B, {self.embedding_size}), got {tuple(local_embeddings.shape)}")
+            raise ValueError(
+                f"embeddings must be (B, {self.embedding_size}), got {tuple(local_embeddings.shape)}"
+            )
         with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
             out = super().forward(local_embeddings.float(), local_labels)
             return self.loss(out, reduction=reduction)

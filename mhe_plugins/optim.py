@@ -56,7 +56,7 @@ class LazySGD(torch.optim.Optimizer):
         if mom:
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(flat)
+                state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"].view(flat.shape)
             if idx is None:
                 buf.mul_(mom).add_(vals)

@@ -102,7 +102,9 @@ class MHSHead(MHEHead):
             if not 0.0 < float(sample_rate) <= 1.0:
                 raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         if margin is not None and not isinstance(margin, CombinedMargin):
-            raise TypeError(f"margin must be a mhe_plugins.margins.CombinedMargin, got {type(margin).__name__}")
+            raise TypeError(
+                f"margin must be a mhe_plugins.margins.CombinedMargin, got {type(margin).__name__}"
+            )
         self.mode, self.margin = mode, margin
         self.sampled_groups = None if sampled_groups is None else int(sampled_groups)
         self.sample_rate = None if sample_rate is None else float(sample_rate)
@@ -119,7 +121,9 @@ class MHSHead(MHEHead):
         self.weight = nn.Parameter(torch.randn(n_local, self.group_size, in_features) * init_std)
         # which local (group, slot) rows are real classes (id < N)
         ids = torch.arange(self.group_start * self.group_size, self.group_end * self.group_size)
-        self.register_buffer("valid", (ids < codec.num_labels).view(n_local, self.group_size), persistent=False)
+        self.register_buffer(
+            "valid", (ids < codec.num_labels).view(n_local, self.group_size), persistent=False
+        )
         self._last_sampled: torch.Tensor | int = 0
 
     @property
@@ -346,7 +350,10 @@ class MHSHead(MHEHead):
         ``key="weight"`` loads it into the head; other keys (e.g. an optimizer's momentum) are returned only.
         """
         for sh in shards:
-            if list(sh["head_sizes"]) != list(self.codec.head_sizes) or int(sh["num_classes"]) != self.num_labels:
+            if (
+                list(sh["head_sizes"]) != list(self.codec.head_sizes)
+                or int(sh["num_classes"]) != self.num_labels
+            ):
                 raise ValueError(
                     f"checkpoint head {sh['head_sizes']}/{sh['num_classes']} does not match "
                     f"{list(self.codec.head_sizes)}/{self.num_labels}"

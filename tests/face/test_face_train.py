@@ -20,7 +20,7 @@ from insightface_ext.train import cli as train_main
 from insightface_ext.train import poly_warmup
 from insightface_ext.verification import embed_images, evaluate_bin, load_bin, verification_metrics, write_bin
 from mhe_plugins.metrics import pair_scores
-from mhe_plugins.training import load_checkpoint
+from mhe_plugins.training import ShardedCheckpoint, load_checkpoint
 
 NUM_IDS, PER_ID = 20, 6
 
@@ -80,6 +80,11 @@ def setup(tmp_path_factory):
     return d, cfg
 
 
+def _latest(out: Path, name: str) -> dict:
+    """A file of the newest complete checkpoint in a face run folder."""
+    return ShardedCheckpoint(out / "checkpoints").latest().load(name)
+
+
 def test_poly_warmup_schedule():
     assert poly_warmup(0, 100, 10) == 0 and poly_warmup(5, 100, 10) == 0.5
     assert poly_warmup(10, 100, 10) == 1.0 and poly_warmup(55, 100, 10) == pytest.approx(0.25)
@@ -107,13 +112,13 @@ def test_train_learns_and_resumes_exactly(setup, tmp_path):
     assert full["val"]["val"]["num_pairs"] == 2 * NUM_IDS
     # stop after 4 steps, resume to 12: identical backbone and head to the uninterrupted run
     train_main([str(cfg), "--output", str(tmp_path / "b"), "--set", "max_steps=4"])
-    ck = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    ck = _latest(tmp_path / "b", "state.pt")
     assert ck["step"] == 4
     train_main([str(cfg), "--output", str(tmp_path / "b"), "--set", "max_steps=12"])
     a, b = (load_checkpoint(tmp_path / x / "model.pt") for x in "ab")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-    ha, hb = (load_checkpoint(tmp_path / x / "head_shard_0.pt") for x in "ab")
+    ha, hb = (_latest(tmp_path / x, "head_shard_0.pt") for x in "ab")
     torch.testing.assert_close(ha["weight"], hb["weight"], rtol=0, atol=1e-6)
     torch.testing.assert_close(ha["momentum"], hb["momentum"], rtol=0, atol=1e-6)
 
@@ -144,20 +149,20 @@ def test_torchrun_two_ranks_then_resume_in_one(setup, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    s0, s1 = (load_checkpoint(out / f"head_shard_{r}.pt") for r in range(2))
+    s0, s1 = (_latest(out, f"head_shard_{r}.pt") for r in range(2))
     assert (s0["group_start"], s0["group_end"], s1["group_start"], s1["group_end"]) == (0, 2, 2, 4)
     assert s0["step"] == s1["step"] == 3
     # the 2-rank shards are re-sharded into a 1-process head on resume
     res = train_main([str(cfg), "--output", str(out), "--set", "max_steps=5", "batch_size=4"])
     assert res["steps"] == 5
-    one = load_checkpoint(out / "head_shard_0.pt")
+    one = _latest(out, "head_shard_0.pt")
     assert one["world_size"] == 1 and (one["group_start"], one["group_end"]) == (0, 4)
     # groups not sampled in steps 4-5 keep exactly the values the two ranks wrote
-    w2 = torch.cat([s0["weight"], s1["weight"]])
-    kept = (one["weight"] == w2).all(1)
+    w2 = torch.cat([s0["weight"], s1["weight"]]).flatten(1)
+    kept = (one["weight"].flatten(1) == w2).all(1)
     changed = ~kept
     assert changed.any()
-    torch.testing.assert_close(one["weight"][kept], w2[kept])
+    torch.testing.assert_close(one["weight"].flatten(1)[kept], w2[kept])
 
 
 def test_eval_cli_bin_and_pairs_and_export(setup, tmp_path):
