@@ -210,3 +210,81 @@ def test_eval_cli_bin_and_pairs_and_export(setup, tmp_path):
         ["--config", str(cfg), "--weights", str(weights), "--output", str(tmp_path / "m.onnx")]
     )
     assert Path(out["path"]).is_file() and out["max_abs_diff"] < 1e-4
+
+
+def test_kill_between_checkpoint_files_resumes_from_last_complete(setup, tmp_path, monkeypatch):
+    d, cfg = setup
+    out = tmp_path / "k"
+    train_main([str(cfg), "--output", str(out), "--set", "max_steps=4"])
+
+    def killed(self, step, names, meta=None):  # every file of step 8 is written, the manifest never is
+        raise KeyboardInterrupt(f"killed before committing step {step}")
+
+    monkeypatch.setattr(ShardedCheckpoint, "commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_main([str(cfg), "--output", str(out), "--set", "max_steps=8"])
+    monkeypatch.undo()
+    assert (out / "checkpoints" / "step-0000000008" / "head_shard_0.pt").is_file()
+    assert ShardedCheckpoint(out / "checkpoints").latest().step == 4
+    model_at_4 = load_checkpoint(out / "model.pt")  # model.pt is replaced only after a commit
+    torch.testing.assert_close(model_at_4, _latest(out, "state.pt")["backbone"], rtol=0, atol=0)
+    res = train_main([str(cfg), "--output", str(out), "--set", "max_steps=8"])
+    assert res["steps"] == 8 and _latest(out, "state.pt")["step"] == 8
+    steps = [
+        r["step"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r
+    ]
+    assert steps == list(range(1, 9))  # no row twice after the resume
+    ref = train_main([str(cfg), "--output", str(tmp_path / "ref"), "--set", "max_steps=8"])
+    a, b = load_checkpoint(out / "model.pt"), load_checkpoint(Path(ref["output"]) / "model.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_old_layout_resumes_or_says_why_not(setup, tmp_path):
+    d, cfg = setup
+    out = tmp_path / "old"
+    train_main([str(cfg), "--output", str(out), "--set", "max_steps=4"])
+    ref = ShardedCheckpoint(out / "checkpoints").latest()
+    # the layout of earlier versions: checkpoint.pt + head_shard_<rank>.pt at the root
+    torch.save(ref.load("state.pt"), out / "checkpoint.pt")
+    shard = ref.load("head_shard_0.pt")
+    shard["weight"] = shard["weight"].flatten(1)  # stored as (groups, C_rest * d) then
+    shard["momentum"] = shard["momentum"].flatten(1)
+    torch.save(shard, out / "head_shard_0.pt")
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")
+    other = tmp_path / "old_bad"
+    shutil.copytree(out, other)
+    res = train_main([str(cfg), "--output", str(out), "--set", "max_steps=6"])
+    assert res["steps"] == 6
+    full = train_main([str(cfg), "--output", str(tmp_path / "full"), "--set", "max_steps=6"])
+    a, b = load_checkpoint(out / "model.pt"), load_checkpoint(Path(full["output"]) / "model.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    shard["step"] = 8  # a kill between the two files of the old layout
+    torch.save(shard, other / "head_shard_0.pt")
+    with pytest.raises(
+        RuntimeError, match=r"checkpoint.pt is from step 4 but head_shard_0.pt is from step 8"
+    ):
+        train_main([str(cfg), "--output", str(other), "--set", "max_steps=6"])
+
+
+def test_run_folder_policy_config_types_and_dist_timeout(setup, tmp_path):
+    d, cfg = setup
+    out = tmp_path / "p"
+    train_main([str(cfg), "--output", str(out), "--set", "max_steps=2"])
+    with pytest.raises(FileExistsError, match=r"already holds a training run .*--overwrite"):
+        train_main([str(cfg), "--output", str(out), "--no-resume", "--set", "max_steps=2"])
+    (out / ".model.pt.123.tmp").write_bytes(b"half")  # left by a killed writer
+    res = train_main([str(cfg), "--output", str(out), "--no-resume", "--overwrite", "--set", "max_steps=1"])
+    assert res["steps"] == 1 and not (out / ".model.pt.123.tmp").exists()
+    assert ShardedCheckpoint(out / "checkpoints").latest().step == 1  # the old steps 1-2 are gone
+    with pytest.raises(ValueError, match=r"--set lr=abc: config key 'lr' must be float, got 'abc'"):
+        train_main([str(cfg), "--output", str(out), "--set", "lr=abc"])
+    with pytest.raises(
+        ValueError, match=r"--set batch_size=2.5: config key 'batch_size' must be int, got 2.5"
+    ):
+        train_main([str(cfg), "--output", str(out), "--set", "batch_size=2.5"])
+    with pytest.raises(ValueError, match="distributed timeout must be > 0 seconds, got 0.0"):
+        train_main([str(cfg), "--output", str(out), "--dist-timeout", "0"])
