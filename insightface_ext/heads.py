@@ -43,6 +43,7 @@ class MHSArcFace(MHSHead):
         process_group=None,
         init_std: float = 0.01,
         sampling_correction: bool = False,
+        sampled_groups: int | None = None,
     ):
         if head_sizes is None:
             if num_classes is None:
@@ -67,6 +68,7 @@ class MHSArcFace(MHSHead):
             sparse_grad=sparse,
             init_std=init_std,
             sample_rate=sample_rate,
+            sampled_groups=sampled_groups,
             sampling_correction=sampling_correction,
             process_group=process_group if shard else None,
         )
