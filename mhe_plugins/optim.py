@@ -44,8 +44,13 @@ class LazySGD(torch.optim.Optimizer):
         flat = p.view(p.shape[0], -1)
         g = p.grad
         if g.is_sparse:
-            g = g.coalesce()  # a no-op for MHSHead's gradients (sorted unique rows, flagged coalesced)
-            idx, vals = g.indices()[0], g.values().reshape(-1, flat.shape[1]).to(p.dtype)
+            idx, vals = g._indices()[0], g._values()
+            # MHSHead's gradients have sorted unique rows already (autograd drops the coalesced flag):
+            # coalescing would sort and copy every value for nothing
+            if not g.is_coalesced() and not bool((idx[1:] > idx[:-1]).all()):
+                g = g.coalesce()
+                idx, vals = g.indices()[0], g.values()
+            vals = vals.reshape(-1, flat.shape[1]).to(p.dtype)
         else:
             idx, vals = None, g.reshape(flat.shape)
         if idx is not None and idx.numel() == 0:

@@ -85,3 +85,25 @@ def test_empty_batch_gives_zero_loss_on_the_graph_and_empty_topk(mode):
     assert v.shape == (0, 3) and i.shape == (0, 3) and i.dtype == torch.long
     face = MHSArcFace(4, 14, head_sizes=(5, 3))
     assert face(x, torch.zeros(0, dtype=torch.long)).item() == 0.0
+
+
+def test_lazy_sgd_sparse_grads_sorted_or_not_equal_dense_sgd_on_touched_rows():
+    from mhe_plugins.optim import LazySGD
+
+    torch.manual_seed(3)
+    for idx in ([1, 4, 6], [6, 1, 4, 1]):  # sorted unique (MHSHead's) and unsorted with a duplicate
+        a = torch.randn(8, 2, 3)
+        b = a.clone()
+        vals = torch.randn(len(idx), 2, 3)
+        sparse = torch.sparse_coo_tensor(torch.tensor([idx]), vals, a.shape, check_invariants=True)
+        pa, pb = torch.nn.Parameter(a), torch.nn.Parameter(b)
+        oa = LazySGD([pa], lr=0.1, momentum=0.9, weight_decay=0.01)
+        ob = torch.optim.SGD([pb], lr=0.1, momentum=0.9, weight_decay=0.01)
+        for _ in range(2):
+            pa.grad, pb.grad = sparse.clone(), sparse.to_dense()
+            oa.step()
+            ob.step()
+        rows = sorted(set(idx))
+        torch.testing.assert_close(pa.data[rows], pb.data[rows])
+        untouched = [r for r in range(8) if r not in rows]
+        assert torch.equal(pa.data[untouched], a[untouched])
