@@ -7,8 +7,8 @@ Parameters (documented once, here):
 - ``mode="batch_union"``: the groups hit by the (global) batch: every positive is present, its siblings
   are the negatives; ``mode="per_sample"``: each sample scores its own group plus ``sampled_groups - 1``
   random other groups (the reference's image-classification MHS, vectorised).
-- ``sampled_groups`` (int): batch_union: top the union up with random groups to this many; per_sample:
-  groups per sample (default 4). ``sample_rate`` (float in (0, 1], batch_union only): top up to this
+- ``sampled_groups`` (int): batch_union: top the union up with random groups to this many (split over the
+  ranks in proportion to their groups when sharded); per_sample: groups per sample (default 4). ``sample_rate`` (float in (0, 1], batch_union only): top up to this
   fraction of the groups, as Partial FC's ``sample_rate`` (with ``(N, 1)`` heads it *is* Partial FC).
 - ``sampling_correction``: sampled-softmax correction: the logits of randomly sampled groups get
   ``-log q`` added, q the group's inclusion probability under the sampling mode; the true group and the
@@ -112,6 +112,8 @@ class MHSHead(MHEHead):
         self.sparse_grad, self.chunk_size = bool(sparse_grad), int(chunk_size)
         self.num_groups = num_groups
         self.group_size = codec.capacity // num_groups
+        if process_group is not None and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("process_group was given but torch.distributed is not initialised")
         self.process_group = process_group
         self.world_size, self.rank = group_world_rank(process_group) if process_group is not None else (1, 0)
         if self.world_size > num_groups:
