@@ -123,7 +123,10 @@ def _find_resume(out: Path, ck: ShardedCheckpoint) -> tuple[dict, list[dict], st
     ref = ck.latest()
     if ref is not None:
         state = ref.load(STATE)
-        shards = [ref.load(_shard_name(r)) for r in range(int(state["world_size"]))]
+        # memory-mapped: each rank copies only the blocks of the groups it owns
+        shards = [
+            load_checkpoint(ref.file(_shard_name(r)), mmap=True) for r in range(int(state["world_size"]))
+        ]
         return state, shards, str(ref.path)
     old = out / "checkpoint.pt"
     if not old.is_file():
