@@ -288,3 +288,16 @@ def test_run_folder_policy_config_types_and_dist_timeout(setup, tmp_path):
         train_main([str(cfg), "--output", str(out), "--set", "batch_size=2.5"])
     with pytest.raises(ValueError, match="distributed timeout must be > 0 seconds, got 0.0"):
         train_main([str(cfg), "--output", str(out), "--dist-timeout", "0"])
+
+
+def test_frozen_rank_fails_with_dist_timeout_message(setup, tmp_path):
+    d, cfg = setup
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(Path(__file__).parent / "face_timeout_worker.py"), str(cfg), "--output", str(tmp_path / "t")]
+    cmd += ["--dist-timeout", "3", "--set", "batch_size=4", "save_every=100"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180
+    )
+    assert proc.returncode != 0
+    msg = "rank 0/2: a collective did not complete within 3 s at epoch 0 step 2"
+    assert msg in proc.stderr, proc.stderr[-3000:]
