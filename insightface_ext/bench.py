@@ -119,7 +119,7 @@ def glyph_worker(a: argparse.Namespace) -> dict:
     cfg.width, cfg.num_epoch, cfg.warmup_epoch, cfg.batch_size = a.width, a.epochs, a.warmup_epochs, a.batch
     cfg.max_steps, cfg.save_every, cfg.log_every = a.max_steps, 10**9, 20
     cfg.output = str(Path(a.work_dir) / a.method)
-    cfg.resume = False
+    cfg.resume, cfg.overwrite = False, True  # a benchmark run replaces the previous one in its work dir
     cfg.seed = a.seed
     t0 = time.perf_counter()
     res = train(cfg)

@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
-__all__ = ["base_config", "load_config", "apply_overrides", "BUNDLED"]
+__all__ = ["base_config", "load_config", "apply_overrides", "check_types", "BUNDLED"]
 
 BUNDLED = Path(__file__).parent / "configs"
 
@@ -49,7 +49,8 @@ def base_config() -> SimpleNamespace:
         verbose=2000,  # verification every `verbose` steps (and at each epoch end)
         save_every=1000,  # checkpoint every N steps (and at each epoch end)
         log_every=50,
-        resume=True,
+        resume=True,  # continue the run in `output` (the default); False needs overwrite=True over a run
+        overwrite=False,  # with resume=False: delete the run files in `output` and start over
     )
 
 
@@ -72,8 +73,38 @@ def load_config(name_or_path: str) -> SimpleNamespace:
     unknown = sorted(set(vars(cfg)) - set(vars(base_config())))
     if unknown:
         raise ValueError(f"{path}: unknown config keys {unknown}")
+    check_types(cfg, str(path))
     cfg.config_path = str(path)
     return cfg
+
+
+_NUMBER = (int, float)
+
+
+def check_types(cfg: SimpleNamespace, source: str) -> None:
+    """Every key whose default is a bool / int / float / str / tuple must hold that type (ints are fine
+    for floats, lists for tuples); keys defaulting to None take anything. The error names key and value."""
+    for key, default in vars(base_config()).items():
+        value = getattr(cfg, key, default)
+        if default is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, _NUMBER) and not isinstance(value, bool)
+            if ok:
+                setattr(cfg, key, float(value))
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (tuple, list))
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ValueError(
+                f"{source}: config key {key!r} must be {type(default).__name__}, got {value!r} "
+                f"({type(value).__name__})"
+            )
 
 
 def apply_overrides(cfg: SimpleNamespace, overrides: list[str]) -> SimpleNamespace:
@@ -88,4 +119,5 @@ def apply_overrides(cfg: SimpleNamespace, overrides: list[str]) -> SimpleNamespa
         except (ValueError, SyntaxError):
             value = raw
         setattr(cfg, key, value)
+        check_types(cfg, f"--set {item}")
     return cfg

@@ -11,6 +11,7 @@ Every dataset returns ``(float tensor (C, H, W) in [-1, 1], int label)``: arcfac
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .recordio import IndexedRecordIO, RecordIOError, unpack, unpack_img
+from .recordio import IndexedRecordIO, RecordIOError, unpack
 
 __all__ = [
     "RecordFaceDataset",
@@ -58,6 +59,13 @@ class _FaceDataset(Dataset):
         return self.train and bool(torch.rand(()) < 0.5)
 
 
+def _decode_rgb(body: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(body)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 class RecordFaceDataset(_FaceDataset):
     """insightface ``train.rec``/``train.idx``: header record 0 lists the image and identity record ranges."""
 
@@ -67,17 +75,48 @@ class RecordFaceDataset(_FaceDataset):
         self.rec = IndexedRecordIO(
             root / "train.rec", root / "train.idx" if (root / "train.idx").is_file() else None
         )
-        header, _ = unpack(self.rec.read_idx(self.rec.keys[0]))
+        if not self.rec.keys:
+            raise RecordIOError(f"{self.rec.rec_path}: no records")
+        header, _ = self._unpack(self.rec.keys[0])
         if header.flag > 0:  # insightface header: image records 1..first_id-1, then one record per identity
+            where = f"{self.rec.rec_path}: header record {self.rec.keys[0]} at offset {self.rec.index[self.rec.keys[0]]}"
+            if header.flag < 2:
+                raise RecordIOError(
+                    f"{where}: expected (first_id, end_id) labels, got {header.label.tolist()}"
+                )
             first_id, end_id = int(header.label[0]), int(header.label[1])
+            if not 1 <= first_id <= end_id:
+                raise RecordIOError(f"{where}: bad identity range first_id={first_id}, end_id={end_id}")
+            missing = [k for k in (1, first_id - 1) if first_id > 1 and k not in self.rec.index]
+            if missing:
+                raise RecordIOError(
+                    f"{where}: header says images are records 1..{first_id - 1} but record {missing[0]} is not "
+                    f"in {self.rec.idx_path or self.rec.rec_path}"
+                )
             self.imgidx = np.arange(1, first_id)
             self.num_classes = end_id - first_id
         else:  # plain im2rec file: every record is an image; labels are read once to count identities
             self.imgidx = np.asarray(self.rec.keys)
             self.num_classes = 1 + max((self._label(k) for k in self.imgidx), default=-1)
 
+    def _where(self, key: int) -> str:
+        return f"{self.rec.rec_path}: record {key} at offset {self.rec.index[key]}"
+
+    def _unpack(self, key: int):
+        """``unpack`` of record ``key``; errors name the file, the record and its offset."""
+        if key not in self.rec.index:
+            raise RecordIOError(
+                f"{self.rec.rec_path}: record {key} is not in {self.rec.idx_path or 'the file'}"
+            )
+        try:
+            return unpack(self.rec.read_idx(key))
+        except RecordIOError as exc:
+            if str(self.rec.rec_path) in str(exc):
+                raise
+            raise RecordIOError(f"{self._where(key)}: {exc}") from None
+
     def _label(self, key: int) -> int:
-        header, _ = unpack(self.rec.read_idx(int(key)))
+        header, _ = self._unpack(int(key))
         lab = header.label
         return int(lab if np.isscalar(lab) else lab[0])
 
@@ -86,9 +125,10 @@ class RecordFaceDataset(_FaceDataset):
 
     def __getitem__(self, i: int):
         key = int(self.imgidx[i])
-        where = f"{self.rec.rec_path}: record {key} at offset {self.rec.index[key]}"
+        header, body = self._unpack(key)  # names file and offset on a bad header
+        where = self._where(key)
         try:
-            header, img = unpack_img(self.rec.read_idx(key))
+            img = _decode_rgb(body)
         except OSError as exc:  # Pillow cannot decode the payload
             raise RecordIOError(f"{where}: cannot decode image: {exc}") from exc
         label = int(header.label if np.isscalar(header.label) else header.label[0])

@@ -2,8 +2,10 @@
 
 Same constructor shape and margin convention as pml (``margin`` in **degrees**, 28.6 ~ 0.5 rad), cosine
 similarity as the distance, ``get_logits`` for inference, weight regularizers via ``WeightRegularizerMixin``.
-The class centres live in an :class:`insightface_ext.MHSArcFace` (not sharded: pml's
-``DistributedLossWrapper`` does the gathering); a step only scores the groups hit by the batch.
+The class centres live in a core :class:`mhe_plugins.MHSHead` (not sharded: pml's ``DistributedLossWrapper``
+does the gathering); a step only scores the groups hit by the batch. Miners work as in pml's classification
+losses: each sample's loss is weighted by how often the miner's ``indices_tuple`` names it (``convert_to_
+weights``), so a miner changes the loss exactly as it changes ``ArcFaceLoss``'s.
 Like pml's ArcFaceLoss, it owns parameters: give them to an optimizer.
 """
 
@@ -17,8 +19,11 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from .heads import MHSArcFace
+from mhe_plugins.codec import LabelCodec
+from mhe_plugins.heads.mhs import MHSHead
+from mhe_plugins.margins import CombinedMargin
 
 __all__ = ["MHSArcFaceLoss"]
 
@@ -40,30 +45,35 @@ class MHSArcFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         super().__init__(**kwargs)
         c_f.assert_distance_type(self, CosineSimilarity)
         self.margin, self.scale, self.num_classes = float(margin), float(scale), num_classes
-        self.head = MHSArcFace(
-            embedding_size,
-            num_classes,
-            head_sizes=head_sizes,
-            margin=(1.0, float(np.radians(margin)), 0.0),
-            scale=scale,
+        if head_sizes is None:
+            if num_classes is None:
+                raise ValueError("MHSArcFaceLoss needs num_classes or head_sizes")
+            codec = LabelCodec.balanced(int(num_classes), 2)
+        else:
+            codec = LabelCodec(list(head_sizes), num_labels=num_classes)
+        self.head = MHSHead(
+            int(embedding_size),
+            codec,
+            margin=CombinedMargin(1.0, float(np.radians(margin)), 0.0, s=float(scale)),
             sample_rate=sample_rate,
-            sparse=sparse,
-            shard=False,
+            sparse_grad=sparse,
         )
-        self.num_classes = self.head.num_classes
+        self.num_classes = codec.num_labels
         self.weight_init_func(self.head.weight)
         self.add_to_recordable_attributes(list_of_names=["num_classes", "margin", "scale"], is_stat=False)
         self.add_to_recordable_attributes(list_of_names=["num_sampled_classes"], is_stat=True)
 
     @property
     def W(self) -> torch.Tensor:  # noqa: N802 - pml's name for the class-centre matrix, (embedding_size, C)
-        return self.head.weight.view(-1, self.head.embedding_size)[: self.num_classes].t()
+        return self.head.weight.view(-1, self.head.in_features)[: self.num_classes].t()
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         c_f.labels_required(labels)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         self.head.to(device=embeddings.device)
-        losses = self.head(embeddings, labels.to(embeddings.device), reduction="none")
+        labels = labels.to(embeddings.device)
+        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)
+        losses = self.head.compute_loss(embeddings, labels, reduction="none") * miner_weights
         if self.collect_stats:
             self.num_sampled_classes = self.head.last_num_sampled
         loss_dict = {

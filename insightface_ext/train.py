@@ -6,9 +6,12 @@ SUM all-reduce hook (the head's loss is already the global-batch mean), the head
 never replicated.  SGD + LazySGD, linear warmup then polynomial (power 2) decay, AMP on CUDA, gradient
 clipping, atomic checkpoints every ``save_every`` steps, exact resume (mid-epoch), tqdm + JSON-lines logs.
 
-Output dir: ``checkpoint.pt`` (backbone, optimizers, schedule, step), ``head_shard_<rank>.pt`` (one per
-rank, re-shardable), ``model.pt`` (backbone weights, what ``mhe-face-eval`` / ``-export`` read),
-``train_log.jsonl``, ``config.json``.
+Output dir: ``checkpoints/step-<n>/`` (``state.pt``: backbone, optimizers, schedule, step; ``head_shard_<rank>.pt``
+one per rank, re-shardable; ``MANIFEST.json`` written last = the checkpoint is complete), ``model.pt``
+(backbone weights, what ``mhe-face-eval`` / ``-export`` read, replaced after each commit), ``train_log.jsonl``,
+``config.json``. A run resumes by default from the newest complete checkpoint (a kill mid-save falls back to
+the previous one); ``--no-resume`` into a folder holding a run refuses unless ``--overwrite``. Runs written by
+earlier versions (root ``checkpoint.pt`` + ``head_shard_<rank>.pt``) are resumed when their steps match.
 """
 
 from __future__ import annotations
@@ -24,12 +27,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from mhe_plugins.distributed import barrier, init_distributed_from_env, is_main_process
+from mhe_plugins.distributed import (
+    DEFAULT_TIMEOUT_S,
+    barrier,
+    collective_timeout_guard,
+    init_distributed_from_env,
+    is_main_process,
+)
 from mhe_plugins.training import (
     JsonlLogger,
+    ShardedCheckpoint,
     atomic_save,
     atomic_write_json,
+    check_finite_loss,
     load_checkpoint,
+    prepare_output_dir,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -41,7 +53,11 @@ from .data import open_train_dataset
 from .heads import MHSArcFace
 from .optim import LazySGD, sum_allreduce_hook
 
-__all__ = ["train", "build_head", "poly_warmup", "cli", "main"]
+__all__ = ["train", "build_head", "poly_warmup", "cli", "main", "RUN_FILES", "CHECKPOINTS"]
+
+CHECKPOINTS = "checkpoints"
+RUN_FILES = (CHECKPOINTS, "checkpoint.pt", "head_shard_*.pt", "model.pt", "train_log.jsonl")
+STATE = "state.pt"
 
 
 def poly_warmup(step: int, total: int, warmup: int, power: float = 2.0) -> float:
@@ -68,11 +84,19 @@ def _head_momentum(opt: LazySGD, head: MHSArcFace) -> torch.Tensor | None:
     return st["momentum_buffer"].cpu() if "momentum_buffer" in st else None
 
 
-def _save(out: Path, step: int, epoch: int, backbone, head, opt_b, opt_h, sched_b, sched_h, scaler) -> None:
-    """Every rank writes its head shard first, then rank 0 the backbone/optimizer checkpoint (the commit point)."""
+def _shard_name(rank: int) -> str:
+    return f"head_shard_{rank}.pt"
+
+
+def _save(
+    ck: ShardedCheckpoint, out: Path, step: int, epoch: int, backbone, head, opts, scheds, scaler
+) -> None:
+    """Every rank writes its head shard, rank 0 the backbone/optimizer state, then commits the manifest
+    (the commit point) and only then replaces ``model.pt``."""
+    opt_b, opt_h = opts
     shard = head.shard_state()
     shard.update(step=step, world_size=head.world_size, momentum=_head_momentum(opt_h, head))
-    atomic_save(shard, out / f"head_shard_{head.rank}.pt")
+    ck.write(step, _shard_name(head.rank), shard)
     barrier()
     if is_main_process():
         state = {
@@ -82,26 +106,50 @@ def _save(out: Path, step: int, epoch: int, backbone, head, opt_b, opt_h, sched_
             "backbone": backbone.state_dict(),
             "opt_backbone": opt_b.state_dict(),
             "opt_head_hparams": [{k: v for k, v in g.items() if k != "params"} for g in opt_h.param_groups],
-            "sched_backbone": sched_b.state_dict(),
-            "sched_head": sched_h.state_dict(),
+            "sched_backbone": scheds[0].state_dict(),
+            "sched_head": scheds[1].state_dict(),
             "scaler": scaler.state_dict(),
             "rng": rng_state(),
         }
-        atomic_save(state, out / "checkpoint.pt")
+        ck.write(step, STATE, state)
+        names = [STATE] + [_shard_name(r) for r in range(head.world_size)]
+        ck.commit(step, names, meta={"epoch": epoch, "world_size": head.world_size})
         atomic_save(backbone.state_dict(), out / "model.pt")
     barrier()
 
 
-def _resume(out: Path, backbone, head, opt_b, opt_h, sched_b, sched_h, scaler) -> tuple[int, int]:
-    ckpt = load_checkpoint(out / "checkpoint.pt")
+def _find_resume(out: Path, ck: ShardedCheckpoint) -> tuple[dict, list[dict], str] | None:
+    """(state, head shards, where) of the newest complete checkpoint, or of the pre-manifest layout."""
+    ref = ck.latest()
+    if ref is not None:
+        state = ref.load(STATE)
+        # memory-mapped: each rank copies only the blocks of the groups it owns
+        shards = [
+            load_checkpoint(ref.file(_shard_name(r)), mmap=True) for r in range(int(state["world_size"]))
+        ]
+        return state, shards, str(ref.path)
+    old = out / "checkpoint.pt"
+    if not old.is_file():
+        return None
+    state = load_checkpoint(old)
     shards = []
-    for r in range(int(ckpt["world_size"])):
-        s = load_checkpoint(out / f"head_shard_{r}.pt")
-        if int(s["step"]) != int(ckpt["step"]):
+    for r in range(int(state["world_size"])):
+        path = out / _shard_name(r)
+        sh = load_checkpoint(path) if path.is_file() else None
+        if sh is None or int(sh["step"]) != int(state["step"]):
+            found = "missing" if sh is None else f"from step {sh['step']}"
             raise RuntimeError(
-                f"{out / f'head_shard_{r}.pt'} is from step {s['step']} but checkpoint.pt from step {ckpt['step']}"
+                f"{out}: old-layout checkpoint cannot be resumed: checkpoint.pt is from step {state['step']} but "
+                f"{path.name} is {found} (a kill between the two files). Start over with --no-resume --overwrite, "
+                f"or keep only model.pt (the backbone) for evaluation"
             )
-        shards.append(s)
+        shards.append(sh)
+    return state, shards, str(old)
+
+
+def _resume(found, backbone, head, opts, scheds, scaler) -> tuple[int, int]:
+    ckpt, shards, _ = found
+    opt_b, opt_h = opts
     backbone.load_state_dict(ckpt["backbone"])
     head.load_shards(shards)
     if all(s["momentum"] is not None for s in shards):
@@ -109,8 +157,8 @@ def _resume(out: Path, backbone, head, opt_b, opt_h, sched_b, sched_h, scaler) -
     opt_b.load_state_dict(ckpt["opt_backbone"])
     for g, saved in zip(opt_h.param_groups, ckpt["opt_head_hparams"]):
         g.update(saved)  # lr as scheduled at the checkpoint
-    sched_b.load_state_dict(ckpt["sched_backbone"])
-    sched_h.load_state_dict(ckpt["sched_head"])
+    scheds[0].load_state_dict(ckpt["sched_backbone"])
+    scheds[1].load_state_dict(ckpt["sched_head"])
     scaler.load_state_dict(ckpt["scaler"])
     if int(ckpt["world_size"]) == head.world_size:
         set_rng_state(ckpt["rng"])
@@ -137,12 +185,20 @@ def _validate(cfg, backbone, step: int, log: JsonlLogger) -> dict:
     return results
 
 
-def train(cfg: SimpleNamespace) -> dict:
+def train(cfg: SimpleNamespace, dist_timeout: float = DEFAULT_TIMEOUT_S) -> dict:
     """Train per ``cfg``; returns ``{"steps", "final_loss", "img_per_s", "val", "output"}``."""
-    rank, world, device = init_distributed_from_env()
+    rank, world, device = init_distributed_from_env(timeout_s=dist_timeout)
     seed_everything(int(cfg.seed))
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(
+        cfg.output,
+        resume=bool(cfg.resume),
+        overwrite=bool(cfg.overwrite),
+        run_files=RUN_FILES,
+        resume_flag="no --no-resume (resuming is the default)",
+        main_process=is_main_process(),
+    )
+    barrier()
+    ck = ShardedCheckpoint(out / CHECKPOINTS, keep=2)
     dataset = open_train_dataset(cfg.rec, channels=cfg.in_chans, train=True)
     if cfg.num_classes is None:
         cfg.num_classes = dataset.num_classes
@@ -190,91 +246,82 @@ def train(cfg: SimpleNamespace) -> dict:
     amp = bool(cfg.fp16) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp, growth_interval=100)
 
-    step, start_epoch = 0, 0
-    if cfg.resume and (out / "checkpoint.pt").is_file():
-        step, start_epoch = _resume(out, backbone, head, opt_b, opt_h, sched_b, sched_h, scaler)
-        print(f"[mhe-face-train] resumed from {out / 'checkpoint.pt'} at step {step}")
+    opts, scheds = (opt_b, opt_h), (sched_b, sched_h)
+    step = 0
     log = JsonlLogger(out / "train_log.jsonl", enabled=is_main_process())
+    found = _find_resume(out, ck) if cfg.resume else None
+    if found is not None:
+        step, _ = _resume(found, backbone, head, opts, scheds, scaler)
+        print(f"[mhe-face-train] resumed from {found[2]} at step {step}")
+    log.truncate(lambda r: int(r.get("step", 0)) <= step)  # rows after the checkpoint are logged again
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=step, disable=not is_main_process(), desc="train", dynamic_ncols=True)
     t0, seen, loss_val, val = time.perf_counter(), 0, math.nan, {}
     epoch = step // steps_per_epoch
-    while step < total:
-        sampler.set_epoch(epoch)
-        skip = (step - epoch * steps_per_epoch) * cfg.batch_size  # resume mid-epoch on the same order
-        idx = list(sampler)[skip:]
-        loader = DataLoader(
-            Subset(dataset, idx),
-            batch_size=cfg.batch_size,
-            shuffle=False,
-            drop_last=True,
-            num_workers=cfg.num_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-            # own generator: creating the iterator must not draw from the global RNG (exact mid-epoch resume)
-            generator=torch.Generator().manual_seed(int(cfg.seed) + epoch),
-        )
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                emb = model(x)
-            loss = head(emb, y)
-            opt_b.zero_grad(set_to_none=True)
-            opt_h.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt_b)
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad)
-            scaler.step(opt_b)
-            scaler.step(opt_h)
-            scaler.update()
-            sched_b.step()
-            sched_h.step()
-            step += 1
-            seen += x.shape[0] * world
-            loss_val = loss.item()
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"loss became {loss_val} at step {step}")
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                ips = seen / (time.perf_counter() - t0)
-                bar.set_postfix(
-                    loss=f"{loss_val:.3f}", lr=f"{sched_b.get_last_lr()[0]:.4f}", ips=f"{ips:.0f}"
-                )
-                log.log(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": loss_val,
-                        "lr": sched_b.get_last_lr()[0],
-                        "img_per_s": ips,
-                        "sampled_classes": head.last_num_sampled,
-                    }
-                )
-            end_of_epoch = step % steps_per_epoch == 0
-            if step % cfg.save_every == 0 or end_of_epoch or step == total:
-                _save(
-                    out,
-                    step,
-                    epoch + int(end_of_epoch),
-                    backbone,
-                    head,
-                    opt_b,
-                    opt_h,
-                    sched_b,
-                    sched_h,
-                    scaler,
-                )
-            if (
-                (step % cfg.verbose == 0 or end_of_epoch or step == total)
-                and is_main_process()
-                and cfg.val_targets
-            ):
-                val = _validate(cfg, backbone, step, log)
-            if step >= total:
-                break
-        epoch += 1
+    with collective_timeout_guard(lambda: f"epoch {epoch} step {step}"):
+        while step < total:
+            sampler.set_epoch(epoch)
+            skip = (step - epoch * steps_per_epoch) * cfg.batch_size  # resume mid-epoch on the same order
+            idx = list(sampler)[skip:]
+            loader = DataLoader(
+                Subset(dataset, idx),
+                batch_size=cfg.batch_size,
+                shuffle=False,
+                drop_last=True,
+                num_workers=cfg.num_workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+                # own generator: creating the iterator must not draw from the global RNG (exact mid-epoch resume)
+                generator=torch.Generator().manual_seed(int(cfg.seed) + epoch),
+            )
+            for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                    emb = model(x)
+                loss = head(emb, y)
+                opt_b.zero_grad(set_to_none=True)
+                opt_h.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt_b)
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad)
+                scaler.step(opt_b)
+                scaler.step(opt_h)
+                scaler.update()
+                sched_b.step()
+                sched_h.step()
+                step += 1
+                seen += x.shape[0] * world
+                loss_val = check_finite_loss(loss, epoch=epoch, step=step)
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total:
+                    ips = seen / (time.perf_counter() - t0)
+                    bar.set_postfix(
+                        loss=f"{loss_val:.3f}", lr=f"{sched_b.get_last_lr()[0]:.4f}", ips=f"{ips:.0f}"
+                    )
+                    log.log(
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            "loss": loss_val,
+                            "lr": sched_b.get_last_lr()[0],
+                            "img_per_s": ips,
+                            "sampled_classes": head.last_num_sampled,
+                        }
+                    )
+                end_of_epoch = step % steps_per_epoch == 0
+                if step % cfg.save_every == 0 or end_of_epoch or step == total:
+                    _save(ck, out, step, epoch + int(end_of_epoch), backbone, head, opts, scheds, scaler)
+                if (
+                    (step % cfg.verbose == 0 or end_of_epoch or step == total)
+                    and is_main_process()
+                    and cfg.val_targets
+                ):
+                    val = _validate(cfg, backbone, step, log)
+                if step >= total:
+                    break
+            epoch += 1
     bar.close()
     elapsed = time.perf_counter() - t0
     return {
@@ -291,7 +338,21 @@ def cli(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="mhe-face-train", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="bundled config name (e.g. glyphs_r18_mhs) or path to a config .py")
     p.add_argument("--output", help="override config.output")
-    p.add_argument("--no-resume", action="store_true", help="start fresh even if OUTPUT/checkpoint.pt exists")
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start fresh (refused over an existing run unless --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="with --no-resume: delete the run in OUTPUT first"
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"how long a collective waits for a stuck rank (default {DEFAULT_TIMEOUT_S:g})",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")
     a = p.parse_args(argv)
     cfg = apply_overrides(load_config(a.config), a.set)
@@ -299,7 +360,9 @@ def cli(argv: list[str] | None = None) -> dict:
         cfg.output = a.output
     if a.no_resume:
         cfg.resume = False
-    return train(cfg)
+    if a.overwrite:
+        cfg.overwrite = True
+    return train(cfg, dist_timeout=a.dist_timeout)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,45 @@ __all__ = [
 
 FARS = (1e-4, 1e-3, 1e-2)
 
+# What an insightface .bin may reference: bytes/bytearray (py2 strings come as _codecs.encode) and numpy
+# arrays/scalars of bools or bytes. Anything else (os.system, subprocess, eval, ...) is refused, so a crafted
+# file cannot run code while it is read.
+_SAFE_GLOBALS = {
+    ("_codecs", "encode"),
+    ("builtins", "bytearray"),
+    ("builtins", "bytes"),
+    ("__builtin__", "bytearray"),
+    ("__builtin__", "bytes"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy", "bool_"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _BinUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only :data:`_SAFE_GLOBALS` (the types a verification .bin holds)."""
+
+    def __init__(self, fh, path: Path):
+        super().__init__(fh, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"{self.path}: refuses to load {module}.{name}: a verification .bin holds only image bytes "
+                "and booleans (this file would run code when unpickled)"
+            )
+        return super().find_class(module, name)
+
+
+def _read_bin_pickle(path: Path):
+    with open(path, "rb") as fh:
+        return _BinUnpickler(fh, path).load()
+
 
 def _decode(buf: bytes, size: int | None, channels: int) -> np.ndarray:
     from PIL import Image
@@ -54,8 +93,11 @@ def load_bin(
     if not path.is_file():
         raise FileNotFoundError(f"verification file not found: {path}")
     try:
-        with open(path, "rb") as fh:
-            bins, issame = pickle.load(fh, encoding="bytes")
+        bins, issame = _read_bin_pickle(path)
+    except pickle.UnpicklingError as exc:
+        if str(path) in str(exc):
+            raise ValueError(str(exc)) from None
+        raise ValueError(f"{path}: not an insightface verification .bin: {exc}") from exc
     except Exception as exc:
         raise ValueError(
             f"{path}: not an insightface verification .bin (pickled (bins, issame_list)): {exc}"

@@ -61,3 +61,26 @@ def test_pml_training_loop_step_with_regularizer_and_reducer():
         y = torch.arange(num_classes)
         acc = (loss_func.get_logits(model(centres[y])).argmax(1) == y).float().mean().item()
     assert acc > 0.9
+
+
+@pytest.mark.parametrize("miner_name", ["MultiSimilarityMiner", "BatchHardMiner", "TripletMarginMiner"])
+def test_miner_indices_weight_the_loss_like_pml_arcface(miner_name):
+    from pytorch_metric_learning import miners
+
+    torch.manual_seed(2)
+    mine = MHSArcFaceLoss(95, 16, head_sizes=(10, 10), margin=28.6, scale=30)
+    ref = losses.ArcFaceLoss(95, 16, margin=28.6, scale=30)
+    with torch.no_grad():
+        ref.W.copy_(mine.W)
+    y = torch.cat([torch.arange(0, 95, 10), torch.arange(0, 95, 10), torch.randint(0, 95, (20,))])
+    x = torch.randn(len(y), 16)
+    miner = getattr(miners, miner_name)()
+    tuples = miner(x, y)
+    assert sum(len(t) for t in tuples) > 0
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = mine(x1, y, tuples), ref(x2, y, tuples)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    assert a.item() != pytest.approx(mine(x, y).item(), rel=1e-3)  # the miner changes the loss
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)

@@ -20,7 +20,7 @@ from insightface_ext.train import cli as train_main
 from insightface_ext.train import poly_warmup
 from insightface_ext.verification import embed_images, evaluate_bin, load_bin, verification_metrics, write_bin
 from mhe_plugins.metrics import pair_scores
-from mhe_plugins.training import load_checkpoint
+from mhe_plugins.training import ShardedCheckpoint, load_checkpoint
 
 NUM_IDS, PER_ID = 20, 6
 
@@ -80,6 +80,11 @@ def setup(tmp_path_factory):
     return d, cfg
 
 
+def _latest(out: Path, name: str) -> dict:
+    """A file of the newest complete checkpoint in a face run folder."""
+    return ShardedCheckpoint(out / "checkpoints").latest().load(name)
+
+
 def test_poly_warmup_schedule():
     assert poly_warmup(0, 100, 10) == 0 and poly_warmup(5, 100, 10) == 0.5
     assert poly_warmup(10, 100, 10) == 1.0 and poly_warmup(55, 100, 10) == pytest.approx(0.25)
@@ -107,13 +112,13 @@ def test_train_learns_and_resumes_exactly(setup, tmp_path):
     assert full["val"]["val"]["num_pairs"] == 2 * NUM_IDS
     # stop after 4 steps, resume to 12: identical backbone and head to the uninterrupted run
     train_main([str(cfg), "--output", str(tmp_path / "b"), "--set", "max_steps=4"])
-    ck = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    ck = _latest(tmp_path / "b", "state.pt")
     assert ck["step"] == 4
     train_main([str(cfg), "--output", str(tmp_path / "b"), "--set", "max_steps=12"])
     a, b = (load_checkpoint(tmp_path / x / "model.pt") for x in "ab")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-    ha, hb = (load_checkpoint(tmp_path / x / "head_shard_0.pt") for x in "ab")
+    ha, hb = (_latest(tmp_path / x, "head_shard_0.pt") for x in "ab")
     torch.testing.assert_close(ha["weight"], hb["weight"], rtol=0, atol=1e-6)
     torch.testing.assert_close(ha["momentum"], hb["momentum"], rtol=0, atol=1e-6)
 
@@ -144,20 +149,20 @@ def test_torchrun_two_ranks_then_resume_in_one(setup, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    s0, s1 = (load_checkpoint(out / f"head_shard_{r}.pt") for r in range(2))
+    s0, s1 = (_latest(out, f"head_shard_{r}.pt") for r in range(2))
     assert (s0["group_start"], s0["group_end"], s1["group_start"], s1["group_end"]) == (0, 2, 2, 4)
     assert s0["step"] == s1["step"] == 3
     # the 2-rank shards are re-sharded into a 1-process head on resume
     res = train_main([str(cfg), "--output", str(out), "--set", "max_steps=5", "batch_size=4"])
     assert res["steps"] == 5
-    one = load_checkpoint(out / "head_shard_0.pt")
+    one = _latest(out, "head_shard_0.pt")
     assert one["world_size"] == 1 and (one["group_start"], one["group_end"]) == (0, 4)
     # groups not sampled in steps 4-5 keep exactly the values the two ranks wrote
-    w2 = torch.cat([s0["weight"], s1["weight"]])
-    kept = (one["weight"] == w2).all(1)
+    w2 = torch.cat([s0["weight"], s1["weight"]]).flatten(1)
+    kept = (one["weight"].flatten(1) == w2).all(1)
     changed = ~kept
     assert changed.any()
-    torch.testing.assert_close(one["weight"][kept], w2[kept])
+    torch.testing.assert_close(one["weight"].flatten(1)[kept], w2[kept])
 
 
 def test_eval_cli_bin_and_pairs_and_export(setup, tmp_path):
@@ -205,3 +210,94 @@ def test_eval_cli_bin_and_pairs_and_export(setup, tmp_path):
         ["--config", str(cfg), "--weights", str(weights), "--output", str(tmp_path / "m.onnx")]
     )
     assert Path(out["path"]).is_file() and out["max_abs_diff"] < 1e-4
+
+
+def test_kill_between_checkpoint_files_resumes_from_last_complete(setup, tmp_path, monkeypatch):
+    d, cfg = setup
+    out = tmp_path / "k"
+    train_main([str(cfg), "--output", str(out), "--set", "max_steps=4"])
+
+    def killed(self, step, names, meta=None):  # every file of step 8 is written, the manifest never is
+        raise KeyboardInterrupt(f"killed before committing step {step}")
+
+    monkeypatch.setattr(ShardedCheckpoint, "commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_main([str(cfg), "--output", str(out), "--set", "max_steps=8"])
+    monkeypatch.undo()
+    assert (out / "checkpoints" / "step-0000000008" / "head_shard_0.pt").is_file()
+    assert ShardedCheckpoint(out / "checkpoints").latest().step == 4
+    model_at_4 = load_checkpoint(out / "model.pt")  # model.pt is replaced only after a commit
+    torch.testing.assert_close(model_at_4, _latest(out, "state.pt")["backbone"], rtol=0, atol=0)
+    res = train_main([str(cfg), "--output", str(out), "--set", "max_steps=8"])
+    assert res["steps"] == 8 and _latest(out, "state.pt")["step"] == 8
+    steps = [
+        r["step"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r
+    ]
+    assert steps == list(range(1, 9))  # no row twice after the resume
+    ref = train_main([str(cfg), "--output", str(tmp_path / "ref"), "--set", "max_steps=8"])
+    a, b = load_checkpoint(out / "model.pt"), load_checkpoint(Path(ref["output"]) / "model.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_old_layout_resumes_or_says_why_not(setup, tmp_path):
+    d, cfg = setup
+    out = tmp_path / "old"
+    train_main([str(cfg), "--output", str(out), "--set", "max_steps=4"])
+    ref = ShardedCheckpoint(out / "checkpoints").latest()
+    # the layout of earlier versions: checkpoint.pt + head_shard_<rank>.pt at the root
+    torch.save(ref.load("state.pt"), out / "checkpoint.pt")
+    shard = ref.load("head_shard_0.pt")
+    shard["weight"] = shard["weight"].flatten(1)  # stored as (groups, C_rest * d) then
+    shard["momentum"] = shard["momentum"].flatten(1)
+    torch.save(shard, out / "head_shard_0.pt")
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")
+    other = tmp_path / "old_bad"
+    shutil.copytree(out, other)
+    res = train_main([str(cfg), "--output", str(out), "--set", "max_steps=6"])
+    assert res["steps"] == 6
+    full = train_main([str(cfg), "--output", str(tmp_path / "full"), "--set", "max_steps=6"])
+    a, b = load_checkpoint(out / "model.pt"), load_checkpoint(Path(full["output"]) / "model.pt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    shard["step"] = 8  # a kill between the two files of the old layout
+    torch.save(shard, other / "head_shard_0.pt")
+    with pytest.raises(
+        RuntimeError, match=r"checkpoint.pt is from step 4 but head_shard_0.pt is from step 8"
+    ):
+        train_main([str(cfg), "--output", str(other), "--set", "max_steps=6"])
+
+
+def test_run_folder_policy_config_types_and_dist_timeout(setup, tmp_path):
+    d, cfg = setup
+    out = tmp_path / "p"
+    train_main([str(cfg), "--output", str(out), "--set", "max_steps=2"])
+    with pytest.raises(FileExistsError, match=r"already holds a training run .*--overwrite"):
+        train_main([str(cfg), "--output", str(out), "--no-resume", "--set", "max_steps=2"])
+    (out / ".model.pt.123.tmp").write_bytes(b"half")  # left by a killed writer
+    res = train_main([str(cfg), "--output", str(out), "--no-resume", "--overwrite", "--set", "max_steps=1"])
+    assert res["steps"] == 1 and not (out / ".model.pt.123.tmp").exists()
+    assert ShardedCheckpoint(out / "checkpoints").latest().step == 1  # the old steps 1-2 are gone
+    with pytest.raises(ValueError, match=r"--set lr=abc: config key 'lr' must be float, got 'abc'"):
+        train_main([str(cfg), "--output", str(out), "--set", "lr=abc"])
+    with pytest.raises(
+        ValueError, match=r"--set batch_size=2.5: config key 'batch_size' must be int, got 2.5"
+    ):
+        train_main([str(cfg), "--output", str(out), "--set", "batch_size=2.5"])
+    with pytest.raises(ValueError, match="distributed timeout must be > 0 seconds, got 0.0"):
+        train_main([str(cfg), "--output", str(out), "--dist-timeout", "0"])
+
+
+def test_frozen_rank_fails_with_dist_timeout_message(setup, tmp_path):
+    d, cfg = setup
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(Path(__file__).parent / "face_timeout_worker.py"), str(cfg), "--output", str(tmp_path / "t")]
+    cmd += ["--dist-timeout", "3", "--set", "batch_size=4", "save_every=100"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180
+    )
+    assert proc.returncode != 0
+    msg = "rank 0/2: a collective did not complete within 3 s at epoch 0 step 2"
+    assert msg in proc.stderr, proc.stderr[-3000:]
