@@ -13,7 +13,9 @@ Reported: mean ± std over seeds of the **last** epoch on the held-out fonts (te
 the curves only, no selection on it), the per-epoch curves as a PNG. Each run lives in
 ``WORK/<variant>/seed<k>`` and is a plain ``mhe-timm-train`` run: a rerun skips finished runs, resumes
 unfinished ones from their ``last.pt``, and results are rewritten (``"partial": true`` until every planned
-run is done) after each run, so several processes (``--variants``) can share a work dir.
+run is done) after each run, so several processes (``--variants``) can share a work dir. A finished run's
+summary is also copied to ``OUT/runs/glyphs/<variant>_seed<k>.json`` (committed with the results), so a rerun
+on a fresh machine, whose work dir is gone, skips it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 from mhe_plugins.heads import MHSHead
-from mhe_plugins.training import atomic_write_json, atomic_write_text
+from mhe_plugins.training import atomic_copy, atomic_write_json, atomic_write_text
 
 from .train import RUN_FILES, build_parser, train
 
@@ -96,9 +98,19 @@ def run_args(a: argparse.Namespace, variant: str, seed: int, work: Path) -> argp
     return build_parser().parse_args(argv)
 
 
-def load_run(work: Path, variant: str, seed: int, epochs: int) -> dict | None:
-    """The run's summary when it finished all ``epochs``, else None; a run of another length is an error."""
+def stored_run(store: Path, variant: str, seed: int) -> Path:
+    """Where a finished run's summary is kept in the repository (``--out-dir``/runs/glyphs), so that a rerun
+    on a fresh machine, whose work dir is gone, skips it."""
+    return store / f"{variant}_seed{seed}.json"
+
+
+def load_run(work: Path, variant: str, seed: int, epochs: int, store: Path | None = None) -> dict | None:
+    """The run's summary when it finished all ``epochs``, else None; a run of another length is an error.
+
+    Looks in the work dir first, then in the committed ``store`` of finished runs."""
     path = run_dir(work, variant, seed) / "summary.json"
+    if not path.is_file() and store is not None:
+        path = stored_run(store, variant, seed)
     if not path.is_file():
         return None
     summary = json.loads(path.read_text(encoding="utf-8"))
@@ -108,6 +120,10 @@ def load_run(work: Path, variant: str, seed: int, epochs: int) -> dict | None:
             f"{path}: run planned for {planned} epochs but --epochs is {epochs}; use another --work-dir"
         )
     return summary if len(summary["history"]) >= epochs else None
+
+
+def run_store(a: argparse.Namespace) -> Path:
+    return Path(a.out_dir) / "runs" / "glyphs"
 
 
 def summarise(summary: dict) -> dict:
@@ -186,7 +202,8 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
 def collect(a: argparse.Namespace, work: Path, variants: list[str], fixed: dict[str, str]) -> dict:
     """Everything finished in ``work``: variants at the first seed, chosen defaults over seeds, partial flag."""
     seed0 = a.seeds[0]
-    explored = {v: load_run(work, v, seed0, a.epochs) for v in variants}
+    store = run_store(a)
+    explored = {v: load_run(work, v, seed0, a.epochs, store) for v in variants}
     runs = {v: (summarise(s) if s else None) for v, s in explored.items()}
     selection = choose(runs, fixed)
     methods, complete = {}, True
@@ -197,7 +214,7 @@ def collect(a: argparse.Namespace, work: Path, variants: list[str], fixed: dict[
             continue
         per_seed = {}
         for s in a.seeds:
-            summ = load_run(work, chosen, s, a.epochs)
+            summ = load_run(work, chosen, s, a.epochs, store)
             if summ is not None:
                 per_seed[s] = summarise(summ)
         complete &= len(per_seed) == len(a.seeds)
@@ -438,11 +455,15 @@ def main(argv: list[str] | None = None) -> int:
     mine = set(a.run_variants or variants)
     t0 = time.time()
 
+    store = run_store(a)
+
     def do_run(variant: str, seed: int) -> None:
-        if variant not in mine or load_run(work, variant, seed, a.epochs) is not None:
+        if variant not in mine or load_run(work, variant, seed, a.epochs, store) is not None:
             return
         print(f"== {variant} seed {seed}", flush=True)
         train(run_args(a, variant, seed, work))
+        if load_run(work, variant, seed, a.epochs) is not None:  # keep it where a fresh machine finds it
+            atomic_copy(run_dir(work, variant, seed) / "summary.json", stored_run(store, variant, seed))
         meta["wall_s"] = round(time.time() - t0, 1)
         write_results(collect(a, work, variants, fixed), meta, out_dir)
 

@@ -83,3 +83,19 @@ def test_bench_protocol_seeds_choice_and_resume(tmp_path, monkeypatch):
     # a work dir from another schedule is refused instead of mixed in
     with pytest.raises(ValueError, match="planned for 2 epochs but --epochs is 3"):
         main([*argv[:5], "3", *argv[6:]])
+    # a fresh machine (work dir gone) finds the finished runs in the committed store and trains nothing
+    import shutil
+
+    shutil.rmtree(work)
+    assert sorted(p.name for p in (out / "runs" / "glyphs").iterdir())[:2] == [
+        "linear_seed0.json",
+        "linear_seed1.json",
+    ]
+
+    def no_training(*args, **kw):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("timm_ext.bench.train", no_training)
+    main(argv)
+    fresh = json.loads((out / "glyphs.json").read_text())
+    assert fresh["methods"] == res["methods"] and fresh["partial"] is False
