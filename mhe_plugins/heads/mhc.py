@@ -193,8 +193,42 @@ class MHCHead(MHEHead):
         Only the C_0 groups and the C_h children of the true prefix are scored (batched gathers + bmm);
         nothing |V|-wide is formed.
         """
-        out = self(x, target)
-        return [F.log_softmax(upcast(z), -1) for z in out.logits]
+        flat, _ = self._flat(x)
+        digits = self.codec.encode(target.reshape(-1))
+        logits, prefix = [self._root_logits(flat)], digits[:, 0]
+        for h in range(1, self.codec.num_heads):
+            logits.append(self._sibling_logits(h, self.queries[h - 1](flat), prefix))
+            prefix = prefix * self.codec.head_sizes[h] + digits[:, h]
+        return [F.log_softmax(upcast(z), -1) for z in logits]
+
+    GROUPED_MAX_PARENTS = 512  # above this many distinct parents in a batch, score per item instead
+
+    def _sibling_logits(self, level: int, query: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+        """(B, C_level) logits of the children of ``parent`` (B,), masked; nothing |V|-wide.
+
+        Items are sorted by parent and each parent's children are scored for all its items with one
+        (n_p, hidden) x (hidden, C) matmul: dense GEMMs instead of gathering a (B, C, hidden) copy of the
+        node table (4-10x faster on CPU at |V| = 8k-32k). With very many distinct parents (deep trees)
+        it falls back to the per-item product.
+        """
+        size = self.codec.head_sizes[level]
+        weight, bias = self.node_embed[level - 1].weight, self.node_bias[level - 1].weight
+        uniq, inverse, counts = torch.unique(parent, return_inverse=True, return_counts=True)
+        nodes = parent[:, None] * size + torch.arange(size, device=parent.device)
+        if uniq.numel() > self.GROUPED_MAX_PARENTS:
+            emb = self.node_embed[level - 1](nodes)  # (B, C, hidden)
+            z = (emb * query[:, None, :]).sum(-1) + bias[:, 0][nodes]
+        else:
+            rows = bias.shape[0]  # prod(C[: level + 1]) nodes; a tied leaf table may have fewer rows
+            if weight.shape[0] < rows:
+                weight = F.pad(weight, (0, 0, 0, rows - weight.shape[0]))
+            tables = weight.view(-1, size, weight.shape[1]).index_select(0, uniq).unbind(0)
+            biases = bias.view(-1, size).index_select(0, uniq).unbind(0)
+            order = torch.argsort(inverse, stable=True)
+            pieces = query.index_select(0, order).split(counts.tolist())
+            z_sorted = torch.cat([q @ t.t() + b for q, t, b in zip(pieces, tables, biases)])
+            z = z_sorted.index_select(0, torch.argsort(order))
+        return z.masked_fill(nodes > self._limits[level], float("-inf"))
 
     def target_log_prob(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Exact log p(target) per item, shaped like ``target``: sum over levels of log p(digit | prefix)."""

@@ -182,3 +182,31 @@ def test_mhp_token_smoothing_keeps_one_minus_eps_on_true_id():
     assert float(got_ign) == pytest.approx(float(ref[2:].sum()), rel=1e-9)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         per_head_smoothing(1.0, 2)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_grouped_and_per_item_sibling_scoring_agree(tied, monkeypatch):
+    torch.manual_seed(4)
+    codec = LabelCodec([4, 5, 3], 53)  # 60 >= 53: tied table has fewer rows than leaf nodes
+    head = MHCHead(6, codec, hidden_dim=5).double()
+    for b in head.node_bias:
+        nn.init.normal_(b.weight)
+    if tied:
+        head.tie_leaf_embedding(nn.Parameter(torch.randn(53, 5, dtype=torch.float64)))
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 53, (40,))
+
+    def run():
+        head.zero_grad()
+        loss, nll = head.smoothed_nll(x, y, 0.1)
+        loss.sum().backward()
+        return loss.detach(), nll.detach(), [p.grad.clone() for p in head.parameters()]
+
+    grouped = run()
+    monkeypatch.setattr(MHCHead, "GROUPED_MAX_PARENTS", 0)
+    per_item = run()
+    torch.testing.assert_close(grouped[0], per_item[0])
+    torch.testing.assert_close(grouped[1], per_item[1])
+    for a, b in zip(grouped[2], per_item[2]):
+        torch.testing.assert_close(a, b)
+    # and both equal the brute-force label log-probs
+    torch.testing.assert_close(-grouped[1], _brute(head, x).gather(1, y[:, None])[:, 0])
