@@ -55,7 +55,14 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     ]
     argv += ["--beam", "2", "--scaling-vocabs", "300,1200", "--scaling-dim", "8", "--scaling-tokens", "16"]
     argv += ["--scaling-reps", "1"]
-    res = bench.main(argv)
+    # docs: methods may run as separate processes; a run with a subset trains those and writes no report
+    part = bench.main([*argv, "--methods", "ce,adaptive"])
+    assert (
+        part["by_vocab"]["300"]["methods"].keys() == {"ce", "adaptive"}
+        and not (out / "nmt_ende.json").exists()
+    )
+    res = bench.main(argv)  # trains mhp + mhc, finds ce + adaptive done, reports
+    assert res["by_vocab"]["300"]["methods"]["ce"] == part["by_vocab"]["300"]["methods"]["ce"]
 
     saved = json.loads((out / "nmt_ende.json").read_text())
     assert saved["by_vocab"].keys() == {"300"} and saved["methods"].keys() == set(bench.METHODS)

@@ -43,7 +43,8 @@ def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nmt")
     # docs/fairseq.md: the committed sample -> raw/, spm600.model, bpe600/, bin600/ (400 training pairs:
     # enough to see a tiny model fit real text in ~100 CPU updates)
-    cmd = [sys.executable, "-m", "fairseq_ext.datasets", "sample", "--out", str(root), "--train-lines", "400"]
+    cmd = [sys.executable, "-m", "fairseq_ext.datasets", "sample", "--out", str(root), "--vocab", "600"]
+    cmd += ["--train-lines", "400"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (root / "bin600" / "dict.de.txt").is_file() and (root / "spm600.model").is_file()
