@@ -369,3 +369,29 @@ def test_mhc_beam_search_and_sampling_scores_are_full_vocab_log_probs():
     gen = SequenceGenerator([model], d, beam_size=2, max_len_b=6, search_strategy=Sampling(d))
     hyps = gen.forward(sample)
     assert all(len(b) == 2 and all(torch.isfinite(h["positional_scores"]).all() for h in b) for b in hyps)
+
+
+def test_mhc_score_reference_and_iwslt_arch():
+    from fairseq.sequence_scorer import SequenceScorer
+
+    task = _task()
+    d = task.target_dictionary
+    sample = _sample(d)
+    model = _mhc(task).eval()
+    hyps = SequenceScorer(d).generate([model], sample)  # what fairseq-generate --score-reference runs
+    with torch.no_grad():
+        lp = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
+    teacher = lp.gather(-1, sample["target"].unsqueeze(-1)).squeeze(-1)
+    for i, h in enumerate(hyps):
+        n = int(sample["target"][i].ne(d.pad()).sum())
+        torch.testing.assert_close(h[0]["positional_scores"], teacher[i, :n], atol=1e-5, rtol=1e-5)
+    # the iwslt arch keeps working with either method (its own sizes: 4 heads, 1024 FFN, 6 layers)
+    for method in ("mhp", "mhc"):
+        args = argparse.Namespace(arch="transformer_mhe_iwslt_de_en", mhe_method=method, max_source_positions=64,
+                                  max_target_positions=64, encoder_layers=1, decoder_layers=1)  # fmt: skip
+        ARCH_CONFIG_REGISTRY["transformer_mhe_iwslt_de_en"](args)
+        assert args.decoder_ffn_embed_dim == 1024 and args.decoder_attention_heads == 4
+        m = task.build_model(args)
+        assert m.decoder.method == method and args.mhe_heads == 2
+        out = m.get_normalized_probs(m(**sample["net_input"]), log_probs=True)
+        torch.testing.assert_close(out.exp().sum(-1), torch.ones(out.shape[:-1]), atol=1e-5, rtol=0)
