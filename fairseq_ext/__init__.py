@@ -1,4 +1,4 @@
-"""fairseq plugin: ``--arch transformer_mhe`` (MHP output layer) + ``--criterion mhe_cross_entropy``.
+"""fairseq plugin: ``--arch transformer_mhe`` (MHP or MHC output layer) + ``--criterion mhe_cross_entropy``.
 
 Two ways in, both registering the same modules exactly once:
 - ``fairseq-train ... --user-dir $(python -m fairseq_ext)``: fairseq imports this package by its directory
@@ -27,7 +27,9 @@ def register() -> None:
     # fairseq (legacy-args models) pickles an argparse.Namespace into every checkpoint; torch>=2.6 loads with
     # weights_only=True. Allow just that class, so loading stays safe for untrusted files.
     torch.serialization.add_safe_globals([argparse.Namespace])
-    from . import criterion, model  # noqa: F401  (registration happens at import)
+    from . import checkpoints, criterion, model  # noqa: F401  (registration happens at import)
+
+    checkpoints.install()  # atomic checkpoint copies; recover from a truncated checkpoint_last.pt
 
 
 if "fairseq" in sys.modules:  # imported by fairseq's --user-dir (or after fairseq): register now

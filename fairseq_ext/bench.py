@@ -1,10 +1,15 @@
-"""``python -m fairseq_ext.bench --data-dir DIR``: standard output layer vs MHE on en-de, same budget.
+"""``python -m fairseq_ext.bench --data-dir DIR``: four NMT output layers on en-de, same model and budget.
 
-Trains the same small transformer twice through fairseq's own CLIs (``label_smoothed_cross_entropy`` +
-``transformer`` vs ``mhe_cross_entropy`` + ``transformer_mhe``), decodes the test set with beam 5, scores
-detokenised output with sacreBLEU against the raw references, and times the output layer alone at
-|V| = 8k / 32k / 256k. Writes ``nmt_ende.{json,md,png}``. Re-running resumes: fairseq continues from
-``checkpoint_last.pt`` and finished steps are skipped.
+Trains the same transformer through fairseq's own CLIs with (1) the standard output layer +
+``label_smoothed_cross_entropy``, (2) fairseq's adaptive softmax (``adaptive_loss``), (3) MHP and (4) MHC
+(``transformer_mhe --mhe-method mhp|mhc`` + ``mhe_cross_entropy``), at every ``--vocabs`` size (joint
+sentencepiece BPE), decodes the full test set with beam 5 (``--required-batch-size-multiple 1``: no
+sentence dropped), scores detokenised output with sacreBLEU and chrF against the raw references, and times
+the output layers alone at |V| = 8k / 32k / 256k. Writes ``nmt_ende.{json,md,png}``.
+
+Long runs are resumable: each method trains in its own save dir and fairseq continues from
+``checkpoint_last.pt``; a method whose ``DONE`` file holds >= ``--max-update`` is not retrained, a decode
+newer than its checkpoint is not redone; a larger ``--max-update`` continues training and re-decodes.
 """
 
 from __future__ import annotations
@@ -25,13 +30,30 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fairseq_ext import USER_DIR
-from mhe_plugins import LabelCodec, MHPHead
+from mhe_plugins import LabelCodec, MHCHead, MHPHead
 from mhe_plugins.training import atomic_write_json, atomic_write_text
 
+LS = ["--label-smoothing", "0.1", "--report-accuracy"]
+MHE = ["--arch", "transformer_mhe", "--criterion", "mhe_cross_entropy", "--mhe-heads", "2", *LS]
 METHODS = {
-    "ce": ["--arch", "transformer", "--criterion", "label_smoothed_cross_entropy"],
-    "mhe": ["--arch", "transformer_mhe", "--criterion", "mhe_cross_entropy", "--mhe-heads", "2"],
+    "ce": ["--arch", "transformer", "--criterion", "label_smoothed_cross_entropy", *LS],
+    # adaptive_loss takes no label smoothing; it refuses torch's DDP, hence legacy_ddp (also on one CPU)
+    "adaptive": ["--arch", "transformer", "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp"],
+    "mhp": [*MHE, "--mhe-method", "mhp"],
+    "mhc": [*MHE, "--mhe-method", "mhc"],
 }
+NAMES = {
+    "ce": "standard (label_smoothed_cross_entropy)",
+    "adaptive": "fairseq adaptive softmax (adaptive_loss)",
+    "mhp": "MHP (mhe_cross_entropy, --mhe-method mhp)",
+    "mhc": "MHC (mhe_cross_entropy, --mhe-method mhc)",
+}
+CONVERGED_BITS = 0.05  # CE's valid nll may move less than this over the last fifth of training
+
+
+def adaptive_cutoffs(vocab_size: int) -> str:
+    """Head cluster = the most frequent quarter of the dictionary, two tail clusters (fairseq's usual 3)."""
+    return f"{vocab_size // 4},{vocab_size * 3 // 4}"
 
 
 def model_args(dim: int, layers: int, heads: int) -> list[str]:
@@ -118,7 +140,12 @@ def _done_updates(done: Path) -> int:
         return 0
 
 
-def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace) -> dict:
+def method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str]:
+    extra = ["--adaptive-softmax-cutoff", a.adaptive_cutoffs or adaptive_cutoffs(vocab_size)]
+    return METHODS[method] + (extra if method == "adaptive" else [])
+
+
+def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_size: int) -> dict:
     save = work / method
     save.mkdir(parents=True, exist_ok=True)
     log = save / "train.log"
@@ -132,11 +159,9 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace) -> dict
         "--task",
         "translation",
     ]
-    cmd += METHODS[method] + model_args(a.dim, a.layers, a.heads)
+    cmd += method_args(method, vocab_size, a) + model_args(a.dim, a.layers, a.heads)
     cmd += [
         "--dropout",
-        "0.1",
-        "--label-smoothing",
         "0.1",
         "--optimizer",
         "adam",
@@ -153,8 +178,7 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace) -> dict
         "--log-format",
         "json",
         "--log-interval",
-        "50",
-        "--report-accuracy",
+        str(LOG_INTERVAL),
     ]
     done = save / "DONE"  # holds the --max-update reached; a larger budget continues from checkpoint_last.pt
     if _done_updates(done) < a.max_update:
@@ -177,14 +201,16 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace) -> dict
             {
                 int(r["num_updates"]): {
                     "updates": int(r["num_updates"]),
-                    "nll_loss": r["nll_loss"],
+                    "nll_loss": r.get("nll_loss", r["loss"]),  # adaptive_loss logs only loss when equal
                     "ppl": r["ppl"],
                 }
                 for r in stats["valid"]
             }.values(),
             key=lambda r: r["updates"],
         ),
-        "valid_nll_loss": stats["valid"][-1]["nll_loss"] if stats["valid"] else None,
+        "valid_nll_bits": stats["valid"][-1].get("nll_loss", stats["valid"][-1]["loss"])
+        if stats["valid"]
+        else None,
         "valid_accuracy": stats["valid"][-1].get("accuracy") if stats["valid"] else None,
         "checkpoint": str(save / "checkpoint_last.pt"),
     }
@@ -214,8 +240,10 @@ def generate(method: str, bin_dir: Path, work: Path, refs: list[str], a: argpars
     sys_out = [hyps[i] for i in range(len(refs))]
     metric = sacrebleu.metrics.BLEU()
     bleu = metric.corpus_score(sys_out, [refs])
+    chrf = sacrebleu.metrics.CHRF().corpus_score(sys_out, [refs])
     return {
         "bleu": round(bleu.score, 2),
+        "chrf": round(chrf.score, 2),
         "bleu_detail": str(bleu),
         "bleu_signature": str(metric.get_signature()),
         "gen_sent_per_s": float(speed.group(3)),
@@ -228,9 +256,15 @@ def output_params(ckpt: str) -> dict:
 
     torch.serialization.add_safe_globals([_argparse.Namespace])
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
-    out = sum(v.numel() for k, v in state.items() if k.startswith("decoder.output_projection."))
-    total = sum(v.numel() for k, v in state.items() if not k.endswith("version") and v.is_floating_point())
-    return {"output_params": out, "total_params": total}
+    # tied tensors share storage with the input embeddings: count every storage once, as its first key
+    seen, unique = set(), {}
+    for k, v in state.items():
+        if v.is_floating_point() and not k.endswith("version") and v.untyped_storage().data_ptr() not in seen:
+            seen.add(v.untyped_storage().data_ptr())
+            unique[k] = v.numel()
+    out_prefixes = ("decoder.output_projection.", "decoder.adaptive_softmax.")
+    out = sum(n for k, n in unique.items() if k.startswith(out_prefixes))
+    return {"output_params": out, "total_params": sum(unique.values())}
 
 
 def _time(fn, reps: int) -> float:
@@ -249,39 +283,51 @@ def _scaling_one(v: int, dim: int, tokens: int, rows: int, reps: int) -> dict:
     xr = torch.randn(rows, dim)
     dense = torch.nn.Linear(dim, v, bias=False)
     codec = LabelCodec.balanced(v, 2)
-    mhe = MHPHead(dim, codec, bias=False)
+    mhp = MHPHead(dim, codec, bias=False)
+    mhc = MHCHead(dim, codec, hidden_dim=dim)
 
     def dense_step():
         F.cross_entropy(dense(x), y, label_smoothing=0.1).backward()
 
-    def mhe_step():
-        mhe.loss(mhe(x), y, label_smoothing=0.1).backward()
+    def mhp_step():
+        mhp.token_smoothed_loss(mhp(x), y, 0.1).backward()
+
+    def mhc_step():
+        mhc.smoothed_nll(x, y, 0.1)[0].sum().backward()
 
     @torch.no_grad()
     def dense_lp():
         return F.log_softmax(dense(xr).float(), -1)
 
     @torch.no_grad()
-    def mhe_lp():
-        return mhe.log_prob(xr)
+    def mhp_lp():
+        return mhp.log_prob(xr)
+
+    @torch.no_grad()
+    def mhc_lp():
+        return mhc.log_prob_batched(xr)
 
     r = {
         "head_sizes": list(codec.head_sizes),
         "ce_params": dense.weight.numel(),
-        "mhe_params": sum(p.numel() for p in mhe.parameters()),
-        "ce_train_step_ms": 1e3 * _time(dense_step, reps),
-        "mhe_train_step_ms": 1e3 * _time(mhe_step, reps),
-        "ce_beam_logprobs_ms": 1e3 * _time(dense_lp, reps),
-        "mhe_beam_logprobs_ms": 1e3 * _time(mhe_lp, reps),
+        "mhp_params": sum(p.numel() for p in mhp.parameters()),
+        "mhc_params": sum(p.numel() for p in mhc.parameters()),
     }
-    r["param_ratio"] = r["ce_params"] / r["mhe_params"]
-    r["train_step_speedup"] = r["ce_train_step_ms"] / r["mhe_train_step_ms"]
-    r["beam_logprobs_speedup"] = r["ce_beam_logprobs_ms"] / r["mhe_beam_logprobs_ms"]
+    for name, step, lp in (
+        ("ce", dense_step, dense_lp),
+        ("mhp", mhp_step, mhp_lp),
+        ("mhc", mhc_step, mhc_lp),
+    ):
+        r[f"{name}_train_step_ms"] = 1e3 * _time(step, reps)
+        r[f"{name}_beam_logprobs_ms"] = 1e3 * _time(lp, reps)
+    for name in ("mhp", "mhc"):
+        r[f"{name}_train_step_speedup"] = r["ce_train_step_ms"] / r[f"{name}_train_step_ms"]
+        r[f"{name}_beam_logprobs_speedup"] = r["ce_beam_logprobs_ms"] / r[f"{name}_beam_logprobs_ms"]
     return {k: (round(val, 3) if isinstance(val, float) else val) for k, val in r.items()}
 
 
 def scaling(vocabs: list[int], dim: int, tokens: int, rows: int, reps: int) -> dict:
-    """Output layer alone: params, train step (fwd+bwd of projection + loss), one beam step's log-probs."""
+    """Output layers alone: params, train step (fwd+bwd of projection + loss), one beam step's log-probs."""
     torch.manual_seed(0)
     res = {
         str(v): _scaling_one(v, dim, tokens, rows, reps) for v in tqdm(vocabs, desc="output-layer scaling")
@@ -296,6 +342,7 @@ def cached_scaling(path: Path, a: argparse.Namespace) -> dict:
         "dim": a.scaling_dim,
         "tokens": a.scaling_tokens,
         "reps": a.scaling_reps,
+        "methods": ["ce", "mhp", "mhc"],
     }
     if path.exists():
         old = json.loads(path.read_text())
@@ -308,52 +355,130 @@ def cached_scaling(path: Path, a: argparse.Namespace) -> dict:
     return res
 
 
+def convergence(curve: list[dict], final: int) -> dict:
+    """Valid nll change over the last fifth of training: from the first point at >= 80 % of ``final``."""
+    pts = [p for p in curve if p["updates"] <= final]
+    start = next((p for p in pts if p["updates"] >= 0.8 * final), None)
+    if not pts or start is None or start is pts[-1]:
+        return {"from_update": None, "to_update": final, "delta_bits": None, "converged": False}
+    delta = pts[-1]["nll_loss"] - start["nll_loss"]
+    return {
+        "from_update": start["updates"],
+        "to_update": pts[-1]["updates"],
+        "delta_bits": round(delta, 4),
+        "converged": abs(delta) < CONVERGED_BITS,
+    }
+
+
+def targets(by_vocab: dict[str, dict]) -> list[dict]:
+    """The issue's targets, each with the measured figures and whether it is met."""
+    out = []
+    for v, res in by_vocab.items():
+        m = res["methods"]
+        ce, ad, mhc = m["ce"], m["adaptive"], m["mhc"]
+        out += [
+            {
+                "vocab": v,
+                "target": "MHC BLEU >= CE BLEU - 0.5",
+                "measured": f"{mhc['bleu']:.2f} vs {ce['bleu']:.2f} ({mhc['bleu'] - ce['bleu']:+.2f})",
+                "met": mhc["bleu"] >= ce["bleu"] - 0.5,
+            },
+            {
+                "vocab": v,
+                "target": "MHC valid nll <= CE + 0.2 bits",
+                "measured": f"{mhc['valid_nll_bits']:.3f} vs {ce['valid_nll_bits']:.3f} "
+                f"({mhc['valid_nll_bits'] - ce['valid_nll_bits']:+.3f})",
+                "met": mhc["valid_nll_bits"] <= ce["valid_nll_bits"] + 0.2,
+            },
+            {
+                "vocab": v,
+                "target": "MHC BLEU >= adaptive softmax BLEU",
+                "measured": f"{mhc['bleu']:.2f} vs {ad['bleu']:.2f}",
+                "met": mhc["bleu"] >= ad["bleu"],
+            },
+        ]
+    big = max(by_vocab, key=int)
+    ce, mhc = by_vocab[big]["methods"]["ce"], by_vocab[big]["methods"]["mhc"]
+    ratio = mhc["train_wps"] / ce["train_wps"]
+    out.append(
+        {
+            "vocab": big,
+            "target": "MHC train words/s >= 1.3x CE at the largest vocabulary",
+            "measured": f"{ratio:.2f}x ({mhc['train_wps']:,.0f} vs {ce['train_wps']:,.0f})",
+            "met": ratio >= 1.3,
+        }
+    )
+    return out
+
+
 def write_report(result: dict, out_dir: Path, stem: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(result, out_dir / f"{stem}.json")
-    m, c = result["methods"], result["config"]
+    c = result["config"]
     lines = [
-        "# NMT en-de (Debian DDTP + LibreOffice): standard output layer vs MHE",
+        "# NMT en-de (Debian DDTP + LibreOffice): four output layers, same transformer and budget",
         "",
         f"Data: {result['dataset']}. Model: transformer, {c['layers']}+{c['layers']} layers, d={c['dim']}, "
-        f"{c['heads']} attention heads, joint BPE {c['vocab']} (|V|={result['vocab_size']}), "
-        f"{c['max_update']} updates x {c['max_tokens']} tokens, adam lr {c['lr']}, label smoothing 0.1, "
-        f"CPU ({c['threads']} threads, shared machine). Test: beam {c['beam']}, sacreBLEU on detokenised output.",
+        f"FFN {4 * c['dim']}, {c['heads']} attention heads, untied output layers, dropout 0.1; "
+        f"{c['max_update']} updates x {c['max_tokens']} tokens, adam (0.9, 0.98) lr {c['lr']}, inverse_sqrt "
+        f"with {c['warmup']} warm-up updates, clip-norm 1.0, label smoothing 0.1 (not for adaptive_loss, "
+        f"which has none); CPU, {c['threads']} thread(s) per run. MHP/MHC: 2 heads (balanced sizes). "
+        f"Test: all {result['test_sentences']} sentences, beam {c['beam']}, "
+        "sacreBLEU / chrF on detokenised output vs the raw references.",
         "",
-        "| method | sacreBLEU | output-layer params | total params | valid nll (bits) | train words/s | gen sent/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    names = {"ce": "label_smoothed_cross_entropy + transformer", "mhe": "mhe_cross_entropy + transformer_mhe"}
-    for k in ("ce", "mhe"):
-        r = m[k]
+    for v, res in result["by_vocab"].items():
+        m = res["methods"]
+        conv = res["convergence"]["ce"]
+        lines += [
+            f"## Joint BPE {int(v):,} (|V| = {res['vocab_size']:,}; MHE heads {res['head_sizes']}; "
+            f"adaptive cutoffs {res['adaptive_cutoffs']})",
+            "",
+            "| method | sacreBLEU | chrF | valid nll (bits) | output-layer params | total params "
+            "| train words/s | gen sent/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for k in METHODS:
+            r = m[k]
+            lines.append(
+                f"| {NAMES[k]} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['valid_nll_bits']:.3f} | "
+                f"{r['output_params']:,} | {r['total_params']:,} | {r['train_wps']:,.0f} | "
+                f"{r['gen_sent_per_s']:.1f} |"
+            )
+        moved = "n/a" if conv["delta_bits"] is None else f"{conv['delta_bits']:+.3f} bits"
+        lines += [
+            "",
+            f"Budget check: CE's valid nll moved {moved} from update {conv['from_update']} to "
+            f"{conv['to_update']} (last fifth; converged means |change| < {CONVERGED_BITS}): "
+            f"**{'converged' if conv['converged'] else 'NOT converged - rerun with a larger --max-update'}**.",
+            "",
+        ]
+    lines += ["## Targets", "", "| |V| | target | measured | met |", "|---:|---|---|---|"]
+    for t in result["targets"]:
         lines.append(
-            f"| {names[k]} | {r['bleu']:.2f} | {r['output_params']:,} | {r['total_params']:,} | "
-            f"{r['valid_nll_loss']:.3f} | {r['train_wps']:,.0f} | {r['gen_sent_per_s']:.1f} |"
+            f"| {int(t['vocab']):,} | {t['target']} | {t['measured']} | {'yes' if t['met'] else '**NO**'} |"
         )
-    d = result["delta"]
-    lines += [
-        "",
-        f"MHE - CE BLEU: {d['bleu']:+.2f} (target >= -1.0: {'met' if d['bleu'] >= -1.0 else 'NOT met'}); "
-        f"output layer {d['output_param_ratio']:.1f}x fewer params; train speed x{d['train_wps_ratio']:.2f}; "
-        f"generation speed x{d['gen_speed_ratio']:.2f}.",
-        "",
-        "## Output layer alone",
-        "",
-        f"d={result['scaling']['dim']}; train step = projection + label-smoothed loss fwd+bwd on "
-        f"{result['scaling']['tokens']} tokens; beam step = full-|V| log-probs for "
-        f"{result['scaling']['beam_rows']} rows (64 sentences x beam 5); median of {result['scaling']['reps']}.",
-        "",
-        "| |V| | MHE heads | CE params | MHE params | ratio | CE step ms | MHE step ms | speed-up "
-        "| CE beam-step ms | MHE beam-step ms | speed-up |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for v, r in result["scaling"]["by_vocab"].items():
-        lines.append(
-            f"| {int(v):,} | {r['head_sizes']} | {r['ce_params']:,} | {r['mhe_params']:,} | {r['param_ratio']:.0f}x "
-            f"| {r['ce_train_step_ms']:.1f} | {r['mhe_train_step_ms']:.1f} | {r['train_step_speedup']:.1f}x "
-            f"| {r['ce_beam_logprobs_ms']:.1f} | {r['mhe_beam_logprobs_ms']:.1f} | {r['beam_logprobs_speedup']:.1f}x |"
-        )
-    lines += ["", f"![curves]({stem}.png)", ""]
+    sc = result.get("scaling") or {}
+    if sc:
+        lines += [
+            "",
+            "## Output layers alone",
+            "",
+            f"d={sc['dim']}; train step = projection + label-smoothed loss fwd+bwd on {sc['tokens']} tokens; "
+            f"beam step = full-|V| log-probs for {sc['beam_rows']} rows (64 sentences x beam 5); "
+            f"median of {sc['reps']}; MHC hidden width = d.",
+            "",
+            "| |V| | heads | CE params | MHP params | MHC params | CE step ms | MHP step ms | MHC step ms "
+            "| CE beam ms | MHP beam ms | MHC beam ms |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for v, r in sc["by_vocab"].items():
+            lines.append(
+                f"| {int(v):,} | {r['head_sizes']} | {r['ce_params']:,} | {r['mhp_params']:,} | {r['mhc_params']:,} "
+                f"| {r['ce_train_step_ms']:.1f} | {r['mhp_train_step_ms']:.1f} | {r['mhc_train_step_ms']:.1f} "
+                f"| {r['ce_beam_logprobs_ms']:.1f} | {r['mhp_beam_logprobs_ms']:.1f} | {r['mhc_beam_logprobs_ms']:.1f} |"
+            )
+    lines += ["", f"![validation nll curves]({stem}.png)", ""]
     atomic_write_text("\n".join(lines), out_dir / f"{stem}.md")
     plot(result, out_dir / f"{stem}.png")
 
@@ -364,31 +489,44 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for k, style in (("ce", "o-"), ("mhe", "s-")):
-        curve = result["methods"][k]["valid_curve"]
-        ax1.plot([p["updates"] for p in curve], [p["nll_loss"] for p in curve], style, label=k)
-    ax1.set_xlabel("updates")
-    ax1.set_ylabel("valid nll (bits/token)")
-    ax1.set_title("validation NLL (same budget)")
-    ax1.legend()
-    sc = result["scaling"]["by_vocab"]
-    vs = list(sc)
-    xs = range(len(vs))
-    ax2.bar([i - 0.2 for i in xs], [sc[v]["ce_train_step_ms"] for v in vs], 0.4, label="CE (d x |V|)")
-    ax2.bar([i + 0.2 for i in xs], [sc[v]["mhe_train_step_ms"] for v in vs], 0.4, label="MHE (2 heads)")
-    ax2.set_xticks(list(xs), [f"{int(v) // 1000}k" for v in vs])
-    ax2.set_yscale("log")
-    ax2.set_xlabel("|V|")
-    ax2.set_ylabel("output-layer train step (ms)")
-    ax2.set_title("output layer alone")
-    ax2.legend()
+    vocabs = list(result["by_vocab"])
+    fig, axes = plt.subplots(1, len(vocabs), figsize=(5.5 * len(vocabs), 4), squeeze=False)
+    for ax, v in zip(axes[0], vocabs):
+        for k, style in zip(METHODS, ("o-", "^-", "s-", "d-")):
+            curve = result["by_vocab"][v]["methods"][k]["valid_curve"]
+            ax.plot([p["updates"] for p in curve], [p["nll_loss"] for p in curve], style, label=k, ms=3)
+        ax.set_xlabel("updates")
+        ax.set_ylabel("valid nll (bits/token)")
+        ax.set_title(f"joint BPE {int(v):,}")
+        ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     tmp.replace(path)
     plt.close(fig)
+
+
+def run_vocab(vocab: int, chosen: list[str], work: Path, refs: list[str], a: argparse.Namespace) -> dict:
+    """Train + decode the chosen methods at one BPE size (each resumable), then collect their numbers."""
+    langs = tuple(a.langs.split("-"))
+    vwork = work / f"v{vocab}"
+    bin_dir = preprocess(a.data_dir, vocab, vwork, langs)  # type: ignore[arg-type]
+    size = sum(1 for _ in open(bin_dir / f"dict.{langs[1]}.txt", encoding="utf-8")) + 4  # + fairseq specials
+    methods = {}
+    for method in chosen:
+        r = train(method, bin_dir, vwork, a, size)
+        r.update(generate(method, bin_dir, vwork, refs, a))
+        r.update(output_params(r.pop("checkpoint")))
+        methods[method] = r
+        print(vocab, method, {k: v for k, v in r.items() if k != "valid_curve"}, flush=True)
+    return {
+        "vocab_size": size,
+        "head_sizes": list(LabelCodec.balanced(size, 2).head_sizes),
+        "adaptive_cutoffs": a.adaptive_cutoffs or adaptive_cutoffs(size),
+        "methods": methods,
+        "convergence": {k: convergence(r["valid_curve"], r["num_updates"]) for k, r in methods.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -402,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default="nmt_ende")
     p.add_argument("--langs", default="en-de")
-    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--vocabs", default="8000,32000", help="joint BPE sizes; DATA/bpe{V} must exist for each")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -413,6 +551,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--valid-every", type=int, default=200)
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--gen-batch", type=int, default=64)
+    p.add_argument("--adaptive-cutoffs", default=None, help="default: |V|/4,3|V|/4")
     p.add_argument("--scaling-vocabs", default="8000,32000,256000")
     p.add_argument("--scaling-dim", type=int, default=512)
     p.add_argument("--scaling-tokens", type=int, default=512)
@@ -420,8 +559,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-scaling", action="store_true")
     p.add_argument(
         "--methods",
-        default="ce,mhe",
-        help="train/decode only these; e.g. two processes with ce / mhe in parallel, then one with both to report",
+        default=",".join(METHODS),
+        help="train/decode only these (e.g. parallel processes), then run once with all to report",
     )
     p.add_argument(
         "--threads", type=int, default=1, help="intra-op threads per run (1 = robust on a busy CPU)"
@@ -430,40 +569,39 @@ def main(argv: list[str] | None = None) -> dict:
     THREADS["n"] = a.threads
     torch.set_num_threads(a.threads)
     langs = tuple(a.langs.split("-"))
-    work = a.work_dir or a.data_dir / "bench"
-    refs = (a.data_dir / "raw" / f"test.{langs[1]}").read_text(encoding="utf-8").splitlines()
-    bin_dir = preprocess(a.data_dir, a.vocab, work, langs)  # type: ignore[arg-type]
-    methods = {}
+    if len(langs) != 2 or not all(langs):
+        p.error(f"--langs must look like en-de, got {a.langs!r}")
     chosen = [m for m in a.methods.split(",") if m]
     if not chosen or set(chosen) - set(METHODS):
         p.error(f"--methods must be a comma list from {list(METHODS)}, got {a.methods!r}")
-    for method in chosen:
-        r = train(method, bin_dir, work, a)
-        r.update(generate(method, bin_dir, work, refs, a))
-        r.update(output_params(r.pop("checkpoint")))
-        methods[method] = r
-        print(method, {k: v for k, v in r.items() if k != "valid_curve"}, flush=True)
+    try:
+        vocabs = [int(v) for v in a.vocabs.split(",") if v]
+    except ValueError:
+        p.error(f"--vocabs must be comma-separated ints, got {a.vocabs!r}")
+    work = a.work_dir or a.data_dir / "bench"
+    refs_path = a.data_dir / "raw" / f"test.{langs[1]}"
+    if not refs_path.is_file():
+        p.error(f"{refs_path} missing: build DATA with python -m fairseq_ext.datasets ddtp (or sample)")
+    refs = refs_path.read_text(encoding="utf-8").splitlines()
+    by_vocab = {str(v): run_vocab(v, chosen, work, refs, a) for v in vocabs}
     if set(chosen) != set(METHODS):
-        return {"methods": methods}
-    scal = {} if a.skip_scaling else cached_scaling(work / "scaling.json", a)
-    ce, mhe = methods["ce"], methods["mhe"]
+        return {"by_vocab": by_vocab}
     stats_path = a.data_dir / "stats.json"
+    first = str(vocabs[0])
     result = {
-        "methods": methods,
-        "delta": {
-            "bleu": round(mhe["bleu"] - ce["bleu"], 2),
-            "output_param_ratio": ce["output_params"] / mhe["output_params"],
-            "train_wps_ratio": mhe["train_wps"] / ce["train_wps"],
-            "gen_speed_ratio": mhe["gen_sent_per_s"] / ce["gen_sent_per_s"],
-        },
-        "scaling": scal,
-        "vocab_size": sum(1 for _ in open(bin_dir / f"dict.{langs[1]}.txt", encoding="utf-8")) + 4,
+        "methods": by_vocab[first]["methods"],  # the first --vocabs size; every size under by_vocab
+        "methods_vocab": vocabs[0],
+        "by_vocab": by_vocab,
+        "targets": targets(by_vocab),
+        "scaling": {} if a.skip_scaling else cached_scaling(work / "scaling.json", a),
         "config": {**{k: v for k, v in vars(a).items() if not isinstance(v, Path)}, "threads": a.threads},
         "dataset": json.loads(stats_path.read_text())["splits"] if stats_path.exists() else str(a.data_dir),
         "test_sentences": len(refs),
     }
-    if not math.isfinite(result["delta"]["bleu"]):
-        raise RuntimeError("non-finite BLEU")
+    for res in by_vocab.values():
+        for k, r in res["methods"].items():
+            if not math.isfinite(r["bleu"]) or r["valid_nll_bits"] is None:
+                raise RuntimeError(f"{k}: no BLEU / validation nll recorded")
     write_report(result, a.out_dir, a.name)
     return result
 

@@ -1,10 +1,18 @@
-"""``transformer_mhe``: fairseq's transformer with an MHP output layer over the target dictionary.
+"""``transformer_mhe``: fairseq's transformer with an MHE output layer over the target dictionary.
 
-The decoder's ``output_layer`` returns the concatenated digit logits (..., sum C_h) instead of (..., |V|)
-vocabulary logits; ``get_normalized_probs`` turns them into full-vocabulary log-probabilities by an
-outer sum of per-head log-softmaxes (no d x |V| matmul), renormalised over ids < |V|. Everything that
-consumes log-probs - ``SequenceGenerator`` beam search, ``--sampling``, ``--score-reference`` - works
-unchanged; the generator's ``decoder_out[:, -1:] / temperature`` slicing also works on digit logits.
+``--mhe-method mhp`` (product, :class:`MHPHead`): ``output_layer`` returns the concatenated digit logits
+(..., sum C_h); ``get_normalized_probs`` turns them into full-vocabulary log-probabilities by an outer sum
+of per-head log-softmaxes (no d x |V| matmul), renormalised over ids < |V|.
+
+``--mhe-method mhc`` (cascade, :class:`MHCHead`; class-based softmax over frequency bins, since fairseq's
+dictionary is frequency-sorted): log p(v) = log p(group(v)) + log p(v | group(v)), exact. Training never
+calls ``output_layer``: the criterion asks the model for features (``features_only=True``) and scores only
+the C_0 groups and the C_1 siblings of each target. ``output_layer`` returns exact full-vocabulary
+log-probs (one matmul per level), and ``get_normalized_probs`` log-softmaxes them again: the identity at
+temperature 1, exact tempering p^(1/T) after the generator's ``decoder_out / temperature``.
+
+Everything that consumes log-probs - ``SequenceGenerator`` beam search, ``--sampling``,
+``--score-reference``, ``fairseq-interactive`` - works unchanged for both methods.
 """
 
 from __future__ import annotations
@@ -18,15 +26,19 @@ from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase
 from fairseq.models.transformer.transformer_legacy import base_architecture, transformer_iwslt_de_en
 from torch import nn
 
-from mhe_plugins import LabelCodec, MHPHead
+from mhe_plugins import LabelCodec, MHCHead, MHPHead
 
 logger = logging.getLogger(__name__)
 
+METHODS = ("mhp", "mhc")
+
 __all__ = [
+    "METHODS",
     "TransformerMHEModel",
     "TransformerMHEDecoder",
     "codec_from_args",
     "digit_log_probs",
+    "output_layer_params",
 ]
 
 
@@ -58,14 +70,30 @@ def digit_log_probs(codec: LabelCodec, digit_logits: torch.Tensor) -> list[torch
 
 
 class TransformerMHEDecoder(TransformerDecoderBase):
-    """Transformer decoder whose ``output_projection`` is an :class:`MHPHead` (digit logits out)."""
+    """Transformer decoder whose ``output_projection`` is an :class:`MHPHead` or an :class:`MHCHead`."""
 
-    def __init__(self, cfg, dictionary, embed_tokens, codec: LabelCodec, no_encoder_attn: bool = False):
+    def __init__(
+        self,
+        cfg,
+        dictionary,
+        embed_tokens,
+        codec: LabelCodec,
+        no_encoder_attn: bool = False,
+        method: str = "mhp",
+        hidden_dim: int | None = None,
+    ):
         if codec.num_labels != len(dictionary):
             raise ValueError(
                 f"codec covers {codec.num_labels} ids but the target dictionary has {len(dictionary)}"
             )
-        self.codec = codec  # read by build_output_projection, which the base __init__ calls
+        if method not in METHODS:
+            raise ValueError(f"--mhe-method must be one of {METHODS}, got {method!r}")
+        if method == "mhc" and codec.num_heads < 2:
+            raise ValueError(
+                f"--mhe-method mhc needs at least 2 heads, got head sizes {list(codec.head_sizes)}"
+            )
+        # read by build_output_projection, which the base __init__ calls
+        self.codec, self.method, self.mhc_hidden_dim = codec, method, hidden_dim
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
         # never tie the (nonexistent) |V| x d projection to the input embedding, nor upgrade old keys to it
         self.share_input_output_embed = False
@@ -77,19 +105,48 @@ class TransformerMHEDecoder(TransformerDecoderBase):
             )
         if getattr(cfg, "base_layers", 0):
             raise ValueError("transformer_mhe: --base-layers is not supported")
+        if self.method == "mhc":
+            self.output_projection = self._build_mhc(cfg, embed_tokens)
+            return
         head = MHPHead(self.output_embed_dim, self.codec, bias=False)
         # same init as fairseq's untied output projection
         nn.init.normal_(head.proj.weight, mean=0.0, std=self.output_embed_dim**-0.5)
         self.output_projection = head
 
+    def _build_mhc(self, cfg, embed_tokens) -> MHCHead:
+        """Cascade head; its leaf (token) embeddings are the decoder input embeddings when tied."""
+        width = embed_tokens.weight.shape[1]
+        hidden = int(self.mhc_hidden_dim or width)
+        tie = bool(getattr(cfg, "share_decoder_input_output_embed", False))
+        if tie and hidden != width:
+            raise ValueError(
+                f"--share-decoder-input-output-embed (or --share-all-embeddings) with --mhe-method mhc ties the "
+                f"cascade's token embeddings to the decoder input embeddings, which needs --mhe-hidden-dim "
+                f"({hidden}) == --decoder-embed-dim ({width}); drop --mhe-hidden-dim or the sharing flag"
+            )
+        head = MHCHead(self.output_embed_dim, self.codec, hidden_dim=hidden)
+        nn.init.normal_(head.group.weight, mean=0.0, std=self.output_embed_dim**-0.5)
+        nn.init.zeros_(head.group.bias)
+        for emb in head.node_embed:
+            nn.init.normal_(emb.weight, mean=0.0, std=hidden**-0.5)
+        if tie:
+            head.tie_leaf_embedding(embed_tokens.weight)
+        return head
+
     def output_layer(self, features: torch.Tensor) -> torch.Tensor:
-        """Features (..., d) -> concatenated digit logits (..., sum C_h)."""
+        """MHP: features (..., d) -> concatenated digit logits (..., sum C_h).
+        MHC: features -> exact full-vocabulary log-probs (..., |V|) (inference / other criteria only)."""
+        if self.method == "mhc":
+            return self.output_projection.log_prob_batched(features)
         return torch.cat(self.output_projection(features), dim=-1)
 
     def get_normalized_probs_scriptable(self, net_output, log_probs: bool, sample=None) -> torch.Tensor:
-        """Full-vocabulary (log-)probs: sum_h log_softmax_h[digit_h(v)] - log P(id < |V|)."""
-        head = self.output_projection
-        out = head.log_prob_from_logits(net_output[0].split(list(self.codec.head_sizes), dim=-1))
+        """Full-vocabulary (log-)probs; MHP: sum_h log_softmax_h[digit_h(v)] - log P(id < |V|)."""
+        if self.method == "mhc":
+            out = F.log_softmax(net_output[0].float(), dim=-1)  # exact tempering after generator's / T
+        else:
+            head = self.output_projection
+            out = head.log_prob_from_logits(net_output[0].split(list(self.codec.head_sizes), dim=-1))
         return out if log_probs else out.exp()
 
 
@@ -102,6 +159,18 @@ class TransformerMHEModel(TransformerModel):
         super().add_args(parser)
         parser.add_argument("--mhe-heads", type=int, metavar="H", help="number of MHE heads (default 2)")
         parser.add_argument(
+            "--mhe-method",
+            choices=METHODS,
+            help="mhp = product of heads (rank-1 over the digit grid; fewest params); mhc = cascade / "
+            "class-based softmax, exact factorisation p(group) p(token | group) (default mhp)",
+        )
+        parser.add_argument(
+            "--mhe-hidden-dim",
+            type=int,
+            metavar="D",
+            help="mhc only: width of the query and token embeddings (default --decoder-embed-dim, tieable)",
+        )
+        parser.add_argument(
             "--mhe-head-sizes",
             type=str,
             metavar="C1,C2,..",
@@ -110,13 +179,19 @@ class TransformerMHEModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        if getattr(args, "share_decoder_input_output_embed", False) and not getattr(
-            args, "share_all_embeddings", False
+        method = getattr(args, "mhe_method", None) or "mhp"
+        if method not in METHODS:
+            raise ValueError(f"--mhe-method must be one of {METHODS}, got {method!r}")
+        if (
+            method == "mhp"
+            and getattr(args, "share_decoder_input_output_embed", False)
+            and not getattr(args, "share_all_embeddings", False)
         ):
             raise ValueError(
-                "--share-decoder-input-output-embed is not meaningful for transformer_mhe: the MHE output layer "
-                "has sum(C_h) digit outputs, not one per target word, so it cannot be tied to the embedding. "
-                "Drop the flag (--share-all-embeddings still shares the encoder/decoder input embeddings)."
+                "--share-decoder-input-output-embed is not meaningful for transformer_mhe --mhe-method mhp: the "
+                "product layer has sum(C_h) digit outputs, not one per target word, so it cannot be tied to the "
+                "embedding. Drop the flag (--share-all-embeddings still shares the encoder/decoder input "
+                "embeddings) or use --mhe-method mhc, whose token embeddings are tied."
             )
         if getattr(args, "adaptive_softmax_cutoff", None):
             raise ValueError(
@@ -125,11 +200,12 @@ class TransformerMHEModel(TransformerModel):
         model = super().build_model(args, task)
         codec = model.decoder.codec
         logger.info(
-            "MHE output layer: |V|=%d -> heads %s (%d outputs, %d params)",
+            "MHE output layer (%s): |V|=%d -> heads %s (%d outputs, %d params not shared with the embeddings)",
+            method,
             codec.num_labels,
             list(codec.head_sizes),
             sum(codec.head_sizes),
-            sum(p.numel() for p in model.decoder.output_projection.parameters()),
+            output_layer_params(model.decoder),
         )
         return model
 
@@ -138,13 +214,27 @@ class TransformerMHEModel(TransformerModel):
         cfg = TransformerConfig.from_namespace(args)
         codec = codec_from_args(cfg, len(tgt_dict))
         return TransformerMHEDecoder(
-            cfg, tgt_dict, embed_tokens, codec, no_encoder_attn=cfg.no_cross_attention
+            cfg,
+            tgt_dict,
+            embed_tokens,
+            codec,
+            no_encoder_attn=cfg.no_cross_attention,
+            method=getattr(args, "mhe_method", None) or "mhp",
+            hidden_dim=getattr(args, "mhe_hidden_dim", None),
         )
+
+
+def output_layer_params(decoder) -> int:
+    """Parameters of the output layer that are not the decoder's input embeddings (tied leaves count 0)."""
+    shared = {p.data_ptr() for p in decoder.embed_tokens.parameters()}
+    return sum(p.numel() for p in decoder.output_projection.parameters() if p.data_ptr() not in shared)
 
 
 def _mhe_defaults(args) -> None:
     args.mhe_heads = getattr(args, "mhe_heads", None) or 2
     args.mhe_head_sizes = getattr(args, "mhe_head_sizes", None)
+    args.mhe_method = getattr(args, "mhe_method", None) or "mhp"
+    args.mhe_hidden_dim = getattr(args, "mhe_hidden_dim", None)
 
 
 @register_model_architecture("transformer_mhe", "transformer_mhe")

@@ -1,4 +1,5 @@
-"""``python -m fairseq_ext.datasets ddtp --langs en-de --out DIR``: build the en-de corpus from Debian."""
+"""``python -m fairseq_ext.datasets ddtp --langs en-de --out DIR``: build the en-de corpus from Debian;
+``python -m fairseq_ext.datasets sample --out DIR``: the committed sample -> BPE + fairseq binaries."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from .build import DEFAULT_CACHE, SOURCES, build
+from .sample import DEFAULT_SAMPLE, build_sample
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,7 +27,18 @@ def main(argv: list[str] | None = None) -> dict:
     d.add_argument("--test", type=int, default=2000, help="test sentences (distinct sources)")
     d.add_argument("--max-words", type=int, default=150)
     d.add_argument("--seed", type=int, default=1)
+    sm = sub.add_parser("sample", help="data/ddtp_sample (.gz) -> raw/, spm{V}.model, bpe{V}/, bin{V}/")
+    sm.add_argument("--out", required=True, type=Path)
+    sm.add_argument(
+        "--sample", type=Path, default=DEFAULT_SAMPLE, help="dir with {train,valid,test}.{en,de}.gz"
+    )
+    sm.add_argument("--vocab", type=int, default=600, help="joint BPE size (default 600)")
+    sm.add_argument("--train-lines", type=int, default=None, help="keep only the first N training pairs")
+    sm.add_argument("--no-binarize", action="store_true", help="stop before fairseq-preprocess")
     a = p.parse_args(argv)
+    if a.cmd == "sample":
+        build_sample(a.out, a.sample, vocab=a.vocab, train_lines=a.train_lines, binarize=not a.no_binarize)
+        return {"out": str(a.out)}
     langs = tuple(a.langs.split("-"))
     if len(langs) != 2 or not all(langs):
         p.error(f"--langs must look like en-de, got {a.langs!r}")

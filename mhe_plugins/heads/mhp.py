@@ -19,9 +19,16 @@ from ..codec import LabelCodec
 from ..decode import full_product_scores, log_valid_mass, product_topk
 from .base import MHEHead, reduce_loss, upcast
 
-__all__ = ["MHPHead", "LOSS_VARIANTS"]
+__all__ = ["MHPHead", "LOSS_VARIANTS", "per_head_smoothing"]
 
 LOSS_VARIANTS = ("ce_sum", "joint_softmax", "bce")
+
+
+def per_head_smoothing(label_smoothing: float, num_heads: int) -> float:
+    """eps_h = 1 - (1 - eps)^(1/H): H heads each keeping 1 - eps_h leave the true id exactly 1 - eps."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    return 1.0 - (1.0 - float(label_smoothing)) ** (1.0 / int(num_heads))
 
 
 class MHPHead(MHEHead):
@@ -166,3 +173,37 @@ class MHPHead(MHEHead):
 
     def _topk_flat(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.topk_from_logits(self(x), k)
+
+    def token_smoothed_loss(
+        self,
+        logits: Sequence[torch.Tensor],
+        target: torch.Tensor,
+        label_smoothing: float = 0.0,
+        ignore_index: int | None = None,
+        reduction: str = "sum",
+    ) -> torch.Tensor:
+        """``ce_sum`` whose smoothing means token-level eps (what fairseq's criterion means).
+
+        Head h's target keeps 1 - eps_h on the true digit and spreads eps_h evenly over the other C_h - 1
+        digits (fairseq's ``label_smoothed_nll_loss`` per head), with eps_h = :func:`per_head_smoothing`;
+        the product target then gives the true id exactly 1 - eps (``loss(label_smoothing=eps)`` gives
+        every head the full eps, i.e. (1 - eps)^H to the true id).
+        """
+        eps_h = per_head_smoothing(label_smoothing, self.codec.num_heads)
+        lead = logits[0].shape[:-1]
+        if target.shape != lead:
+            raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(lead)}")
+        tgt = target.reshape(-1)
+        mask = None
+        if ignore_index is not None:
+            mask = tgt != ignore_index
+            tgt = torch.where(mask, tgt, torch.zeros_like(tgt))
+        digits = self.codec.encode(tgt)
+        per = 0.0
+        for h, z in enumerate(logits):
+            lp = F.log_softmax(upcast(z.reshape(-1, z.shape[-1])), -1)
+            u = eps_h / (lp.shape[-1] - 1) if lp.shape[-1] > 1 else 0.0
+            nll = -lp.gather(1, digits[:, h : h + 1]).squeeze(1)
+            per = per + (1.0 - eps_h - u) * nll - u * lp.sum(-1)
+        out = reduce_loss(per, mask, reduction)
+        return out.reshape(lead) if reduction == "none" else out

@@ -1,4 +1,5 @@
-"""``python -m fairseq_ext.bench`` end to end on a tiny slice of the committed sample (schema + exact counts)."""
+"""``python -m fairseq_ext.bench`` end to end at tiny size: four output layers, the report's schema and
+exact parameter counts, and a rerun that resumes instead of retraining; the targets over two sizes."""
 
 from __future__ import annotations
 
@@ -11,11 +12,17 @@ import pytest
 
 pytest.importorskip("fairseq")
 
+from fairseq.modules import AdaptiveSoftmax  # noqa: E402
+
 from fairseq_ext import bench  # noqa: E402
 from fairseq_ext.datasets import corpus  # noqa: E402
-from mhe_plugins import LabelCodec  # noqa: E402
+from mhe_plugins import LabelCodec, MHCHead  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "ddtp_sample"
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def test_bench_tiny_end_to_end_and_resume(tmp_path):
@@ -28,42 +35,103 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
         with gzip.open(f, "rt", encoding="utf-8") as src:
             (raw / f.name[:-3]).write_text("".join(src.readlines()[: keep[split]]), "utf-8")
     train = [x for lang in ("en", "de") for x in (raw / f"train.{lang}").read_text().splitlines()]
-    model = corpus.train_sentencepiece(train, data / "spm300", 300)
-    for split in corpus.SPLITS:
-        corpus.encode_split(model, raw, data / "bpe300", split, ("en", "de"))
+    for v in (300,):
+        model = corpus.train_sentencepiece(train, data / f"spm{v}", v)
+        for split in corpus.SPLITS:
+            corpus.encode_split(model, raw, data / f"bpe{v}", split, ("en", "de"))
     out = tmp_path / "results"
-    argv = ["--data-dir", str(data), "--out-dir", str(out), "--vocab", "300", "--dim", "16", "--layers", "1"]
-    argv += ["--heads", "2", "--max-update", "4", "--valid-every", "2", "--max-tokens", "800", "--beam", "2"]
+    argv = ["--data-dir", str(data), "--out-dir", str(out), "--vocabs", "300", "--dim", "16"]
     argv += [
-        "--scaling-vocabs",
-        "300,1200",
-        "--scaling-dim",
-        "8",
-        "--scaling-tokens",
-        "16",
-        "--scaling-reps",
+        "--layers",
         "1",
+        "--heads",
+        "2",
+        "--max-update",
+        "4",
+        "--valid-every",
+        "2",
+        "--max-tokens",
+        "800",
     ]
-    res = bench.main(argv)
+    argv += ["--beam", "2", "--scaling-vocabs", "300,1200", "--scaling-dim", "8", "--scaling-tokens", "16"]
+    argv += ["--scaling-reps", "1"]
+    # docs: methods may run as separate processes; a run with a subset trains those and writes no report
+    part = bench.main([*argv, "--methods", "ce,adaptive"])
+    assert (
+        part["by_vocab"]["300"]["methods"].keys() == {"ce", "adaptive"}
+        and not (out / "nmt_ende.json").exists()
+    )
+    res = bench.main(argv)  # trains mhp + mhc, finds ce + adaptive done, reports
+    assert res["by_vocab"]["300"]["methods"]["ce"] == part["by_vocab"]["300"]["methods"]["ce"]
 
     saved = json.loads((out / "nmt_ende.json").read_text())
-    assert saved["methods"].keys() == {"ce", "mhe"} and saved["scaling"]["by_vocab"].keys() == {"300", "1200"}
-    v = saved["vocab_size"]
-    sizes = LabelCodec.balanced(v, 2).head_sizes
-    assert saved["methods"]["ce"]["output_params"] == 16 * v  # Linear(d, |V|), no bias
-    assert saved["methods"]["mhe"]["output_params"] == 16 * sum(sizes)  # Linear(d, sum C_h)
-    for m in saved["methods"].values():
-        assert 0 <= m["bleu"] <= 100 and m["train_wps"] > 0 and m["gen_sent_per_s"] > 0
-        assert m["num_updates"] == 4 and [p["updates"] for p in m["valid_curve"]][-1] == 4
+    assert saved["by_vocab"].keys() == {"300"} and saved["methods"].keys() == set(bench.METHODS)
+    assert saved["methods"] == saved["by_vocab"]["300"]["methods"]
+    for res_v in saved["by_vocab"].values():
+        v = res_v["vocab_size"]
+        codec = LabelCodec.balanced(v, 2)
+        m = res_v["methods"]
+        assert m["ce"]["output_params"] == 16 * v  # Linear(d, |V|), no bias
+        assert m["mhp"]["output_params"] == 16 * sum(codec.head_sizes)  # Linear(d, sum C_h)
+        assert m["mhc"]["output_params"] == _params(MHCHead(16, codec, hidden_dim=16))  # untied here
+        cut = [int(c) for c in res_v["adaptive_cutoffs"].split(",")]
+        assert cut == [v // 4, v * 3 // 4]
+        assert m["adaptive"]["output_params"] == _params(AdaptiveSoftmax(v, 16, cut, dropout=0.0, factor=4.0))
+        assert len({r["total_params"] - r["output_params"] for r in m.values()}) == 1  # same transformer
+        for r in m.values():
+            assert 0 <= r["bleu"] <= 100 and 0 <= r["chrf"] <= 100 and r["train_wps"] > 0
+            assert r["gen_sent_per_s"] > 0 and r["valid_nll_bits"] > 0
+            assert r["num_updates"] == 4 and [p["updates"] for p in r["valid_curve"]] == [2, 4]
+        # valid points at 2 and 4: nothing inside the last fifth to compare with, so never "converged"
+        assert res_v["convergence"]["ce"] == {
+            "from_update": None,
+            "to_update": 4,
+            "delta_bits": None,
+            "converged": False,
+        }
+    assert len(saved["targets"]) == 4 and all(isinstance(t["met"], bool) for t in saved["targets"])
     s1200 = saved["scaling"]["by_vocab"]["1200"]
-    assert s1200["ce_params"] == 8 * 1200 and s1200["mhe_params"] == 8 * sum(
-        LabelCodec.balanced(1200, 2).head_sizes
-    )
-    assert "| mhe_cross_entropy + transformer_mhe |" in (out / "nmt_ende.md").read_text()
+    assert s1200["ce_params"] == 8 * 1200
+    assert s1200["mhc_params"] == _params(MHCHead(8, LabelCodec.balanced(1200, 2), hidden_dim=8))
+    md = (out / "nmt_ende.md").read_text()
+    assert all(name in md for name in bench.NAMES.values()) and "## Targets" in md
     assert (out / "nmt_ende.png").stat().st_size > 10_000
 
     # re-running resumes: nothing is retrained or re-decoded, the numbers are identical
     t0 = time.perf_counter()
     again = bench.main(argv)
-    assert time.perf_counter() - t0 < 20
-    assert again["methods"] == res["methods"] and again["scaling"] == res["scaling"]
+    assert time.perf_counter() - t0 < 30
+    assert again["by_vocab"] == res["by_vocab"] and again["scaling"] == res["scaling"]
+
+
+def test_convergence_check():
+    curve = [{"updates": u, "nll_loss": n} for u, n in [(200, 9.0), (400, 7.0), (800, 6.0), (1000, 5.97)]]
+    c = bench.convergence(curve, 1000)
+    assert c["from_update"] == 800 and c["to_update"] == 1000 and c["converged"]
+    assert c["delta_bits"] == pytest.approx(-0.03)
+    c = bench.convergence(curve[:3] + [{"updates": 1000, "nll_loss": 5.9}], 1000)
+    assert not c["converged"] and c["delta_bits"] == pytest.approx(-0.1)
+    assert bench.convergence(curve[:1], 200)["converged"] is False  # one point says nothing
+
+
+def _methods(bleu: dict, nll: dict, wps: dict) -> dict:
+    return {"methods": {k: {"bleu": bleu[k], "valid_nll_bits": nll[k], "train_wps": wps[k]} for k in bleu}}
+
+
+def test_targets_over_two_vocabularies():
+    small = _methods(
+        {"ce": 20.0, "adaptive": 19.0, "mhp": 15.0, "mhc": 19.6},
+        {"ce": 4.0, "adaptive": 4.1, "mhp": 5.0, "mhc": 4.15},
+        {"ce": 1000.0, "adaptive": 1100.0, "mhp": 2000.0, "mhc": 1200.0},
+    )
+    big = _methods(
+        {"ce": 20.0, "adaptive": 20.5, "mhp": 15.0, "mhc": 19.4},
+        {"ce": 4.0, "adaptive": 4.1, "mhp": 5.0, "mhc": 4.25},
+        {"ce": 500.0, "adaptive": 900.0, "mhp": 2000.0, "mhc": 700.0},
+    )
+    rows = bench.targets({"8000": small, "32000": big})
+    assert [t["vocab"] for t in rows] == ["8000"] * 3 + ["32000"] * 4
+    assert [t["met"] for t in rows] == [True, True, True, False, False, False, True]  # 700/500 = 1.4x
+    assert rows[-1]["vocab"] == "32000" and rows[-1]["measured"].startswith("1.40x")
+    big["methods"]["mhc"]["train_wps"] = 640.0
+    assert bench.targets({"8000": small, "32000": big})[-1]["met"] is False  # 1.28x

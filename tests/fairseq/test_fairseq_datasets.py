@@ -131,3 +131,18 @@ def test_cli_errors(sources, tmp_path):
         )
     with pytest.raises(ValueError, match="unknown source"):
         datasets_main(["ddtp", "--out", str(tmp_path), "--no-fetch", "--sources", "wiki"])
+
+
+def test_sample_builder_errors_name_the_files(tmp_path):
+    import gzip
+
+    from fairseq_ext.datasets.sample import build_sample
+
+    with pytest.raises(FileNotFoundError, match=r"missing train\.en\.gz, train\.de\.gz"):
+        build_sample(tmp_path / "out", sample=tmp_path, binarize=False)
+    for split in ("train", "valid", "test"):
+        for lang, n in (("en", 3), ("de", 2 if split == "valid" else 3)):
+            with gzip.open(tmp_path / f"{split}.{lang}.gz", "wt", encoding="utf-8") as f:
+                f.write("".join(f"line {i}\n" for i in range(n)))
+    with pytest.raises(ValueError, match=r"valid has different line counts per language \[2, 3\]"):
+        build_sample(tmp_path / "out", sample=tmp_path, binarize=False)

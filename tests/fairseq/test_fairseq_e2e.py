@@ -1,12 +1,13 @@
-"""Real fairseq CLIs on the committed DDTP sample: preprocess -> train -> resume -> generate, via
-``--user-dir`` and via the ``mhe-fairseq-*`` wrappers."""
+"""Real fairseq CLIs on the committed DDTP sample, exactly as docs/fairseq.md types them: sample ->
+binaries -> train (MHC, tied leaves) -> resume (also from a truncated checkpoint_last.pt) -> generate /
+interactive, via ``--user-dir`` and via the ``mhe-fairseq-*`` wrappers."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +17,12 @@ import pytest
 pytest.importorskip("fairseq")
 
 from fairseq_ext import USER_DIR  # noqa: E402
-from fairseq_ext.datasets import corpus  # noqa: E402
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "ddtp_sample"
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TINY = (
-    "--task translation --arch transformer_mhe --criterion mhe_cross_entropy --mhe-heads 2 --label-smoothing 0.1 "
+    "--task translation --arch transformer_mhe --mhe-method mhc --criterion mhe_cross_entropy --mhe-heads 2 "
+    "--label-smoothing 0.1 "
     "--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 64 --decoder-embed-dim 64 "
     "--encoder-ffn-embed-dim 128 --decoder-ffn-embed-dim 128 --encoder-attention-heads 2 "
     "--decoder-attention-heads 2 --share-all-embeddings --dropout 0.0 --optimizer adam --lr 3e-3 "
@@ -41,23 +41,14 @@ def _cli(name: str, *args: str) -> str:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nmt")
-    raw = root / "raw"
-    raw.mkdir()
-    for f in SAMPLE.glob("*.gz"):
-        with gzip.open(f, "rt", encoding="utf-8") as src:
-            lines = src.read().splitlines(keepends=True)
-        # 400 training pairs: enough to see a tiny model fit real text in ~100 CPU updates
-        (raw / f.name[:-3]).write_text("".join(lines[:400] if f.name.startswith("train") else lines), "utf-8")
-    train = [line for lang in ("en", "de") for line in (raw / f"train.{lang}").read_text().splitlines()]
-    model = corpus.train_sentencepiece(train, root / "spm600", 600)
-    for split in corpus.SPLITS:
-        corpus.encode_split(model, raw, root / "bpe", split, ("en", "de"))
-    b = str(root / "bpe")
-    _cli(
-        "fairseq-preprocess", "--source-lang", "en", "--target-lang", "de", "--trainpref", f"{b}/train",
-        "--validpref", f"{b}/valid", "--testpref", f"{b}/test", "--destdir", str(root / "bin"),
-        "--joined-dictionary", "--workers", "1",
-    )  # fmt: skip
+    # docs/fairseq.md: the committed sample -> raw/, spm600.model, bpe600/, bin600/ (400 training pairs:
+    # enough to see a tiny model fit real text in ~100 CPU updates)
+    cmd = [sys.executable, "-m", "fairseq_ext.datasets", "sample", "--out", str(root), "--vocab", "600"]
+    cmd += ["--train-lines", "400"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (root / "bin600" / "dict.de.txt").is_file() and (root / "spm600.model").is_file()
+    assert len((root / "raw" / "train.en").read_text().splitlines()) == 400
     return root
 
 
@@ -75,7 +66,7 @@ def trained(data) -> Path:
     ckpt = data / "ckpt"
     log = _cli(
         "fairseq-train",
-        str(data / "bin"),
+        str(data / "bin600"),
         "--user-dir",
         USER_DIR,
         *TINY,
@@ -84,7 +75,7 @@ def trained(data) -> Path:
         "--save-dir",
         str(ckpt),
     )
-    assert "criterion: MHECrossEntropyCriterion" in log and "MHE output layer: |V|=" in log
+    assert "criterion: MHECrossEntropyCriterion" in log and "MHE output layer (mhc): |V|=" in log
     train, valid = _nll(log, "train"), _nll(log, "valid")
     print("train / valid nll (bits) by update:", train, valid)
     assert train[-1][0] == 120 and [u for u, _ in valid] == [60, 120]
@@ -97,15 +88,47 @@ def trained(data) -> Path:
 def test_resume_with_wrapper_loads_checkpoint_safely(data, trained):
     # torch>=2.6 loads with weights_only=True; the plugin allow-lists argparse.Namespace only
     log = _cli(
-        "mhe-fairseq-train", str(data / "bin"), *TINY, "--max-update", "125", "--save-dir", str(trained)
+        "mhe-fairseq-train", str(data / "bin600"), *TINY, "--max-update", "125", "--save-dir", str(trained)
     )
     assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 120 updates\)", log), log[-3000:]
     assert _nll(log, "train")[-1][0] == 125
 
 
+def test_resume_recovers_from_truncated_checkpoint_last(data, trained, tmp_path):
+    # a kill in the middle of fairseq's copy to checkpoint_last.pt leaves half a file behind
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained, ckpt)
+    last = ckpt / "checkpoint_last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    log = _cli(
+        "fairseq-train", str(data / "bin600"), "--user-dir", USER_DIR, *TINY, "--max-update", "130",
+        "--save-dir", str(ckpt),
+    )  # fmt: skip
+    assert re.search(
+        r"checkpoint_last\.pt cannot be loaded \(.*\); resuming from .*checkpoint_best\.pt", log
+    ), log[-3000:]
+    assert re.search(r"Loaded checkpoint .*checkpoint_best\.pt \(epoch \d+ @ 1[23]\d updates\)", log), log[
+        -3000:
+    ]
+    assert _nll(log, "train")[-1][0] == 130
+    # the run's own save replaced the truncated file with a loadable one
+    from fairseq_ext.checkpoints import check_loadable
+
+    assert check_loadable(str(last)) is None
+
+
+def test_stock_generate_without_plugin_cannot_load(data, trained):
+    # docs/fairseq.md: torch >= 2.6 loads weights-only; fairseq pickles argparse.Namespace into checkpoints
+    proc = subprocess.run(
+        [str(BIN / "fairseq-generate"), str(data / "bin600"), "--path", str(trained / "checkpoint_best.pt"), "--cpu"],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "argparse.Namespace" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_generate_user_dir_and_wrapper_agree(data, trained):
     common = [
-        str(data / "bin"),
+        str(data / "bin600"),
         "--path",
         str(trained / "checkpoint_best.pt"),
         "--gen-subset",
@@ -134,7 +157,7 @@ def test_generate_user_dir_and_wrapper_agree(data, trained):
 
 
 def test_interactive_wrapper_translates_raw_text(data, trained):
-    args = [str(data / "bin"), "--path", str(trained / "checkpoint_best.pt"), "--beam", "3", "--cpu"]
+    args = [str(data / "bin600"), "--path", str(trained / "checkpoint_best.pt"), "--beam", "3", "--cpu"]
     args += [
         "--bpe",
         "sentencepiece",

@@ -113,10 +113,14 @@ def test_criterion_loss_nll_accuracy_exact():
     nll = -(lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)[mask]).sum()
     codec = model.decoder.codec
     digits = codec.encode(tgt.masked_fill(~mask, 0))
-    ref = sum(
-        F.cross_entropy(z[mask].double(), digits[..., h][mask], label_smoothing=0.1, reduction="sum")
-        for h, z in enumerate(net_out[0].split(list(codec.head_sizes), -1))
-    )
+    # token-level smoothing: head h keeps 1 - eps_h on its digit, eps_h / (C_h - 1) on each other digit
+    eps_h = 1 - 0.9 ** (1 / codec.num_heads)
+    ref = 0.0
+    for h, z in enumerate(net_out[0].split(list(codec.head_sizes), -1)):
+        c = codec.head_sizes[h]
+        q = torch.full((int(mask.sum()), c), eps_h / (c - 1), dtype=torch.float64)
+        q.scatter_(1, digits[..., h][mask][:, None], 1 - eps_h)
+        ref = ref - (q * F.log_softmax(z[mask].double(), -1)).sum()
     assert sample_size == sample["ntokens"] == int(mask.sum())
     assert float(log["nll_loss"]) == pytest.approx(float(nll), rel=1e-5)
     assert float(loss) == pytest.approx(float(ref), rel=1e-5)
@@ -169,3 +173,225 @@ def test_config_errors():
     crit = MHECrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.0)
     with pytest.raises(TypeError, match="--arch transformer_mhe"):
         crit(plain, _sample(task.target_dictionary))
+
+
+# ---------------------------------------------------------------- MHC (cascade) output layer
+def _mhc(task, **over):
+    over.setdefault("mhe_head_sizes", "5,8")  # 40 >= 37 types: ids 37..39 must get no mass
+    return _model(task, mhe_method="mhc", **over)
+
+
+def _brute_cascade(model, features):
+    """log p(v) = log_softmax(groups)[g(v)] + log_softmax(children of g(v))[c(v)], token by token."""
+    head = model.decoder.output_projection
+    codec = head.codec
+    c0, c1 = codec.head_sizes
+    n = codec.num_labels
+    x = features.double()
+    groups = head.group(features).double()
+    groups[..., codec.prefix_limit(0) + 1 :] = float("-inf")
+    lg = F.log_softmax(groups, -1)
+    q = head.queries[0](features).double()
+    out = torch.empty(*features.shape[:-1], n, dtype=torch.float64)
+    for g in range(c0):
+        ids = [v for v in range(g * c1, (g + 1) * c1) if v < n]
+        if not ids:
+            continue
+        emb = head.node_embed[0](torch.tensor(ids)).double()
+        z = q @ emb.t() + head.node_bias[0](torch.tensor(ids)).double()[:, 0]
+        out[..., ids] = lg[..., g : g + 1] + F.log_softmax(z, -1)
+    del x
+    return out
+
+
+def test_mhc_normalized_probs_match_brute_force_and_temperature():
+    task = _task()
+    model = _mhc(task)
+    assert model.decoder.method == "mhc" and model.decoder.codec.head_sizes == (5, 8)
+    net_input = _sample(task.target_dictionary)["net_input"]
+    feats, _ = model(**net_input, features_only=True)
+    ref = _brute_cascade(model, feats)
+    out = model(**net_input)
+    lp = model.get_normalized_probs(out, log_probs=True)
+    assert lp.shape == (*feats.shape[:-1], 37)
+    torch.testing.assert_close(lp.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(lp.shape[:-1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.get_normalized_probs(out, log_probs=False), lp.exp())
+    # SequenceGenerator divides decoder_out[0] by the temperature: exact tempering p^(1/T) / Z
+    tempered = model.get_normalized_probs((out[0] / 0.7, None), log_probs=True)
+    torch.testing.assert_close(tempered.double(), F.log_softmax(ref / 0.7, -1), atol=1e-5, rtol=1e-5)
+
+
+def _full_ce_reference(model, feats, tgt, mask, eps):
+    """Loss of the cascade criterion from the brute-force full distribution: -sum_g Q(g) log p(g) -
+    sum_{v in g*} q(v) log p(v | g*), q = fairseq's uniform smoothing (1 - eps on the target)."""
+    lp = _brute_cascade(model, feats)[mask]  # (n, V)
+    t = tgt[mask]
+    n_tok, n = lp.shape
+    c1 = model.decoder.codec.head_sizes[1]
+    q = torch.full((n_tok, n), eps / (n - 1), dtype=torch.float64)
+    q[torch.arange(n_tok), t] = 1 - eps
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(n_tok):
+        g_true = int(t[i]) // c1
+        for g in range(-(-n // c1)):
+            ids = list(range(g * c1, min((g + 1) * c1, n)))
+            log_pg = torch.logsumexp(lp[i, ids], 0)
+            total -= q[i, ids].sum() * log_pg
+            if g == g_true:
+                total -= (q[i, ids] * (lp[i, ids] - log_pg)).sum()
+    return total, -lp[torch.arange(n_tok), t].sum()
+
+
+def test_mhc_criterion_loss_nll_accuracy_exact():
+    task = _task()
+    model = _mhc(task)
+    d = task.target_dictionary
+    sample = _sample(d)
+    tgt, mask = sample["target"], sample["target"].ne(d.pad())
+    crit = MHECrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1, report_accuracy=True)
+    model.train()
+    loss, sample_size, log = crit(model, sample)
+    assert "n_correct" not in log  # exact accuracy would need |V| scores: validation only
+    feats, _ = model(**sample["net_input"], features_only=True)
+    ref_loss, ref_nll = _full_ce_reference(model, feats.detach(), tgt, mask, 0.1)
+    assert sample_size == int(mask.sum())
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert float(log["nll_loss"]) == pytest.approx(float(ref_nll), rel=1e-5)
+    loss.backward()
+    head = model.decoder.output_projection
+    assert head.group.weight.grad.abs().sum() > 0 and head.node_embed[0].weight.grad.abs().sum() > 0
+    # unreduced: per position, zero on padding
+    per, per_nll = crit.compute_loss(model, (feats, None), sample, reduce=False)
+    assert per.shape == tgt.shape and float(per[~mask].abs().sum()) == 0
+    assert float(per.sum()) == pytest.approx(float(loss), rel=1e-5)
+    # validation: exact accuracy = full-vocabulary argmax
+    model.eval()
+    with torch.no_grad():
+        _, _, vlog = crit(model, sample)
+        lp = _brute_cascade(model, model(**sample["net_input"], features_only=True)[0])
+    assert vlog["n_correct"] == int(((lp.argmax(-1) == tgt) & mask).sum()) and vlog["total"] == int(
+        mask.sum()
+    )
+    # eps = 0: the loss is the exact nll
+    c0 = MHECrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.0)
+    l0, _, log0 = c0(model, sample)
+    assert float(l0) == pytest.approx(float(log0["nll_loss"]), rel=1e-6)
+    with pytest.raises(ValueError, match="mhc trains ce_sum only"):
+        MHECrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.0, mhe_loss="bce")(model, sample)
+
+
+def test_mhc_training_step_has_no_vocab_wide_tensor():
+    """Every matrix created in forward + backward of the criterion is narrower than |V| in its last dim."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    d = Dictionary()
+    for i in range(400):
+        d.add_symbol(f"w{i}")
+    task = TranslationTask(TranslationConfig(), d, d)
+    model = _mhc(task, mhe_head_sizes=None)
+    v = len(d)
+    sizes = model.decoder.codec.head_sizes
+    assert v == 404 and max(sizes) < 64
+
+    class Widest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.widest = (0, None)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] > self.widest[0]:
+                    self.widest = (t.shape[-1], str(func), tuple(t.shape))
+            return out
+
+    crit = MHECrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1, report_accuracy=True)
+    sample = _sample(d, bsz=4, src_len=7, tgt_len=6)
+    model.train()
+    with Widest() as mode:
+        loss, _, _ = crit(model, sample)
+        loss.backward()
+    # widest: max(C_0, C_1, d, ffn) -- never |V| (a dense output layer would give 404 here)
+    assert mode.widest[0] <= max(*sizes, 32), mode.widest
+    # the same model through get_normalized_probs does produce |V| (the probe can see it)
+    with Widest() as probe:
+        model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
+    assert probe.widest[0] >= v
+
+
+def test_mhc_share_decoder_input_output_embed_ties_leaves():
+    task = _task()
+    tied = _mhc(task, share_decoder_input_output_embed=True)
+    head = tied.decoder.output_projection
+    assert head.node_embed[-1].weight is tied.decoder.embed_tokens.weight
+    untied = _mhc(task)
+    from fairseq_ext.model import output_layer_params
+
+    assert output_layer_params(untied.decoder) - output_layer_params(tied.decoder) == 40 * 16
+    # tied log-probs are still exact and normalised, and the state dict reloads
+    net_input = _sample(task.target_dictionary)["net_input"]
+    feats, _ = tied(**net_input, features_only=True)
+    lp = tied.get_normalized_probs(tied(**net_input), log_probs=True)
+    torch.testing.assert_close(lp.double(), _brute_cascade(tied, feats), atol=1e-5, rtol=1e-5)
+    fresh = _mhc(task, share_decoder_input_output_embed=True)
+    fresh.load_state_dict(tied.state_dict())
+    assert fresh.decoder.output_projection.node_embed[-1].weight is fresh.decoder.embed_tokens.weight
+    # --share-all-embeddings ties too
+    shared = _mhc(task, share_all_embeddings=True)
+    assert shared.decoder.output_projection.node_embed[-1].weight is shared.encoder.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"--mhe-hidden-dim \(8\) == --decoder-embed-dim \(16\)"):
+        _mhc(task, share_decoder_input_output_embed=True, mhe_hidden_dim=8)
+    assert _mhc(task, mhe_hidden_dim=8).decoder.output_projection.hidden_dim == 8
+
+
+def test_mhc_beam_search_and_sampling_scores_are_full_vocab_log_probs():
+    task = _task()
+    model = _mhc(task).eval()
+    d = task.target_dictionary
+    sample = _sample(d)
+    for kw in ({"beam_size": 3}, {"beam_size": 2, "search_strategy": None}):
+        gen = SequenceGenerator([model], d, max_len_b=6, **kw)
+        for i, beams in enumerate(gen.forward(sample)):
+            for h in beams:
+                toks = h["tokens"]
+                prev = torch.cat([torch.tensor([d.eos()]), toks[:-1]]).unsqueeze(0)
+                src = sample["net_input"]["src_tokens"][i : i + 1]
+                with torch.no_grad():
+                    lp = model.get_normalized_probs(
+                        model(src, torch.tensor([src.shape[1]]), prev), log_probs=True
+                    )
+                teacher = lp[0].gather(-1, toks.unsqueeze(-1)).squeeze(-1)
+                torch.testing.assert_close(h["positional_scores"], teacher, atol=1e-4, rtol=1e-4)
+    from fairseq.search import Sampling
+
+    torch.manual_seed(0)
+    gen = SequenceGenerator([model], d, beam_size=2, max_len_b=6, search_strategy=Sampling(d))
+    hyps = gen.forward(sample)
+    assert all(len(b) == 2 and all(torch.isfinite(h["positional_scores"]).all() for h in b) for b in hyps)
+
+
+def test_mhc_score_reference_and_iwslt_arch():
+    from fairseq.sequence_scorer import SequenceScorer
+
+    task = _task()
+    d = task.target_dictionary
+    sample = _sample(d)
+    model = _mhc(task).eval()
+    hyps = SequenceScorer(d).generate([model], sample)  # what fairseq-generate --score-reference runs
+    with torch.no_grad():
+        lp = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
+    teacher = lp.gather(-1, sample["target"].unsqueeze(-1)).squeeze(-1)
+    for i, h in enumerate(hyps):
+        n = int(sample["target"][i].ne(d.pad()).sum())
+        torch.testing.assert_close(h[0]["positional_scores"], teacher[i, :n], atol=1e-5, rtol=1e-5)
+    # the iwslt arch keeps working with either method (its own sizes: 4 heads, 1024 FFN, 6 layers)
+    for method in ("mhp", "mhc"):
+        args = argparse.Namespace(arch="transformer_mhe_iwslt_de_en", mhe_method=method, max_source_positions=64,
+                                  max_target_positions=64, encoder_layers=1, decoder_layers=1)  # fmt: skip
+        ARCH_CONFIG_REGISTRY["transformer_mhe_iwslt_de_en"](args)
+        assert args.decoder_ffn_embed_dim == 1024 and args.decoder_attention_heads == 4
+        m = task.build_model(args)
+        assert m.decoder.method == method and args.mhe_heads == 2
+        out = m.get_normalized_probs(m(**sample["net_input"]), log_probs=True)
+        torch.testing.assert_close(out.exp().sum(-1), torch.ones(out.shape[:-1]), atol=1e-5, rtol=0)

@@ -1,0 +1,72 @@
+"""Crash-safe fairseq checkpoints: atomic copies, and recovery from a truncated checkpoint_last.pt."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+
+from fairseq import checkpoint_utils  # noqa: E402
+
+from fairseq_ext import checkpoints, register  # noqa: E402
+
+register()
+
+
+def _ckpt(path, updates: int, mtime: float) -> None:
+    torch.save(
+        {"model": {"w": torch.full((64,), float(updates))}, "args": argparse.Namespace(u=updates)}, path
+    )
+    os.utime(path, (mtime, mtime))
+
+
+def _truncate(path) -> None:
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def test_fallback_is_newest_loadable_checkpoint(tmp_path):
+    _ckpt(tmp_path / "checkpoint_1_100.pt", 100, 1_000)
+    _ckpt(tmp_path / "checkpoint_best.pt", 100, 1_100)
+    _ckpt(tmp_path / "checkpoint_2_200.pt", 200, 1_200)
+    _ckpt(tmp_path / "checkpoint_last.pt", 300, 1_300)
+    last = str(tmp_path / "checkpoint_last.pt")
+    assert checkpoints.check_loadable(last) is None
+    _truncate(last)
+    assert checkpoints.check_loadable(last) is not None
+    assert checkpoints.fallback_checkpoint(str(tmp_path), last) == str(tmp_path / "checkpoint_2_200.pt")
+    _truncate(tmp_path / "checkpoint_2_200.pt")
+    assert checkpoints.fallback_checkpoint(str(tmp_path), last) == str(tmp_path / "checkpoint_best.pt")
+    (tmp_path / "checkpoint_best.pt").write_bytes(b"not a checkpoint")
+    torch.save({"no_model": 1}, tmp_path / "checkpoint_1_100.pt")
+    with pytest.raises(RuntimeError, match="no other checkpoint") as err:
+        checkpoints.fallback_checkpoint(str(tmp_path), last)
+    assert "checkpoint_1_100.pt: not a fairseq checkpoint" in str(err.value)
+
+
+def test_checkpoint_copy_is_atomic(tmp_path, monkeypatch):
+    assert getattr(checkpoint_utils, "_mhe_safe", False)
+    src, dst = tmp_path / "checkpoint_5_10.pt", tmp_path / "checkpoint_last.pt"
+    _ckpt(src, 10, 2_000)
+    _ckpt(dst, 5, 1_000)
+    old = dst.read_bytes()
+
+    def killed(inp, out, length=0):  # half the bytes reach the disk, then the process "dies"
+        out.write(inp.read(len(old) // 2))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfileobj", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_utils.PathManager.copy(str(src), str(dst), overwrite=True)
+    assert dst.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == [src.name, dst.name]
+    monkeypatch.undo()
+    assert checkpoint_utils.PathManager.copy(str(src), str(dst), overwrite=True)
+    assert dst.read_bytes() == src.read_bytes()
+    assert checkpoint_utils.PathManager.copy(str(src), str(dst), overwrite=False) is False
+    assert checkpoint_utils.PathManager.exists(str(dst))  # other methods are fairseq's own
