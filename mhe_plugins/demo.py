@@ -138,12 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"== 1/2 heads alone: dense vs MHP at {a.num_classes:,} classes (short run, {a.steps} timed steps)"
         )
+        t1 = time.time()
         heads = heads_headline(a.num_classes, a.dim, a.batch, a.steps, out)
-        print(describe_heads(heads), flush=True)
+        print(describe_heads(heads))
+        print(f"  (part 1 took {time.time() - t1:.0f} s)", flush=True)
     if not a.skip_xmc:
         print(
             f"\n== 2/2 XMC trainer: MHC vs flat head on the bundled WordNet-XMC ({a.xmc_steps} steps of 256 docs)"
         )
+        t2 = time.time()
         xmc = run_xmc(out / "xmc", a.xmc_steps, a.threads)
         mhc, flat = xmc["mhc"], xmc["flat"]
         print(
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{flat['classifier_params'] / mhc['classifier_params']:.1f}x fewer classifier parameters "
             f"(after {a.xmc_steps} steps each: a demo budget; full runs in README 'Measured results')"
         )
+        print(f"  (part 2 took {time.time() - t2:.0f} s)", flush=True)
     plot(heads, xmc, out / "demo.png")
     print(f"\nDone in {time.time() - t0:.0f} s. Outputs in {out.resolve()}:")
     if heads:
