@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per method (median)")
     ap.add_argument(
-        "--xmc-steps", type=int, default=100, help="optimizer steps per XMC head (298 = one epoch)"
+        "--xmc-steps", type=int, default=60, help="optimizer steps per XMC head (298 = one epoch)"
     )
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the XMC run")
     ap.add_argument("--skip-heads", action="store_true")
