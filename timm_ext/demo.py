@@ -1,27 +1,28 @@
-"""``python -m timm_ext.demo``: a 2-minute MHP run on the committed 500-class glyph subset (held-out fonts)."""
+"""``python -m timm_ext.demo``: a short MHP run on the bundled 500-class glyph subset (held-out fonts).
+
+Writes under ``./runs/timm_demo_<head>/`` of the current directory unless ``--output`` is given.
+"""
 
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
+
+from mhe_plugins.bundled import bundled_data
 
 from .train import build_parser, train
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "glyphs"
-
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m timm_ext.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m timm_ext.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--head", default="mhp", choices=["linear", "mhp", "mhc", "mhs"])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--output", default=None)
     a = p.parse_args(argv)
-    out = a.output or tempfile.mkdtemp(prefix="mhe_timm_demo_")
+    out = a.output or f"runs/timm_demo_{a.head}"
     args = build_parser().parse_args(
         [
             "--data-dir",
-            str(DATA),
+            str(bundled_data("glyphs")),
             "--dataset",
             "glyphs",
             "--model",
