@@ -165,23 +165,32 @@ def _resume(found, backbone, head, opts, scheds, scaler) -> tuple[int, int]:
     return int(ckpt["step"]), int(ckpt["epoch"])
 
 
+def resolve_val_targets(cfg) -> dict[str, Path]:
+    """``val_targets`` entries -> .bin paths: a path to a .bin, or a name of ``<rec>/<name>.bin`` (insightface's
+    layout). A target that is not found is an error before training starts (arcface_torch skips it silently,
+    which hides a typo until the run is over)."""
+    paths = {}
+    for name in cfg.val_targets:
+        path = Path(name)
+        if not path.is_file():
+            path = Path(cfg.rec) / (name if str(name).endswith(".bin") else f"{name}.bin")
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"val target {name!r}: neither {name} nor {path} is a file; fix or remove it from val_targets"
+            )
+        paths[Path(name).stem] = path
+    return paths
+
+
 def _validate(cfg, backbone, step: int, log: JsonlLogger) -> dict:
     from .verification import evaluate_bin
 
     results = {}
-    for name in cfg.val_targets:
-        path = Path(name)  # a path to a .bin, or a name of <rec>/<name>.bin (insightface's layout)
-        if not path.is_file():
-            path = Path(cfg.rec) / (name if str(name).endswith(".bin") else f"{name}.bin")
-        if not path.is_file():
-            print(f"[mhe-face-train] skip val target {name}: {path} not found")
-            continue
+    for name, path in resolve_val_targets(cfg).items():
         m = evaluate_bin(backbone, path, cfg.val_image_size or cfg.input_size, cfg.in_chans)
-        results[Path(name).stem] = m
-        log.log({"step": step, "val": Path(name).stem, **m})
-        print(
-            f"[mhe-face-train] step {step} {Path(name).stem}: acc {m['acc10fold']:.2f} +- {m['acc10fold_std']:.2f}"
-        )
+        results[name] = m
+        log.log({"step": step, "val": name, **m})
+        print(f"[mhe-face-train] step {step} {name}: acc {m['acc10fold']:.2f} +- {m['acc10fold_std']:.2f}")
     return results
 
 
@@ -199,6 +208,7 @@ def train(cfg: SimpleNamespace, dist_timeout: float = DEFAULT_TIMEOUT_S) -> dict
     )
     barrier()
     ck = ShardedCheckpoint(out / CHECKPOINTS, keep=2)
+    resolve_val_targets(cfg)  # fail now, not after the first epoch
     dataset = open_train_dataset(cfg.rec, channels=cfg.in_chans, train=True)
     if cfg.num_classes is None:
         cfg.num_classes = dataset.num_classes

@@ -288,6 +288,11 @@ def test_run_folder_policy_config_types_and_dist_timeout(setup, tmp_path):
         train_main([str(cfg), "--output", str(out), "--set", "batch_size=2.5"])
     with pytest.raises(ValueError, match="distributed timeout must be > 0 seconds, got 0.0"):
         train_main([str(cfg), "--output", str(out), "--dist-timeout", "0"])
+    # a val target that does not exist stops the run before any training, naming the paths tried
+    fresh = tmp_path / "q"
+    with pytest.raises(FileNotFoundError, match=r"val target 'lfw': neither lfw nor .*rec/lfw.bin is a file"):
+        train_main([str(cfg), "--output", str(fresh), "--set", "val_targets=('lfw',)"])
+    assert not (fresh / "checkpoints").exists()
 
 
 def test_frozen_rank_fails_with_dist_timeout_message(setup, tmp_path):
