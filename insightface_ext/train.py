@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mhe_plugins.distributed import (
     DEFAULT_TIMEOUT_S,
+    add_dist_timeout_arg,
     barrier,
     collective_timeout_guard,
     init_distributed_from_env,
@@ -356,13 +357,7 @@ def cli(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--overwrite", action="store_true", help="with --no-resume: delete the run in OUTPUT first"
     )
-    p.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        metavar="SECONDS",
-        help=f"how long a collective waits for a stuck rank (default {DEFAULT_TIMEOUT_S:g})",
-    )
+    add_dist_timeout_arg(p)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")
     a = p.parse_args(argv)
     cfg = apply_overrides(load_config(a.config), a.set)

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "collective_timeout_guard",
     "wrap_ddp",
+    "add_dist_timeout_arg",
     "cleanup_distributed",
     "barrier",
     "all_reduce_sum",
@@ -108,6 +109,18 @@ def collective_timeout_guard(where: Callable[[], str]) -> Iterator[None]:
             f"{where()} - another rank is stuck or died (raise the timeout with --dist-timeout if a rank "
             f"legitimately works alone for longer, e.g. a long validation)"
         ) from exc
+
+
+def add_dist_timeout_arg(parser) -> None:
+    """The ``--dist-timeout SECONDS`` option every distributed CLI shares (argparse parser or group)."""
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"fail a collective after this long (a stuck or dead rank) instead of hanging "
+        f"(default {DEFAULT_TIMEOUT_S:g})",
+    )
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device, **kwargs) -> torch.nn.Module:

@@ -28,7 +28,7 @@ from timm.utils import ParseKwargs
 from tqdm import tqdm
 
 from mhe_plugins.distributed import (
-    DEFAULT_TIMEOUT_S,
+    add_dist_timeout_arg,
     all_reduce_sum,
     barrier,
     cleanup_distributed,
@@ -131,13 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--overwrite", action="store_true", help="delete a previous run in --output and start over"
     )
-    r.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        metavar="SECONDS",
-        help="fail a collective after this long (a stuck or dead rank) instead of hanging",
-    )
+    add_dist_timeout_arg(r)
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     r.add_argument("--no-progress", action="store_true")
