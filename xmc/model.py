@@ -6,10 +6,14 @@ Both heads take the padded label tensor (B, L; -1 = padding) and expose ``comput
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from sklearn.preprocessing import normalize
 from torch import nn
 
 from mhe_plugins.heads.mhc_multilabel import MHCMultiLabelHead
@@ -32,15 +36,65 @@ class FlatHead(nn.Module):
         hot.scatter_(1, torch.where(target >= 0, target, self.num_labels), 1.0)
         return hot[:, : self.num_labels]
 
-    def compute_loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = self.fc(x)
+    def compute_loss(
+        self, x: torch.Tensor, target: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        logits = self.fc(x) if extra is None else self.fc(x) + extra
         return F.binary_cross_entropy_with_logits(logits, self.multi_hot(target, logits.dtype))
 
-    def topk(self, x: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.sigmoid(self.fc(x).float()).topk(min(k, self.num_labels), dim=1)
+    def topk(
+        self, x: torch.Tensor, k: int = 5, extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.fc(x) if extra is None else self.fc(x) + extra
+        return torch.sigmoid(logits.float()).topk(min(k, self.num_labels), dim=1)
 
     def classifier_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def label_centroids(features: sp.csr_matrix, labels: sp.csr_matrix) -> sp.csr_matrix:
+    """(N, F) L2-normalised mean TF-IDF of each label's training documents (PECOS's PIFA); empty rows for
+    labels without training documents."""
+    return normalize((labels.T.tocsr().astype(np.float32) @ features).tocsr(), norm="l2", axis=1).tocsr()
+
+
+class LexicalScorer(nn.Module):
+    """Cosine of a document's sparse TF-IDF with each label centroid, times a learned weight: the ranker's
+    lexical signal, which a low-rank neural score misses on short keyword-like texts.
+
+    The centroids are stored transposed (F, N) as CSR buffers so ``model.pt`` carries them; ``nnz`` fixes
+    the buffer sizes when a saved model is rebuilt.
+    """
+
+    def __init__(self, num_features: int, num_labels: int, nnz: int, weight: float = 4.0):
+        super().__init__()
+        self.shape = (num_features, num_labels)
+        self.register_buffer("crow", torch.zeros(num_features + 1, dtype=torch.int64))
+        self.register_buffer("col", torch.zeros(nnz, dtype=torch.int64))
+        self.register_buffer("val", torch.zeros(nnz, dtype=torch.float32))
+        self.weight = nn.Parameter(torch.tensor(float(weight)))
+
+    def set_centroids(self, centroids: sp.csr_matrix) -> None:
+        ct = centroids.T.tocsr()
+        ct.sort_indices()
+        if ct.shape != self.shape or ct.nnz != self.col.numel():
+            raise ValueError(
+                f"centroids {ct.shape} nnz {ct.nnz} do not fit {self.shape} nnz {self.col.numel()}"
+            )
+        self.crow.copy_(torch.from_numpy(ct.indptr.astype(np.int64)))
+        self.col.copy_(torch.from_numpy(ct.indices.astype(np.int64)))
+        self.val.copy_(torch.from_numpy(ct.data.astype(np.float32)))
+
+    def forward(self, input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(B, N) weighted cosines for the EmbeddingBag triple of a batch."""
+        b = offsets.numel()
+        crow = torch.cat([offsets, offsets.new_tensor([input.numel()])])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            x = torch.sparse_csr_tensor(crow, input, weights.float(), size=(b, self.shape[0]))
+            ct = torch.sparse_csr_tensor(self.crow, self.col, self.val, size=self.shape)
+            cos = (x @ ct).to_dense()
+        return self.weight * cos
 
 
 def default_hidden_dim(feature_dim: int) -> int:
@@ -54,9 +108,23 @@ class XMCModel(nn.Module):
         encoder without its pretrained weights (they come from our checkpoint)."""
         super().__init__()
         self.cfg = dict(cfg)
+        self.candidate_loss = cfg.get("candidate_loss", "bce")
+        self.lexical = None
         if cfg["encoder"] == "tfidf":
-            self.encoder = SparseEncoder(num_features, cfg["tfidf_dim"], cfg["dropout"])
+            self.encoder = SparseEncoder(
+                num_features,
+                cfg["tfidf_dim"],
+                cfg["dropout"],
+                layers=cfg.get("tfidf_layers", 0),
+                sparse=cfg.get("sparse_grad", False),
+            )
+            if cfg.get("lexical_nnz") is not None:
+                self.lexical = LexicalScorer(
+                    num_features, num_labels, cfg["lexical_nnz"], cfg["lexical_weight"]
+                )
         else:
+            if cfg.get("lexical_nnz") is not None:
+                raise ValueError("the lexical ranker term needs the TF-IDF encoder (sparse input)")
             self.encoder = HFEncoder(
                 cfg.get("model_path"), cfg["feature_layers"], cfg["dropout"], config=hf_config
             )
@@ -78,10 +146,30 @@ class XMCModel(nn.Module):
     def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**inputs)
 
+    def _lexical_on_candidates(self, out, lex: torch.Tensor):
+        ids = self.head.candidate_global_ids(out)
+        extra = lex.gather(1, ids.clamp_min(0)).masked_fill(ids < 0, 0.0)
+        return out._replace(candidate_logits=out.candidate_logits + extra.to(out.candidate_logits.dtype))
+
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Training loss (forward is the loss so DDP sees one call per step)."""
-        return self.head.compute_loss(self.features(inputs), labels)
+        x = self.features(inputs)
+        lex = self.lexical(**inputs) if self.lexical is not None else None
+        if isinstance(self.head, FlatHead):
+            return self.head.compute_loss(x, labels, lex)
+        if lex is None and self.candidate_loss == "bce":
+            return self.head.compute_loss(x, labels)
+        out = self.head(x, labels)
+        if lex is not None:
+            out = self._lexical_on_candidates(out, lex)
+        return self.head.loss(out, labels, self.candidate_loss)
 
     @torch.no_grad()
     def topk(self, inputs: dict[str, torch.Tensor], k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head.topk(self.features(inputs), k)
+        x = self.features(inputs)
+        if self.lexical is None:
+            return self.head.topk(x, k)
+        lex = self.lexical(**inputs)
+        if isinstance(self.head, FlatHead):
+            return self.head.topk(x, k, lex)
+        return self.head.topk_from_output(self._lexical_on_candidates(self.head(x), lex), k)
