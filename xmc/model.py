@@ -58,21 +58,38 @@ def label_centroids(features: sp.csr_matrix, labels: sp.csr_matrix) -> sp.csr_ma
     return normalize((labels.T.tocsr().astype(np.float32) @ features).tocsr(), norm="l2", axis=1).tocsr()
 
 
-class LexicalScorer(nn.Module):
-    """Cosine of a document's sparse TF-IDF with each label centroid, times a learned weight: the ranker's
-    lexical signal, which a low-rank neural score misses on short keyword-like texts.
+def group_centroids(
+    features: sp.csr_matrix, labels: sp.csr_matrix, group_of: np.ndarray, g: int
+) -> sp.csr_matrix:
+    """(G, F) L2-normalised mean TF-IDF of the documents having a label in each group."""
+    member = sp.csr_matrix(
+        (np.ones(len(group_of), np.float32), (np.arange(len(group_of)), group_of)), shape=(len(group_of), g)
+    )
+    hits = (labels @ member).tocsr()
+    hits.data[:] = 1.0
+    return label_centroids(features, hits)
 
-    The centroids are stored transposed (F, N) as CSR buffers so ``model.pt`` carries them; ``nnz`` fixes
-    the buffer sizes when a saved model is rebuilt.
+
+class LexicalScorer(nn.Module):
+    """Cosine of a document's sparse TF-IDF with each label centroid (and, for MHC, each group centroid),
+    times a learned weight: the lexical signal that a low-rank neural score misses on short keyword-like
+    texts, added to the ranker's logits (and to the group logits, so the right groups become candidates).
+
+    The centroids are stored transposed (F, N [+ G]) as CSR buffers so ``model.pt`` carries them; ``nnz``
+    fixes the buffer sizes when a saved model is rebuilt.
     """
 
-    def __init__(self, num_features: int, num_labels: int, nnz: int, weight: float = 4.0):
+    def __init__(
+        self, num_features: int, num_labels: int, nnz: int, weight: float = 4.0, num_groups: int = 0
+    ):
         super().__init__()
-        self.shape = (num_features, num_labels)
+        self.num_labels = num_labels
+        self.shape = (num_features, num_labels + num_groups)
         self.register_buffer("crow", torch.zeros(num_features + 1, dtype=torch.int64))
         self.register_buffer("col", torch.zeros(nnz, dtype=torch.int64))
         self.register_buffer("val", torch.zeros(nnz, dtype=torch.float32))
         self.weight = nn.Parameter(torch.tensor(float(weight)))
+        self.group_weight = nn.Parameter(torch.tensor(float(weight))) if num_groups else None
 
     def set_centroids(self, centroids: sp.csr_matrix) -> None:
         ct = centroids.T.tocsr()
@@ -85,8 +102,10 @@ class LexicalScorer(nn.Module):
         self.col.copy_(torch.from_numpy(ct.indices.astype(np.int64)))
         self.val.copy_(torch.from_numpy(ct.data.astype(np.float32)))
 
-    def forward(self, input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """(B, N) weighted cosines for the EmbeddingBag triple of a batch."""
+    def forward(
+        self, input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weighted cosines (B, N) with the labels and (B, G) with the groups (None without groups)."""
         b = offsets.numel()
         crow = torch.cat([offsets, offsets.new_tensor([input.numel()])])
         with warnings.catch_warnings():
@@ -94,7 +113,9 @@ class LexicalScorer(nn.Module):
             x = torch.sparse_csr_tensor(crow, input, weights.float(), size=(b, self.shape[0]))
             ct = torch.sparse_csr_tensor(self.crow, self.col, self.val, size=self.shape)
             cos = (x @ ct).to_dense()
-        return self.weight * cos
+        n = self.num_labels
+        groups = self.group_weight * cos[:, n:] if self.group_weight is not None else None
+        return self.weight * cos[:, :n], groups
 
 
 def default_hidden_dim(feature_dim: int) -> int:
@@ -118,10 +139,6 @@ class XMCModel(nn.Module):
                 layers=cfg.get("tfidf_layers", 0),
                 sparse=cfg.get("sparse_grad", False),
             )
-            if cfg.get("lexical_nnz") is not None:
-                self.lexical = LexicalScorer(
-                    num_features, num_labels, cfg["lexical_nnz"], cfg["lexical_weight"]
-                )
         else:
             if cfg.get("lexical_nnz") is not None:
                 raise ValueError("the lexical ranker term needs the TF-IDF encoder (sparse input)")
@@ -142,6 +159,18 @@ class XMCModel(nn.Module):
             )
         else:
             raise ValueError(f"unknown head {cfg['head']!r} (mhc|flat)")
+        lexical_nnz = cfg.get("lexical_nnz")
+        if cfg["encoder"] == "tfidf" and lexical_nnz is not None:
+            g = self.head.num_groups if cfg["head"] == "mhc" else 0
+            self.lexical = LexicalScorer(num_features, num_labels, lexical_nnz, cfg["lexical_weight"], g)
+
+    def lexical_centroids(self, features: sp.csr_matrix, labels: sp.csr_matrix) -> sp.csr_matrix:
+        """(N [+ G], F) label (and group) centroids of the training documents, for :class:`LexicalScorer`."""
+        c = label_centroids(features, labels)
+        if isinstance(self.head, FlatHead):
+            return c
+        group_of = self.head.group_of_global().cpu().numpy()
+        return sp.vstack([c, group_centroids(features, labels, group_of, self.head.num_groups)]).tocsr()
 
     def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**inputs)
@@ -154,12 +183,12 @@ class XMCModel(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Training loss (forward is the loss so DDP sees one call per step)."""
         x = self.features(inputs)
-        lex = self.lexical(**inputs) if self.lexical is not None else None
+        lex, lex_groups = self.lexical(**inputs) if self.lexical is not None else (None, None)
         if isinstance(self.head, FlatHead):
             return self.head.compute_loss(x, labels, lex)
         if lex is None and self.candidate_loss == "bce":
             return self.head.compute_loss(x, labels)
-        out = self.head(x, labels)
+        out = self.head(x, labels, group_bias=lex_groups)
         if lex is not None:
             out = self._lexical_on_candidates(out, lex)
         return self.head.loss(out, labels, self.candidate_loss)
@@ -169,7 +198,8 @@ class XMCModel(nn.Module):
         x = self.features(inputs)
         if self.lexical is None:
             return self.head.topk(x, k)
-        lex = self.lexical(**inputs)
+        lex, lex_groups = self.lexical(**inputs)
         if isinstance(self.head, FlatHead):
             return self.head.topk(x, k, lex)
-        return self.head.topk_from_output(self._lexical_on_candidates(self.head(x), lex), k)
+        out = self.head(x, group_bias=lex_groups)
+        return self.head.topk_from_output(self._lexical_on_candidates(out, lex), k)

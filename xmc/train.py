@@ -51,7 +51,7 @@ from xmc.batching import Collator, IndexDataset, to_device
 from xmc.data import XMCDataset, load_dataset
 from xmc.encoders import TfidfFeaturizer, l2_rows, load_tokenizer
 from xmc.evaluate import compute_metrics, rank_documents
-from xmc.model import XMCModel, label_centroids
+from xmc.model import XMCModel
 
 
 @dataclass
@@ -268,12 +268,12 @@ def train(cfg: TrainConfig) -> dict:
     prop = M.jain_propensity(ds.splits["train"].labels, A=cfg.propensity_a, B=cfg.propensity_b)
 
     mcfg = cfg.model_cfg()
-    centroids = None
-    if cfg.lexical:
-        centroids = label_centroids(feats.features["train"], ds.splits["train"].labels)
-        mcfg["lexical_nnz"] = int(centroids.nnz)
     model = XMCModel(mcfg, ds.num_labels, feats.num_features)
-    if centroids is not None:
+    if cfg.lexical:  # centroids depend on the head's grouping; the model is rebuilt with their size
+        centroids = model.lexical_centroids(feats.features["train"], ds.splits["train"].labels)
+        mcfg["lexical_nnz"] = int(centroids.nnz)
+        seed_everything(cfg.seed)
+        model = XMCModel(mcfg, ds.num_labels, feats.num_features)
         model.lexical.set_centroids(centroids)
     model.to(device)
     prepare_output_dir(

@@ -162,9 +162,17 @@ class MHCMultiLabelHead(nn.Module):
             gs.reshape(b, -1),
         )
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> MHCMultiLabelOutput:
-        """Training (target given): teacher-forced groups. Inference: the top-K groups by score."""
+    def forward(
+        self, x: torch.Tensor, target: torch.Tensor | None = None, group_bias: torch.Tensor | None = None
+    ) -> MHCMultiLabelOutput:
+        """Training (target given): teacher-forced groups. Inference: the top-K groups by score.
+
+        ``group_bias`` (B, G), optional: added to the group logits before the groups are chosen (an
+        external signal such as a lexical score); the group loss then trains the sum.
+        """
         group_logits = self.group(x)
+        if group_bias is not None:
+            group_logits = group_logits + group_bias.to(group_logits.dtype)
         q = self.query(x)
         scores = torch.sigmoid(group_logits.detach())
         k = self.candidates_topk
@@ -214,6 +222,12 @@ class MHCMultiLabelHead(nn.Module):
         self, x: torch.Tensor, target: torch.Tensor, candidate_loss: str = "bce"
     ) -> torch.Tensor:
         return self.loss(self(x, target), target, candidate_loss)
+
+    def group_of_global(self) -> torch.Tensor:
+        """(N,) group index of every global label id (for group-level statistics of the labels)."""
+        ids = torch.arange(self.num_labels, device=self.group.weight.device)
+        internal = ids if self.to_internal is None else self.to_internal[ids]
+        return internal // self.group_size
 
     def candidate_global_ids(self, out: MHCMultiLabelOutput) -> torch.Tensor:
         """Global label ids (B, M) of the candidates, -1 on dummy slots (for per-candidate extra scores)."""

@@ -66,8 +66,18 @@ def test_lexical_scorer_is_weighted_cosine_to_label_centroids():
     )
     scorer = LexicalScorer(50, 7, c.nnz, weight=3.0)
     scorer.set_centroids(c)
-    got = scorer(**csr_to_bag(x[5:12])).detach().numpy()
-    np.testing.assert_allclose(got, 3.0 * x[5:12].toarray() @ c.toarray().T, rtol=1e-5, atol=1e-6)
+    got, groups = scorer(**csr_to_bag(x[5:12]))
+    assert groups is None
+    np.testing.assert_allclose(got.detach(), 3.0 * x[5:12].toarray() @ c.toarray().T, rtol=1e-5, atol=1e-6)
+    # MHC: group centroids = centroids of the documents with any label of the group (ids permuted)
+    model = XMCModel(_cfg(permutation_seed=3, num_groups=3), 7, 50)
+    both = model.lexical_centroids(x, y)
+    group_of = model.head.group_of_global().numpy()
+    assert sorted(np.bincount(group_of).tolist()) == [1, 3, 3]  # {3; 3} grouping of 7 labels
+    for gi in range(3):
+        docs = y[:, np.flatnonzero(group_of == gi)].sum(1).A.ravel() > 0
+        v = x[np.flatnonzero(docs)].sum(0).A.ravel()
+        np.testing.assert_allclose(both[7 + gi].toarray().ravel(), v / np.linalg.norm(v), atol=1e-6)
 
 
 def test_softmax_candidate_loss_equals_a_per_document_loop():
