@@ -72,11 +72,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="dense gradients + AdamW for the TF-IDF bag (default: sparse gradients + SparseAdam)",
     )
     p.add_argument("--ngram-max", type=int, default=d.ngram_max, help="2: add word bigrams (raw text)")
-    p.add_argument(
+    lex = p.add_mutually_exclusive_group()
+    lex.add_argument(
         "--lexical",
-        action="store_true",
-        help="add cosine(document TF-IDF, label centroid) with a learned weight to the ranker",
+        action="store_const",
+        const=True,
+        default=None,
+        help="cosine(document TF-IDF, label/group centroids) with a learned weight in the ranker "
+        "(default: on with the TF-IDF encoder)",
     )
+    lex.add_argument("--no-lexical", dest="lexical", action="store_const", const=False)
     p.add_argument("--lexical-weight", type=float, default=d.lexical_weight, help="its initial weight")
     p.add_argument("--candidate-loss", choices=["bce", "softmax"], default=d.candidate_loss)
     p.add_argument("--max-features", type=int, default=d.max_features)

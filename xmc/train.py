@@ -83,8 +83,10 @@ class TrainConfig:
     tfidf_layers: int = 0  # residual MLP blocks after the TF-IDF projection
     sparse_grad: bool = True  # sparse gradients for the TF-IDF bag, updated by SparseAdam
     ngram_max: int = 1  # 2: word bigrams in the TF-IDF vocabulary (raw text only)
-    lexical: bool = False  # add a learned-weight cosine(doc TF-IDF, label centroid) to the ranker
-    lexical_weight: float = 4.0  # its initial weight
+    lexical: bool | None = (
+        None  # cosine(doc TF-IDF, label/group centroids) in the ranker; None: on with tfidf
+    )
+    lexical_weight: float = 10.0  # its initial weight (learned)
     candidate_loss: str = "bce"  # bce | softmax (MHC candidates)
     max_features: int = 100_000
     feature_layers: int = 5
@@ -113,6 +115,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lexical and self.encoder != "tfidf":
             raise ValueError("TrainConfig.lexical needs the TF-IDF encoder (--encoder tfidf)")
+
+    def use_lexical(self) -> bool:
+        """The lexical term is on by default with the TF-IDF encoder (it needs sparse input)."""
+        return self.lexical if self.lexical is not None else self.encoder == "tfidf"
 
     def swa_start_epoch(self) -> int:
         """SWA averages only the last part of training (default: the last quarter of the epochs)."""
@@ -269,7 +275,7 @@ def train(cfg: TrainConfig) -> dict:
 
     mcfg = cfg.model_cfg()
     model = XMCModel(mcfg, ds.num_labels, feats.num_features)
-    if cfg.lexical:  # centroids depend on the head's grouping; the model is rebuilt with their size
+    if cfg.use_lexical():  # centroids depend on the head's grouping; the model is rebuilt with their size
         centroids = model.lexical_centroids(feats.features["train"], ds.splits["train"].labels)
         mcfg["lexical_nnz"] = int(centroids.nnz)
         seed_everything(cfg.seed)

@@ -124,7 +124,10 @@ def test_lexical_softmax_deep_bigram_model_trains_and_reloads(wordnet_small, tmp
     assert meta["model"]["lexical_nnz"] > 0 and meta["model"]["tfidf_layers"] == 1
     assert any(" " in w for w in json.loads((out / "tfidf.json").read_text())["vocabulary"])  # bigrams
     best = load_checkpoint(out / "model.pt")
-    assert "lexical.val" in best["state_dict"] and float(best["state_dict"]["lexical.weight"]) != 4.0
+    assert (
+        "lexical.val" in best["state_dict"]
+        and float(best["state_dict"]["lexical.weight"]) != cfg.lexical_weight
+    )
     # the saved folder ranks exactly as the trainer's validation did (centroids travel in model.pt)
     res = evaluate_model_dir(out, wordnet_small, "valid", write=False)
     row = summary["history"][summary["best_epoch"]]
@@ -191,3 +194,15 @@ def test_foldoc_builder_labels_are_linked_headwords_removed_from_text(tmp_path):
     assert stats["documents"] == 5 and stats["labels"] == 3
     again, _ = build_foldoc_xmc(tmp_path, min_docs=2, seed=0)
     assert again == splits
+
+
+def test_foldoc_cli_writes_a_raw_dataset_the_reader_loads(tmp_path):
+    from xmc.data import load_dataset
+    from xmc.datasets import main
+
+    _dictd(tmp_path, [("A", "see {B} and {C}"), ("B", "see {C}"), ("C", "see {B}"), ("D", "see {B} {C}")])
+    main(["foldoc", "--dict-dir", str(tmp_path), "--out", str(tmp_path / "ds"), "--compress", "xz"])
+    ds = load_dataset(tmp_path / "ds")
+    assert ds.label_vocab == ["b", "c"]
+    assert sum(len(p) for p in ds.splits.values()) == 4
+    assert json.loads((tmp_path / "ds" / "stats.json").read_text())["labels"] == 2
