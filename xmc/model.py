@@ -6,7 +6,6 @@ Both heads take the padded label tensor (B, L; -1 = padding) and expose ``comput
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
@@ -76,7 +75,7 @@ class LexicalScorer(nn.Module):
     texts, added to the ranker's logits (and to the group logits, so the right groups become candidates).
 
     The centroids are stored transposed (F, N [+ G]) as CSR buffers so ``model.pt`` carries them; ``nnz``
-    fixes the buffer sizes when a saved model is rebuilt.
+    fixes the buffer sizes when a saved model is rebuilt. The product runs in scipy on the CPU.
     """
 
     def __init__(
@@ -102,17 +101,27 @@ class LexicalScorer(nn.Module):
         self.col.copy_(torch.from_numpy(ct.indices.astype(np.int64)))
         self.val.copy_(torch.from_numpy(ct.data.astype(np.float32)))
 
+    def _centroids_t(self) -> sp.csr_matrix:
+        """The (F, N [+ G]) scipy view of the buffers, rebuilt when they change (load_state_dict, .to)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.crow, self.col, self.val))
+        if getattr(self, "_cache_key", None) != key:
+            self._cache = sp.csr_matrix(
+                (self.val.cpu().numpy(), self.col.cpu().numpy(), self.crow.cpu().numpy()), shape=self.shape
+            )
+            self._cache_key = key
+        return self._cache
+
     def forward(
         self, input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weighted cosines (B, N) with the labels and (B, G) with the groups (None without groups)."""
         b = offsets.numel()
-        crow = torch.cat([offsets, offsets.new_tensor([input.numel()])])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            x = torch.sparse_csr_tensor(crow, input, weights.float(), size=(b, self.shape[0]))
-            ct = torch.sparse_csr_tensor(self.crow, self.col, self.val, size=self.shape)
-            cos = (x @ ct).to_dense()
+        indptr = np.append(offsets.cpu().numpy(), input.numel())
+        x = sp.csr_matrix(
+            (weights.detach().float().cpu().numpy(), input.cpu().numpy(), indptr), shape=(b, self.shape[0])
+        )
+        # scipy's sparse product: torch's CSR @ CSR on CPU leaked ~20 MB per call (torch 2.14) and is slower
+        cos = torch.from_numpy((x @ self._centroids_t()).toarray()).to(weights.device)
         n = self.num_labels
         groups = self.group_weight * cos[:, n:] if self.group_weight is not None else None
         return self.weight * cos[:, :n], groups
