@@ -206,3 +206,17 @@ def test_foldoc_cli_writes_a_raw_dataset_the_reader_loads(tmp_path):
     assert ds.label_vocab == ["b", "c"]
     assert sum(len(p) for p in ds.splits.values()) == 4
     assert json.loads((tmp_path / "ds" / "stats.json").read_text())["labels"] == 2
+
+
+def test_cli_flags_map_to_the_config_the_trainer_tests_use():
+    from xmc.cli import build_parser, config_from_args
+
+    argv = "train --data-dir D --output O --candidate-loss softmax --tfidf-layers 1 --ngram-max 2"
+    cfg = config_from_args(build_parser().parse_args(argv.split()))
+    assert (cfg.candidate_loss, cfg.tfidf_layers, cfg.ngram_max, cfg.use_lexical()) == ("softmax", 1, 2, True)
+    cfg = config_from_args(
+        build_parser().parse_args(
+            "train --data-dir D --output O --no-lexical --dense-grad --dist-timeout 60".split()
+        )
+    )
+    assert (cfg.lexical, cfg.sparse_grad, cfg.dist_timeout, cfg.epochs) == (False, False, 60.0, 10)
