@@ -1,12 +1,18 @@
 """Benchmark on one dataset and split: MHC and flat (this package) vs omikuji (Parabel) and napkinxc (PLT),
 all on the same TF-IDF features; writes a Markdown table, the same figures as JSON, and a PNG chart.
 
-    python -m xmc.bench --data-dir data/wordnet_xmc            # ~20-25 min on 2 shared CPU cores
+    python -m xmc.bench --data-dir data/wordnet_xmc      # -> benchmarks/results/xmc_wordnet.{md,json,png}
+    python -m xmc.bench --data-dir data/foldoc_xmc       # -> benchmarks/results/xmc_foldoc.{md,json,png}
+
+Resumable per method: each finished method's figures are kept in ``WORK/<method>.result.json`` and reused
+(``--force`` recomputes); a killed neural run continues from its checkpoint. ``mhc-perm`` is the MHC run with
+randomly permuted label ids (the paper's "grouping needs no clustering" check).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -42,35 +48,52 @@ def _head_config(model_dir: str) -> dict:
     }
 
 
-def run_neural(head: str, data_dir: str, work: Path, args) -> dict:
-    cfg = TrainConfig(
+NEURAL = {"mhc": "mhc", "flat": "flat", "mhc-perm": "mhc"}
+
+
+def _train_config(method: str, data_dir: str, work: Path, args) -> TrainConfig:
+    """Trainer defaults unless a bench flag overrides them."""
+    kw = {
+        k: getattr(args, k)
+        for k in ("epochs", "batch_size", "tfidf_dim", "max_features", "num_groups", "candidates_topk")
+        if getattr(args, k) is not None
+    }
+    kw.update(json.loads(args.train_json) if args.train_json else {})
+    if method == "mhc-perm":
+        kw["permutation_seed"] = args.permutation_seed if args.permutation_seed is not None else 0
+    elif method == "mhc" and args.permutation_seed is not None:
+        kw["permutation_seed"] = args.permutation_seed
+    out = work / method
+    return TrainConfig(
         data_dir=data_dir,
-        output=str(work / head),
-        head=head,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        tfidf_dim=args.tfidf_dim,
-        max_features=args.max_features,
+        output=str(out),
+        head=NEURAL[method],
         threads=args.threads,
-        overwrite=True,
+        resume=(out / "checkpoint.pt").exists(),  # a killed run continues
         progress=args.progress,
-        num_groups=args.num_groups,
-        candidates_topk=args.candidates_topk,
-        permutation_seed=args.permutation_seed if head == "mhc" else None,
+        **kw,
     )
+
+
+def run_neural(method: str, data_dir: str, work: Path, args) -> dict:
+    cfg = _train_config(method, data_dir, work, args)
     done = Path(cfg.output) / "train_summary.json"
-    if args.reuse and done.exists() and (Path(cfg.output) / "model.pt").exists():
-        summary = json.loads(done.read_text())  # finished earlier run of this bench: evaluate it again
+    if done.exists() and (Path(cfg.output) / "model.pt").exists():
+        summary = json.loads(done.read_text())  # finished earlier: evaluate it again
     else:
         summary = train(cfg)
+    t0 = time.time()
     res = evaluate_model_dir(cfg.output, data_dir, "test", device="cpu")
+    predict_s = time.time() - t0
     return {
         **res,
         "train_s": summary["train_s"],
+        "predict_s": round(predict_s, 2),
         "classifier_params": summary["classifier_parameters"],
         "model_bytes": 4 * summary["classifier_parameters"],
         "best_epoch": summary["best_epoch"],
-        "config": _head_config(cfg.output) if head == "mhc" else {},
+        "config": _head_config(cfg.output) if cfg.head == "mhc" else {},
+        "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data_dir", "output")},
     }
 
 
@@ -96,10 +119,12 @@ def run_omikuji(x_tr, y_tr, x_te, threads: int, work: Path) -> tuple[np.ndarray,
     train_s = time.time() - t0
     model.save(str(work / "omikuji_model"))
     pred = np.full((x_te.shape[0], 5), -1, dtype=np.int64)
+    t1 = time.time()
     for i in range(x_te.shape[0]):
         s, e = x_te.indptr[i], x_te.indptr[i + 1]
         out = model.predict(list(zip(x_te.indices[s:e].tolist(), x_te.data[s:e].tolist())), top_k=5)
         pred[i, : len(out)] = [lab for lab, _ in out]
+    run_omikuji.predict_s = time.time() - t1
     return pred, train_s, _dir_bytes(work / "omikuji_model")
 
 
@@ -111,7 +136,9 @@ def run_napkinxc(x_tr, y_tr, x_te, threads: int, work: Path) -> tuple[np.ndarray
     t0 = time.time()
     model.fit(x_tr, labels)
     train_s = time.time() - t0
+    t1 = time.time()
     out = model.predict(x_te, top_k=5)
+    run_napkinxc.predict_s = time.time() - t1
     pred = np.full((x_te.shape[0], 5), -1, dtype=np.int64)
     for i, row in enumerate(out):
         pred[i, : len(row)] = row
@@ -120,15 +147,16 @@ def run_napkinxc(x_tr, y_tr, x_te, threads: int, work: Path) -> tuple[np.ndarray
 
 def write_reports(result: dict, md: Path, js: Path, png: Path) -> None:
     rows = [
-        "| method | " + " | ".join(COLUMNS) + " | train s | classifier params | model MB |",
-        "|---" * (len(COLUMNS) + 4) + "|",
+        "| method | " + " | ".join(COLUMNS) + " | train s | predict s | classifier params | model MB |",
+        "|---" * (len(COLUMNS) + 5) + "|",
     ]
     for name, m in result["methods"].items():
         params = f"{m['classifier_params']:,}" if m.get("classifier_params") else "n/a (sparse trees)"
         rows.append(
             f"| {name} | "
             + " | ".join(f"{m[c]:.2f}" for c in COLUMNS)
-            + f" | {m['train_s']:.0f} | {params} | {m['model_bytes'] / 1e6:.1f} |"
+            + f" | {m['train_s']:.0f} | {m.get('predict_s', float('nan')):.1f} | {params}"
+            + f" | {m['model_bytes'] / 1e6:.1f} |"
         )
     s = result["setup"]
     notes = []
@@ -143,6 +171,7 @@ def write_reports(result: dict, md: Path, js: Path, png: Path) -> None:
         notes.append(
             f"Targets: MHC P@1 - flat P@1 = {t['mhc_P@1_minus_flat_P@1']:+.2f} (target >= -1); "
             f"MHC P@1 - omikuji P@1 = {t['mhc_vs_omikuji_P@1']:+.2f} (target >= 0); "
+            f"MHC P@5 - omikuji P@5 = {t.get('mhc_vs_omikuji_P@5', float('nan')):+.2f} (target >= 0); "
             f"flat / MHC classifier parameters = {t['classifier_params_ratio_flat_over_mhc']:.2f}x (target > 1)."
         )
     result["notes"] = "\n\n".join(notes)
@@ -152,7 +181,8 @@ def write_reports(result: dict, md: Path, js: Path, png: Path) -> None:
         f"Test split ({s['n_test']:,} docs), {s['num_labels']:,} labels, {s['n_train']:,} train docs; "
         f"all methods on the same TF-IDF features ({s['num_features']:,} unigrams). "
         f"Percentages; PSP with Jain propensities (A={s['propensity_a']}, B={s['propensity_b']}). "
-        f"Neural models: {s['epochs']} epochs, batch {s['batch_size']}, {s['threads']} thread(s), selected on the valid split. "
+        f"Neural models: trainer defaults unless listed in the JSON (`train_config`), {s['threads']} thread(s), "
+        "selected on the valid split. "
         f"Tree baselines: library defaults, {s['threads']} thread(s). Train time includes validation passes "
         f"for the neural models. Machine: {s['machine']}.\n\n"
         + "\n".join(rows)
@@ -186,23 +216,29 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m xmc.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default="data/wordnet_xmc")
     ap.add_argument("--methods", default="mhc,flat,omikuji,napkinxc")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--tfidf-dim", type=int, default=512)
-    ap.add_argument("--max-features", type=int, default=100_000)
+    ap.add_argument("--epochs", type=int, default=None, help="default: the trainer's")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the trainer's")
+    ap.add_argument("--tfidf-dim", type=int, default=None, help="default: the trainer's")
+    ap.add_argument("--max-features", type=int, default=None, help="default: the trainer's")
+    ap.add_argument("--train-json", default=None, help="more TrainConfig fields, e.g. '{\"lexical\": false}'")
+    ap.add_argument("--force", action="store_true", help="recompute methods whose results are in --work-dir")
     ap.add_argument("--num-groups", type=int, default=None)
     ap.add_argument("--candidates-topk", type=int, default=None)
     ap.add_argument("--permutation-seed", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--work-dir", default="runs/xmc_bench")
+    ap.add_argument("--work-dir", default=None, help="default runs/xmc_bench/<dataset>")
     ap.add_argument(
-        "--results", default="benchmarks/results/xmc_wordnet", help="path prefix for .md/.json/.png"
+        "--results",
+        default=None,
+        help="path prefix for .md/.json/.png (default benchmarks/results/xmc_<dataset>)",
     )
     ap.add_argument("--no-progress", dest="progress", action="store_false")
-    ap.add_argument("--reuse", action="store_true", help="reuse finished neural runs found in --work-dir")
+    ap.add_argument("--reuse", action="store_true", help="(always on now; kept for old command lines)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    work = Path(args.work_dir)
+    name = Path(args.data_dir).name.removesuffix("_xmc")
+    work = Path(args.work_dir or f"runs/xmc_bench/{name}")
+    args.results = args.results or f"benchmarks/results/xmc_{name}"
     work.mkdir(parents=True, exist_ok=True)
     ds = load_dataset(args.data_dir)
     tr, te = ds.splits["train"], ds.splits["test"]
@@ -211,25 +247,32 @@ def main(argv: list[str] | None = None) -> dict:
     prop = M.jain_propensity(tr.labels, A=0.55, B=1.5)
     trees = [m for m in methods if m in ("omikuji", "napkinxc")]
     if trees and ds.format == "raw":
-        feat = TfidfFeaturizer(max_features=args.max_features).fit(tr.texts)
+        feat = TfidfFeaturizer(max_features=args.max_features or 100_000).fit(tr.texts)
         x_tr, x_te = feat.transform(tr.texts), feat.transform(te.texts)
         num_features = feat.num_features
     else:
         x_tr, x_te, num_features = tr.features, te.features, ds.num_features
     for m in methods:
         print(f"== {m}", flush=True)
-        if m in ("mhc", "flat"):
+        saved = work / f"{m}.result.json"
+        if saved.exists() and not args.force:
+            result["methods"][m] = json.loads(saved.read_text())
+        elif m in NEURAL:
             result["methods"][m] = run_neural(m, args.data_dir, work, args)
-        else:
+        elif m in ("omikuji", "napkinxc"):
             with tempfile.TemporaryDirectory(dir=work) as tmp:
                 runner = run_omikuji if m == "omikuji" else run_napkinxc
                 pred, train_s, nbytes = runner(x_tr, tr.labels, x_te, args.threads, Path(tmp))
             result["methods"][m] = {
                 **compute_metrics(pred, te.labels, prop),
                 "train_s": round(train_s, 2),
+                "predict_s": round(runner.predict_s, 2),
                 "classifier_params": None,
                 "model_bytes": nbytes,
             }
+        else:
+            raise ValueError(f"unknown method {m!r} (mhc, flat, mhc-perm, omikuji, napkinxc)")
+        atomic_write_json(result["methods"][m], saved)
         print(json.dumps(result["methods"][m]), flush=True)
     result["setup"] = {
         "dataset": Path(args.data_dir).name,
@@ -237,8 +280,6 @@ def main(argv: list[str] | None = None) -> dict:
         "n_test": len(te),
         "num_labels": ds.num_labels,
         "num_features": num_features,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
         "threads": args.threads,
         "propensity_a": 0.55,
         "propensity_b": 1.5,
@@ -250,6 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
             "mhc_P@1_minus_flat_P@1": round(mh["P@1"] - fl["P@1"], 3),
             "mhc_vs_omikuji_P@1": round(
                 mh["P@1"] - result["methods"].get("omikuji", {}).get("P@1", float("nan")), 3
+            ),
+            "mhc_vs_omikuji_P@5": round(
+                mh["P@5"] - result["methods"].get("omikuji", {}).get("P@5", float("nan")), 3
             ),
             "classifier_params_ratio_flat_over_mhc": round(
                 fl["classifier_params"] / mh["classifier_params"], 3

@@ -49,7 +49,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--no-amp", dest="amp", action="store_false", help="disable autocast on CUDA")
     p.add_argument("--no-swa", dest="swa", action="store_false")
-    p.add_argument("--swa-start", type=int, default=None, help="epoch where SWA starts (default epochs//2)")
+    p.add_argument(
+        "--swa-start", type=int, default=None, help="epoch where SWA starts (default: the last quarter)"
+    )
     p.add_argument("--swa-every", type=int, default=d.swa_every)
     p.add_argument(
         "--eval-every", type=int, default=d.eval_every, help="validate every N steps (0: per epoch)"
@@ -57,6 +59,31 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select-metric", default=d.select_metric)
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--tfidf-dim", type=int, default=d.tfidf_dim)
+    p.add_argument(
+        "--tfidf-layers",
+        type=int,
+        default=d.tfidf_layers,
+        help="residual MLP blocks after the TF-IDF projection",
+    )
+    p.add_argument(
+        "--dense-grad",
+        dest="sparse_grad",
+        action="store_false",
+        help="dense gradients + AdamW for the TF-IDF bag (default: sparse gradients + SparseAdam)",
+    )
+    p.add_argument("--ngram-max", type=int, default=d.ngram_max, help="2: add word bigrams (raw text)")
+    lex = p.add_mutually_exclusive_group()
+    lex.add_argument(
+        "--lexical",
+        action="store_const",
+        const=True,
+        default=None,
+        help="cosine(document TF-IDF, label/group centroids) with a learned weight in the ranker "
+        "(default: on with the TF-IDF encoder)",
+    )
+    lex.add_argument("--no-lexical", dest="lexical", action="store_const", const=False)
+    p.add_argument("--lexical-weight", type=float, default=d.lexical_weight, help="its initial weight")
+    p.add_argument("--candidate-loss", choices=["bce", "softmax"], default=d.candidate_loss)
     p.add_argument("--max-features", type=int, default=d.max_features)
     p.add_argument(
         "--feature-layers", type=int, default=d.feature_layers, help="HF: concat first token of last k layers"
@@ -74,6 +101,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="start over in an OUTPUT that holds a run")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=d.dist_timeout,
+        help="seconds a collective waits for a stuck rank before the job fails",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -12,21 +12,19 @@ When a dataset has no ``valid`` split a seeded slice of train becomes the valida
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import lzma
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-from xmc.io import find_file, read_lines
+from xmc.io import DECOMPRESS_ERRORS, InputFileError, find_file, open_binary, read_lines
 
 SPLITS = ("train", "valid", "test")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputFileError):
     """A dataset file is malformed; the message names the file, the line and the value."""
 
 
@@ -118,66 +116,91 @@ def _read_raw(data_dir: Path, label_vocab: list[str] | None) -> XMCDataset:
 
 
 # ----------------------------------------------------------------------------- XC BoW format
-def _open_binary(path: Path):
-    opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)
-    return opener(path, "rb")
+BOM = b"\xef\xbb\xbf"
 
 
-def _locate_bow_error(path: Path, num_features: int, num_labels: int) -> str:
-    """Slow path, only after the fast reader failed: find the first bad line."""
-    with _open_binary(path) as fh:
+def _locate_bow_error(path: Path, num_features: int, num_labels: int) -> str | None:
+    """Slow path, only after the fast reader failed or its result failed a check: the first bad line,
+    numbered as in the file (blank and comment lines count)."""
+    with open_binary(path) as fh:
         fh.readline()
         for lineno, raw in enumerate(fh, 2):
-            line = raw.decode("utf-8", "replace").rstrip("\r\n").split("#", 1)[0]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"{path}:{lineno}: not UTF-8 text ({raw[:40]!r})"
+            line = text.rstrip("\r\n").split("#", 1)[0]
             if not line.strip():
                 continue
             toks = line.split(" ")
             lab, feats = (toks[0], toks[1:]) if ":" not in toks[0] else ("", toks)
             for t in filter(None, lab.split(",")):
-                if not t.lstrip("-").isdigit():
-                    return f"{path}:{lineno}: label {t!r} is not an integer"
+                if not t.isdigit():  # '1.5' or '-1' would be truncated or wrap around
+                    return f"{path}:{lineno}: label {t!r} is not a non-negative integer"
                 if not 0 <= int(t) < num_labels:
                     return f"{path}:{lineno}: label id {t} out of range [0, {num_labels})"
             last = -1
             for f in filter(None, feats):
                 k, _, v = f.partition(":")
                 try:
-                    k_i, _ = int(k), float(v)
+                    k_i, v_f = int(k), float(v)
                 except ValueError:
                     return f"{path}:{lineno}: malformed feature {f!r} (expected index:value)"
                 if not 0 <= k_i < num_features:
                     return f"{path}:{lineno}: feature index {k_i} out of range [0, {num_features})"
+                if not math.isfinite(v_f):
+                    return f"{path}:{lineno}: feature value {f!r} is not finite"
                 if k_i <= last:
                     return f"{path}:{lineno}: feature indices must be sorted and unique (at {f!r})"
                 last = k_i
-    return f"{path}: unreadable"
+    return None
+
+
+def _bad_bow(path: Path, n_features: int, n_labels: int, fallback: str) -> DataFormatError:
+    return DataFormatError(_locate_bow_error(path, n_features, n_labels) or f"{path}: {fallback}")
 
 
 def read_bow_file(path: str | Path) -> tuple[sp.csr_matrix, list[tuple[float, ...]], int]:
-    """Read one XC BoW file: (features CSR, label tuples, num_labels from the header)."""
+    """Read one XC BoW file: (features CSR, label tuples, num_labels from the header).
+
+    scikit-learn's fast reader does the parsing; what it accepts silently (fractional or negative labels,
+    nan/inf values) is checked afterwards, and every error is located by a slow re-read that names the line.
+    """
     from sklearn.datasets import load_svmlight_file
 
     path = Path(path)
-    with _open_binary(path) as fh:
-        header = fh.readline().decode("utf-8", "replace").strip()
-        parts = header.split()
-        if len(parts) != 3 or not all(p.isdigit() for p in parts):
-            raise DataFormatError(
-                f"{path}:1: malformed header {header!r} (expected 'num_points num_features num_labels')"
-            )
-        n_points, n_features, n_labels = map(int, parts)
-        try:
-            x, y = load_svmlight_file(fh, n_features=n_features, multilabel=True, zero_based=True)
-        except ValueError as exc:
-            raise DataFormatError(f"{_locate_bow_error(path, n_features, n_labels)} ({exc})") from exc
+    fh = open_binary(path)
+    try:
+        with fh:
+            raw = fh.readline()
+            if raw.startswith(BOM):
+                raw = raw[len(BOM) :]
+            header = raw.decode("utf-8", "replace").strip()
+            parts = header.split()
+            if len(parts) != 3 or not all(p.isdigit() for p in parts):
+                raise DataFormatError(
+                    f"{path}:1: malformed header {header!r} (expected 'num_points num_features num_labels')"
+                )
+            n_points, n_features, n_labels = map(int, parts)
+            try:
+                x, y = load_svmlight_file(fh, n_features=n_features, multilabel=True, zero_based=True)
+            except ValueError as exc:
+                raise DataFormatError(
+                    f"{_locate_bow_error(path, n_features, n_labels) or f'{path}: unreadable'} ({exc})"
+                ) from exc
+    except DECOMPRESS_ERRORS as exc:
+        raise InputFileError(
+            f"{path}: cannot decompress ({type(exc).__name__}: {exc}); the file is corrupt or truncated"
+        ) from exc
     if x.shape[0] != n_points:
         raise DataFormatError(
             f"{path}:1: header says {n_points} points but the file has {x.shape[0]} data lines"
         )
-    for i, labs in enumerate(y):
-        if labs and (min(labs) < 0 or max(labs) >= n_labels):
-            bad = next(int(v) for v in labs if not 0 <= v < n_labels)
-            raise DataFormatError(f"{path}:{i + 2}: label id {bad} out of range [0, {n_labels})")
+    for labs in y:
+        if labs and (min(labs) < 0 or max(labs) >= n_labels or any(v != int(v) for v in labs)):
+            raise _bad_bow(path, n_features, n_labels, f"bad label in {labs}")
+    if x.nnz and not np.isfinite(x.data).all():
+        raise _bad_bow(path, n_features, n_labels, "non-finite feature value")
     return x.tocsr().astype(np.float32), y, n_labels
 
 

@@ -6,6 +6,7 @@ are dropped and labels need >= 2 documents. Output is the AttentionXML/LightXML 
 the trainer reads it like any other dataset.
 
     python -m xmc.datasets wordnet --out data/wordnet_xmc [--wordnet-dir /usr/share/wordnet] [--compress xz]
+    python -m xmc.datasets foldoc --out DIR [--dict-dir /usr/share/dictd]      # second set, see xmc.foldoc
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xmc.foldoc import DEFAULT_DICT_DIR, build_foldoc_xmc
 from xmc.io import atomic_directory
 
 DEFAULT_WORDNET_DIR = "/usr/share/wordnet"
@@ -179,11 +181,21 @@ def main(argv: list[str] | None = None) -> None:
     wn.add_argument("--seed", type=int, default=0, help="seed of the 80/10/10 train/valid/test split")
     wn.add_argument("--compress", choices=["none", "xz"], default="none")
     wn.add_argument("--overwrite", action="store_true")
+    fd = sub.add_parser("foldoc", help="build FOLDOC-XMC (see-also labels) from dict-foldoc files")
+    fd.add_argument("--out", required=True, help="output directory (raw-text XMC format)")
+    fd.add_argument("--dict-dir", default=DEFAULT_DICT_DIR, help="dir holding foldoc.index/foldoc.dict.dz")
+    fd.add_argument("--min-docs", type=int, default=2, help="keep labels with at least this many documents")
+    fd.add_argument("--seed", type=int, default=0, help="seed of the 80/10/10 train/valid/test split")
+    fd.add_argument("--compress", choices=["none", "xz"], default="none")
+    fd.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:  # fail before the work, not after
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    splits, stats = build_wordnet_xmc(args.wordnet_dir, args.drop_top, args.min_docs, args.seed)
+    if args.name == "foldoc":
+        splits, stats = build_foldoc_xmc(args.dict_dir, args.min_docs, args.seed)
+    else:
+        splits, stats = build_wordnet_xmc(args.wordnet_dir, args.drop_top, args.min_docs, args.seed)
     write_raw_dataset(splits, out, compress=args.compress, overwrite=args.overwrite, stats=stats)
     print(json.dumps(stats, indent=1))
 

@@ -84,20 +84,37 @@ def csr_to_bag(x: sp.csr_matrix) -> dict[str, torch.Tensor]:
 
 
 class SparseEncoder(nn.Module):
-    """Sparse TF-IDF vector -> ``act(W x + b)`` (an EmbeddingBag is a linear layer on sparse input)."""
+    """Sparse TF-IDF vector -> ``act(W x + b)`` (an EmbeddingBag is a linear layer on sparse input), then
+    ``layers`` residual MLP blocks (depth for short keyword-like texts where one projection is a bottleneck).
 
-    def __init__(self, num_features: int, dim: int = 512, dropout: float = 0.2):
+    ``sparse=True`` gives the bag sparse gradients: only the rows of the batch's words are touched, so a
+    sparse-aware optimiser (``SparseAdam``) updates a few thousand rows per step instead of all of them.
+    """
+
+    def __init__(
+        self, num_features: int, dim: int = 512, dropout: float = 0.2, layers: int = 0, sparse: bool = False
+    ):
         super().__init__()
-        self.bag = nn.EmbeddingBag(num_features, dim, mode="sum")
+        if layers < 0:
+            raise ValueError(f"tfidf layers must be >= 0, got {layers}")
+        self.bag = nn.EmbeddingBag(num_features, dim, mode="sum", sparse=sparse)
         self.bias = nn.Parameter(torch.zeros(dim))
         self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+            for _ in range(layers)
+        )
+        self.block_norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
         self.out_features = dim
         nn.init.normal_(self.bag.weight, std=dim**-0.5)
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         h = self.bag(input, offsets, per_sample_weights=weights) + self.bias
-        return self.drop(torch.nn.functional.gelu(self.norm(h)))
+        h = self.drop(torch.nn.functional.gelu(self.norm(h)))
+        for block, norm in zip(self.blocks, self.block_norms):
+            h = norm(h + block(h))
+        return h
 
 
 # ----------------------------------------------------------------------------- HF transformers

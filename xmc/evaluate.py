@@ -19,7 +19,7 @@ from mhe_plugins.training import atomic_write_json, load_checkpoint
 from xmc.batching import Collator, to_device
 from xmc.data import load_dataset
 from xmc.encoders import TfidfFeaturizer, l2_rows, load_tokenizer
-from xmc.io import read_lines
+from xmc.io import InputFileError, read_lines
 from xmc.model import XMCModel
 
 KS = (1, 3, 5)
@@ -78,9 +78,9 @@ class TrainedModel:
         cfg_path = self.dir / "config.json"
         if not cfg_path.exists():
             raise FileNotFoundError(f"{cfg_path}: not a trained model directory (run mhe-xmc train first)")
-        self.meta = json.loads(cfg_path.read_text())
+        self.meta = read_model_config(cfg_path)
         self.cfg = self.meta["model"]
-        self.label_vocab = read_lines(self.dir / "labels.txt")
+        self.label_vocab = read_label_vocab(self.dir / "labels.txt", self.meta["num_labels"], cfg_path)
         self.device = torch.device(device)
         hf_config = None
         self.featurizer = self.tokenizer = None
@@ -109,6 +109,46 @@ class TrainedModel:
         return Collator(
             labels, features=features, texts=texts, tokenizer=self.tokenizer, max_len=self.cfg["max_len"]
         )
+
+
+def read_model_config(path: Path) -> dict:
+    """``config.json`` of a model folder, with the types the loader relies on checked (file, key, value)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise InputFileError(f"{path}: not UTF-8 text ({exc})") from exc
+    need = {"format": str, "num_labels": int, "model": dict}
+    for key, typ in need.items():
+        if key not in meta:
+            raise InputFileError(f"{path}: missing key {key!r}")
+        if not isinstance(meta[key], typ) or isinstance(meta[key], bool):
+            raise InputFileError(f"{path}: {key!r} must be {typ.__name__}, got {meta[key]!r}")
+    for key, typ in (("encoder", str), ("head", str), ("dropout", (int, float)), ("max_len", int)):
+        val = meta["model"].get(key)
+        if not isinstance(val, typ) or isinstance(val, bool):
+            raise InputFileError(f"{path}: 'model.{key}' has the wrong type: {val!r}")
+    return meta
+
+
+def read_label_vocab(path: Path, num_labels: int, config_path: Path) -> list[str]:
+    """``labels.txt`` of a model folder: exactly ``num_labels`` distinct non-empty tokens, else an error
+    (a short or shuffled file would map every prediction to the wrong label)."""
+    vocab = read_lines(path)
+    if len(vocab) != num_labels:
+        raise InputFileError(
+            f"{path}: has {len(vocab)} lines but {config_path} says num_labels={num_labels}; "
+            f"the label file does not belong to this model"
+        )
+    seen: dict[str, int] = {}
+    for i, tok in enumerate(vocab, 1):
+        if not tok or tok != tok.strip() or " " in tok:
+            raise InputFileError(f"{path}:{i}: invalid label token {tok!r}")
+        if tok in seen:
+            raise InputFileError(f"{path}:{i}: label {tok!r} repeats line {seen[tok]}")
+        seen[tok] = i
+    return vocab
 
 
 def evaluate_model_dir(
@@ -154,21 +194,33 @@ def predict_lines(
     ]
 
 
-def _parse_bow_lines(lines: list[str], num_features: int) -> sp.csr_matrix:
+def _parse_bow_lines(lines: list[str], num_features: int, source: str = "<stdin>") -> sp.csr_matrix:
+    """``f:v f:v ...`` per line. Policy: a line that is not entirely features is refused, naming the line
+    and the token (skipping the token would silently rank the document on an emptier vector), except a
+    leading label field ``l1,l2`` as in the training files. A line with no feature at all is refused too."""
     rows, cols, vals = [], [], []
     for r, line in enumerate(lines):
-        for tok in line.split():
-            if ":" not in tok:
-                continue  # a leading label field is ignored
-            k, _, v = tok.partition(":")
+        toks = line.split()
+        if toks and ":" not in toks[0] and all(t.isdigit() for t in toks[0].split(",")):
+            toks = toks[1:]  # the label field of an XC line
+        if not toks:
+            raise InputFileError(f"{source}:{r + 1}: no features (expected 'index:value ...')")
+        for tok in toks:
+            k, sep, v = tok.partition(":")
             try:
+                if not sep:
+                    raise ValueError(tok)
                 k_i, v_f = int(k), float(v)
             except ValueError as exc:
-                raise ValueError(
-                    f"<stdin>:{r + 1}: malformed feature {tok!r} (expected index:value)"
+                raise InputFileError(
+                    f"{source}:{r + 1}: malformed feature {tok!r} (expected index:value)"
                 ) from exc
             if not 0 <= k_i < num_features:
-                raise ValueError(f"<stdin>:{r + 1}: feature index {k_i} out of range [0, {num_features})")
+                raise InputFileError(
+                    f"{source}:{r + 1}: feature index {k_i} out of range [0, {num_features})"
+                )
+            if not np.isfinite(v_f):
+                raise InputFileError(f"{source}:{r + 1}: feature value {tok!r} is not finite")
             rows.append(r)
             cols.append(k_i)
             vals.append(v_f)

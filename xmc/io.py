@@ -12,6 +12,7 @@ import lzma
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,19 +33,63 @@ def find_file(directory: str | Path, name: str) -> Path | None:
     return None
 
 
+class InputFileError(ValueError):
+    """A data or model file cannot be read as it should; the message names the file, the line and the value."""
+
+
+# what a corrupt or truncated .xz/.gz/.bz2 stream raises
+DECOMPRESS_ERRORS = (lzma.LZMAError, EOFError, gzip.BadGzipFile, zlib.error, OSError)
+
+
 def open_text(path: str | Path, mode: str = "rt") -> IO[str]:
-    """Open a (possibly compressed) UTF-8 text file."""
+    """Open a (possibly compressed) UTF-8 text file; a leading BOM is dropped when reading
+    (``utf-8-sig``): left in place it would glue itself to the first token, e.g. a phantom label."""
     path = Path(path)
+    enc = "utf-8-sig" if "r" in mode else "utf-8"
     opener = COMPRESSED_SUFFIXES.get(path.suffix)
     if opener is not None:
-        return opener(path, mode, encoding="utf-8")
-    return open(path, mode, encoding="utf-8")
+        return opener(path, mode, encoding=enc)
+    return open(path, mode, encoding=enc)
+
+
+def open_binary(path: str | Path) -> IO[bytes]:
+    """Open a (possibly compressed) file for reading bytes."""
+    path = Path(path)
+    return COMPRESSED_SUFFIXES.get(path.suffix, open)(path, "rb")
+
+
+def _undecodable_line(path: Path) -> str:
+    """Slow path after a UnicodeDecodeError: the first line that is not UTF-8, with its bad bytes."""
+    with open_binary(path) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                bad = raw[exc.start : exc.end + 8]
+                return f"{path}:{lineno}: not UTF-8 text (bytes {bad!r} at column {exc.start + 1})"
+    return f"{path}: not UTF-8 text"
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """All lines of a text file without their trailing newline (``\\r\\n`` tolerated)."""
-    with open_text(path) as fh:
-        return [line.rstrip("\r\n") for line in fh]
+    """All lines of a text file without their trailing newline (``\\r\\n`` tolerated).
+
+    Undecodable bytes and corrupt compressed streams become :class:`InputFileError` naming the file and line.
+    """
+    path = Path(path)
+    lines: list[str] = []
+    fh = open_text(path)  # a missing file raises FileNotFoundError here, not a decompression error
+    try:
+        with fh:
+            for line in fh:
+                lines.append(line.rstrip("\r\n"))
+    except UnicodeDecodeError as exc:
+        raise InputFileError(_undecodable_line(path)) from exc
+    except DECOMPRESS_ERRORS as exc:
+        raise InputFileError(
+            f"{path}:{len(lines) + 1}: cannot decompress ({type(exc).__name__}: {exc}); "
+            f"the file is corrupt or truncated"
+        ) from exc
+    return lines
 
 
 @contextmanager

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from sklearn.preprocessing import normalize
 from torch import nn
 
 from mhe_plugins.heads.mhc_multilabel import MHCMultiLabelHead
@@ -32,15 +35,96 @@ class FlatHead(nn.Module):
         hot.scatter_(1, torch.where(target >= 0, target, self.num_labels), 1.0)
         return hot[:, : self.num_labels]
 
-    def compute_loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = self.fc(x)
+    def compute_loss(
+        self, x: torch.Tensor, target: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        logits = self.fc(x) if extra is None else self.fc(x) + extra
         return F.binary_cross_entropy_with_logits(logits, self.multi_hot(target, logits.dtype))
 
-    def topk(self, x: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.sigmoid(self.fc(x).float()).topk(min(k, self.num_labels), dim=1)
+    def topk(
+        self, x: torch.Tensor, k: int = 5, extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.fc(x) if extra is None else self.fc(x) + extra
+        return torch.sigmoid(logits.float()).topk(min(k, self.num_labels), dim=1)
 
     def classifier_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def label_centroids(features: sp.csr_matrix, labels: sp.csr_matrix) -> sp.csr_matrix:
+    """(N, F) L2-normalised mean TF-IDF of each label's training documents (PECOS's PIFA); empty rows for
+    labels without training documents."""
+    return normalize((labels.T.tocsr().astype(np.float32) @ features).tocsr(), norm="l2", axis=1).tocsr()
+
+
+def group_centroids(
+    features: sp.csr_matrix, labels: sp.csr_matrix, group_of: np.ndarray, g: int
+) -> sp.csr_matrix:
+    """(G, F) L2-normalised mean TF-IDF of the documents having a label in each group."""
+    member = sp.csr_matrix(
+        (np.ones(len(group_of), np.float32), (np.arange(len(group_of)), group_of)), shape=(len(group_of), g)
+    )
+    hits = (labels @ member).tocsr()
+    hits.data[:] = 1.0
+    return label_centroids(features, hits)
+
+
+class LexicalScorer(nn.Module):
+    """Cosine of a document's sparse TF-IDF with each label centroid (and, for MHC, each group centroid),
+    times a learned weight: the lexical signal that a low-rank neural score misses on short keyword-like
+    texts, added to the ranker's logits (and to the group logits, so the right groups become candidates).
+
+    The centroids are stored transposed (F, N [+ G]) as CSR buffers so ``model.pt`` carries them; ``nnz``
+    fixes the buffer sizes when a saved model is rebuilt. The product runs in scipy on the CPU.
+    """
+
+    def __init__(
+        self, num_features: int, num_labels: int, nnz: int, weight: float = 4.0, num_groups: int = 0
+    ):
+        super().__init__()
+        self.num_labels = num_labels
+        self.shape = (num_features, num_labels + num_groups)
+        self.register_buffer("crow", torch.zeros(num_features + 1, dtype=torch.int64))
+        self.register_buffer("col", torch.zeros(nnz, dtype=torch.int64))
+        self.register_buffer("val", torch.zeros(nnz, dtype=torch.float32))
+        self.weight = nn.Parameter(torch.tensor(float(weight)))
+        self.group_weight = nn.Parameter(torch.tensor(float(weight))) if num_groups else None
+
+    def set_centroids(self, centroids: sp.csr_matrix) -> None:
+        ct = centroids.T.tocsr()
+        ct.sort_indices()
+        if ct.shape != self.shape or ct.nnz != self.col.numel():
+            raise ValueError(
+                f"centroids {ct.shape} nnz {ct.nnz} do not fit {self.shape} nnz {self.col.numel()}"
+            )
+        self.crow.copy_(torch.from_numpy(ct.indptr.astype(np.int64)))
+        self.col.copy_(torch.from_numpy(ct.indices.astype(np.int64)))
+        self.val.copy_(torch.from_numpy(ct.data.astype(np.float32)))
+
+    def _centroids_t(self) -> sp.csr_matrix:
+        """The (F, N [+ G]) scipy view of the buffers, rebuilt when they change (load_state_dict, .to)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.crow, self.col, self.val))
+        if getattr(self, "_cache_key", None) != key:
+            self._cache = sp.csr_matrix(
+                (self.val.cpu().numpy(), self.col.cpu().numpy(), self.crow.cpu().numpy()), shape=self.shape
+            )
+            self._cache_key = key
+        return self._cache
+
+    def forward(
+        self, input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weighted cosines (B, N) with the labels and (B, G) with the groups (None without groups)."""
+        b = offsets.numel()
+        indptr = np.append(offsets.cpu().numpy(), input.numel())
+        x = sp.csr_matrix(
+            (weights.detach().float().cpu().numpy(), input.cpu().numpy(), indptr), shape=(b, self.shape[0])
+        )
+        # scipy's sparse product: torch's CSR @ CSR on CPU leaked ~20 MB per call (torch 2.14) and is slower
+        cos = torch.from_numpy((x @ self._centroids_t()).toarray()).to(weights.device)
+        n = self.num_labels
+        groups = self.group_weight * cos[:, n:] if self.group_weight is not None else None
+        return self.weight * cos[:, :n], groups
 
 
 def default_hidden_dim(feature_dim: int) -> int:
@@ -54,9 +138,19 @@ class XMCModel(nn.Module):
         encoder without its pretrained weights (they come from our checkpoint)."""
         super().__init__()
         self.cfg = dict(cfg)
+        self.candidate_loss = cfg.get("candidate_loss", "bce")
+        self.lexical = None
         if cfg["encoder"] == "tfidf":
-            self.encoder = SparseEncoder(num_features, cfg["tfidf_dim"], cfg["dropout"])
+            self.encoder = SparseEncoder(
+                num_features,
+                cfg["tfidf_dim"],
+                cfg["dropout"],
+                layers=cfg.get("tfidf_layers", 0),
+                sparse=cfg.get("sparse_grad", False),
+            )
         else:
+            if cfg.get("lexical_nnz") is not None:
+                raise ValueError("the lexical ranker term needs the TF-IDF encoder (sparse input)")
             self.encoder = HFEncoder(
                 cfg.get("model_path"), cfg["feature_layers"], cfg["dropout"], config=hf_config
             )
@@ -74,14 +168,47 @@ class XMCModel(nn.Module):
             )
         else:
             raise ValueError(f"unknown head {cfg['head']!r} (mhc|flat)")
+        lexical_nnz = cfg.get("lexical_nnz")
+        if cfg["encoder"] == "tfidf" and lexical_nnz is not None:
+            g = self.head.num_groups if cfg["head"] == "mhc" else 0
+            self.lexical = LexicalScorer(num_features, num_labels, lexical_nnz, cfg["lexical_weight"], g)
+
+    def lexical_centroids(self, features: sp.csr_matrix, labels: sp.csr_matrix) -> sp.csr_matrix:
+        """(N [+ G], F) label (and group) centroids of the training documents, for :class:`LexicalScorer`."""
+        c = label_centroids(features, labels)
+        if isinstance(self.head, FlatHead):
+            return c
+        group_of = self.head.group_of_global().cpu().numpy()
+        return sp.vstack([c, group_centroids(features, labels, group_of, self.head.num_groups)]).tocsr()
 
     def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**inputs)
 
+    def _lexical_on_candidates(self, out, lex: torch.Tensor):
+        ids = self.head.candidate_global_ids(out)
+        extra = lex.gather(1, ids.clamp_min(0)).masked_fill(ids < 0, 0.0)
+        return out._replace(candidate_logits=out.candidate_logits + extra.to(out.candidate_logits.dtype))
+
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Training loss (forward is the loss so DDP sees one call per step)."""
-        return self.head.compute_loss(self.features(inputs), labels)
+        x = self.features(inputs)
+        lex, lex_groups = self.lexical(**inputs) if self.lexical is not None else (None, None)
+        if isinstance(self.head, FlatHead):
+            return self.head.compute_loss(x, labels, lex)
+        if lex is None and self.candidate_loss == "bce":
+            return self.head.compute_loss(x, labels)
+        out = self.head(x, labels, group_bias=lex_groups)
+        if lex is not None:
+            out = self._lexical_on_candidates(out, lex)
+        return self.head.loss(out, labels, self.candidate_loss)
 
     @torch.no_grad()
     def topk(self, inputs: dict[str, torch.Tensor], k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head.topk(self.features(inputs), k)
+        x = self.features(inputs)
+        if self.lexical is None:
+            return self.head.topk(x, k)
+        lex, lex_groups = self.lexical(**inputs)
+        if isinstance(self.head, FlatHead):
+            return self.head.topk(x, k, lex)
+        out = self.head(x, group_bias=lex_groups)
+        return self.head.topk_from_output(self._lexical_on_candidates(out, lex), k)

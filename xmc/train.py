@@ -1,5 +1,7 @@
-"""Training loop: AdamW + warmup, gradient accumulation, AMP on CUDA, SWA, validation-based selection,
-atomic checkpoints with ``resume``, DDP under torchrun.
+"""Training loop: AdamW (+ SparseAdam for the sparse TF-IDF bag) + warmup, gradient accumulation, AMP on
+CUDA, late SWA with raw-vs-averaged selection on validation, kill-safe checkpoints with ``resume``, DDP under
+torchrun. The run-folder policy, checkpoints, logs, AMP, schedule and guards are the core's
+(:mod:`mhe_plugins.training`).
 
 Fixed reference bugs: evaluation restores train mode; model selection uses the validation split only;
 all labels are used; SWA lives in a separate ``AveragedModel`` so raw weights are never swapped;
@@ -8,32 +10,42 @@ gradient accumulation steps after every ``grad_accum`` micro-batches (not at ste
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from mhe_plugins import metrics as M
-from mhe_plugins.distributed import barrier, init_distributed_from_env
+from mhe_plugins.distributed import (
+    DEFAULT_TIMEOUT_S,
+    barrier,
+    collective_timeout_guard,
+    init_distributed_from_env,
+    wrap_ddp,
+)
 from mhe_plugins.training import (
+    Amp,
     JsonlLogger,
-    atomic_save,
+    LastBestCheckpoint,
     atomic_write_json,
     atomic_write_text,
-    load_checkpoint,
+    check_finite_loss,
+    prepare_output_dir,
     rng_state,
     seed_everything,
     set_rng_state,
+    warmup_linear_decay,
 )
 from xmc.batching import Collator, IndexDataset, to_device
 from xmc.data import XMCDataset, load_dataset
@@ -54,7 +66,7 @@ class TrainConfig:
     candidates_topk: int | None = None  # default ~ sqrt(G), >= 16
     hidden_dim: int | None = None  # MHC label-embedding width; default feature_dim // 4 in [32, 300]
     permutation_seed: int | None = None  # random label-id permutation before grouping
-    epochs: int = 5
+    epochs: int = 10  # WordNet-XMC plateaus after ~4, FOLDOC-XMC still gains at 12 (docs/xmc.md)
     batch_size: int = 128
     lr: float | None = None  # default 2e-3 (tfidf) / 1e-4 (hf)
     weight_decay: float = 0.01
@@ -62,12 +74,20 @@ class TrainConfig:
     grad_accum: int = 1
     amp: bool = True  # only on CUDA
     swa: bool = True
-    swa_start: int | None = None  # epoch (0-based) at which averaging starts; default epochs // 2
+    swa_start: int | None = None  # epoch (0-based) at which averaging starts; default: the last quarter
     swa_every: int = 50  # optimizer steps between SWA updates
     eval_every: int = 0  # optimizer steps between validations (0: once per epoch)
     select_metric: str = "P@5"
     dropout: float | None = None  # default 0.2 (tfidf) / 0.5 (hf)
     tfidf_dim: int = 512
+    tfidf_layers: int = 0  # residual MLP blocks after the TF-IDF projection
+    sparse_grad: bool = True  # sparse gradients for the TF-IDF bag, updated by SparseAdam
+    ngram_max: int = 1  # 2: word bigrams in the TF-IDF vocabulary (raw text only)
+    lexical: bool | None = (
+        None  # cosine(doc TF-IDF, label/group centroids) in the ranker; None: on with tfidf
+    )
+    lexical_weight: float = 10.0  # its initial weight (learned)
+    candidate_loss: str = "bce"  # bce | softmax (MHC candidates)
     max_features: int = 100_000
     feature_layers: int = 5
     max_len: int = 128
@@ -81,6 +101,28 @@ class TrainConfig:
     overwrite: bool = False
     max_steps: int | None = None  # stop early (smoke tests); None = full epochs
     progress: bool = True
+    dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds a collective waits for a stuck rank
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        choices = {"format": ("auto", "raw", "bow"), "head": ("mhc", "flat"), "encoder": ("tfidf", "hf")}
+        choices["candidate_loss"] = ("bce", "softmax")
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name}: {getattr(self, name)!r} is not one of {allowed}")
+        for name in ("epochs", "batch_size", "grad_accum", "swa_every", "tfidf_dim", "ngram_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lexical and self.encoder != "tfidf":
+            raise ValueError("TrainConfig.lexical needs the TF-IDF encoder (--encoder tfidf)")
+
+    def use_lexical(self) -> bool:
+        """The lexical term is on by default with the TF-IDF encoder (it needs sparse input)."""
+        return self.lexical if self.lexical is not None else self.encoder == "tfidf"
+
+    def swa_start_epoch(self) -> int:
+        """SWA averages only the last part of training (default: the last quarter of the epochs)."""
+        return self.swa_start if self.swa_start is not None else (3 * self.epochs) // 4
 
     def model_cfg(self) -> dict:
         hf = self.encoder != "tfidf"
@@ -94,15 +136,41 @@ class TrainConfig:
             "permutation_seed": self.permutation_seed,
             "dropout": self.dropout if self.dropout is not None else (0.5 if hf else 0.2),
             "tfidf_dim": self.tfidf_dim,
+            "tfidf_layers": self.tfidf_layers,
+            "sparse_grad": self.sparse_grad and not hf,
+            "candidate_loss": self.candidate_loss,
+            "lexical_weight": self.lexical_weight,
             "feature_layers": self.feature_layers,
             "max_len": self.max_len,
         }
 
 
+def _check_types(cfg: TrainConfig) -> None:
+    """Refuse a config whose field has the wrong type (e.g. ``epochs="5"`` from a JSON file), naming it."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        val, hint = getattr(cfg, f.name), hints[f.name]
+        allowed = tuple(t for t in typing.get_args(hint) if isinstance(t, type)) or (hint,)
+        if val is None and type(None) in allowed:
+            continue
+        ok = isinstance(val, allowed) and not (isinstance(val, bool) and bool not in allowed)
+        if float in allowed and isinstance(val, int) and not isinstance(val, bool):
+            ok = True
+        if not ok:
+            names = " | ".join(t.__name__ for t in allowed)
+            raise TypeError(f"TrainConfig.{f.name} must be {names}, got {val!r} ({type(val).__name__})")
+
+
+def _sparse_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters that receive sparse gradients (the TF-IDF bag with ``sparse=True``)."""
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.EmbeddingBag) and m.sparse]
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
+    sparse = {id(p) for p in _sparse_params(model)}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in sparse:
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -115,13 +183,14 @@ def _adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=lr)
 
 
-def _warmup_linear(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
+def _optimizers(model: torch.nn.Module, weight_decay: float, lr: float) -> list[torch.optim.Optimizer]:
+    """AdamW for the dense parameters; SparseAdam (lazy Adam: moments of untouched rows stay put, no weight
+    decay) for sparse-gradient bags. Dense AdamW over a 40 M-row bag costs more than the model's forward."""
+    opts = [_adamw(_param_groups(model, weight_decay), lr)]
+    sparse = _sparse_params(model)
+    if sparse:
+        opts.append(torch.optim.SparseAdam(sparse, lr=lr))
+    return opts
 
 
 class _Featurised:
@@ -137,12 +206,14 @@ class _Featurised:
                 if cfg.resume and path.exists():
                     self.featurizer = TfidfFeaturizer.load(path)
                 else:
-                    self.featurizer = TfidfFeaturizer(max_features=cfg.max_features).fit(
-                        ds.splits["train"].texts
-                    )
+                    self.featurizer = TfidfFeaturizer(
+                        max_features=cfg.max_features, ngram_max=cfg.ngram_max
+                    ).fit(ds.splits["train"].texts)
                 self.num_features = self.featurizer.num_features
                 self.features = {s: self.featurizer.transform(p.texts) for s, p in ds.splits.items()}
             else:
+                if cfg.ngram_max != 1:
+                    raise ValueError("--ngram-max needs raw text: BoW files come with their own features")
                 self.features = {s: l2_rows(p.features) for s, p in ds.splits.items()}
         else:
             if ds.format != "raw":
@@ -183,29 +254,42 @@ def _write_static_files(
     atomic_write_json(meta, out / "config.json")
 
 
+RUN_FILES = ["checkpoint.pt", "model.pt", "model.pt.prev", "log.jsonl", "train_summary.json", "metrics.json"]
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train, selecting on validation; returns a summary (best validation metrics, timings, sizes)."""
-    rank, world, device = init_distributed_from_env()
+    rank, world, device = init_distributed_from_env(timeout_s=cfg.dist_timeout)
     if cfg.device:
         device = torch.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     out = Path(cfg.output)
-    if out.exists() and (out / "checkpoint.pt").exists() and not (cfg.resume or cfg.overwrite):
-        raise FileExistsError(f"{out} already holds a training run: pass --resume to continue or --overwrite")
+    if (out / "checkpoint.pt").exists() and not (cfg.resume or cfg.overwrite):  # before the slow data load
+        prepare_output_dir(out, resume=False, overwrite=False, run_files=RUN_FILES, main_process=rank == 0)
     # data is read and validated before anything is written
     ds = load_dataset(cfg.data_dir, cfg.format, valid_size=cfg.valid_size)
     feats = _Featurised(cfg, ds, out)
     prop = M.jain_propensity(ds.splits["train"].labels, A=cfg.propensity_a, B=cfg.propensity_b)
 
-    model = XMCModel(cfg.model_cfg(), ds.num_labels, feats.num_features).to(device)
+    mcfg = cfg.model_cfg()
+    model = XMCModel(mcfg, ds.num_labels, feats.num_features)
+    if cfg.use_lexical():  # centroids depend on the head's grouping; the model is rebuilt with their size
+        centroids = model.lexical_centroids(feats.features["train"], ds.splits["train"].labels)
+        mcfg["lexical_nnz"] = int(centroids.nnz)
+        seed_everything(cfg.seed)
+        model = XMCModel(mcfg, ds.num_labels, feats.num_features)
+        model.lexical.set_centroids(centroids)
+    model.to(device)
+    prepare_output_dir(
+        out, resume=cfg.resume, overwrite=cfg.overwrite, run_files=RUN_FILES, main_process=rank == 0
+    )
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         _write_static_files(cfg, ds, feats, model, out, prop)
     hf = cfg.encoder != "tfidf"
     lr = cfg.lr if cfg.lr is not None else (1e-4 if hf else 2e-3)
-    optimizer = _adamw(_param_groups(model, cfg.weight_decay), lr)
+    optimizers = _optimizers(model, cfg.weight_decay, lr)
     train_col = feats.collator(ds, "train", cfg.max_len)
     valid_col = feats.collator(ds, "valid", cfg.max_len)
     sampler = DistributedSampler(
@@ -219,121 +303,136 @@ def train(cfg: TrainConfig) -> dict:
     )
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_linear(int(cfg.warmup * total_steps), total_steps)
-    )
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    schedule = warmup_linear_decay(int(cfg.warmup * total_steps), total_steps)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
+    amp = Amp(device, cfg.amp)
     swa_model = AveragedModel(model) if cfg.swa else None
-    swa_start = cfg.swa_start if cfg.swa_start is not None else cfg.epochs // 2
-    ddp = model
-    if world > 1:  # HF encoders carry a pooler the loss never uses
-        ddp = DDP(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=hf
-        )
+    swa_start = cfg.swa_start_epoch()
+    # HF encoders carry a pooler the loss never uses; buffers (lexical centroids) never change
+    ddp = wrap_ddp(model, device, find_unused_parameters=hf, broadcast_buffers=False)
 
+    ckpt = LastBestCheckpoint(out, last="checkpoint.pt", best="model.pt")
+    logger = JsonlLogger(out / "log.jsonl", enabled=rank == 0)
     start_epoch, step, best, best_epoch, history = 0, 0, -1.0, -1, []
-    ckpt_path = out / "checkpoint.pt"
-    if cfg.resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, map_location=device)
+    if cfg.resume and (out / "checkpoint.pt").exists():
+        if rank == 0:
+            ckpt.recover()
+        barrier()
+        ck = ckpt.load_last(map_location=device)
         model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
+        for o, st in zip(optimizers, ck["optimizers"]):
+            o.load_state_dict(st)
+        for sch, st in zip(schedulers, ck["schedulers"]):
+            sch.load_state_dict(st)
+        amp.load_state_dict(ck["scaler"])
         if swa_model is not None and ck.get("swa") is not None:
             swa_model.load_state_dict(ck["swa"])
         start_epoch, step, best, best_epoch = ck["epoch"] + 1, ck["step"], ck["best"], ck["best_epoch"]
+        history = [r for r in logger.read() if r["epoch"] <= ck["epoch"]]
+        logger.truncate(lambda r: r["epoch"] <= ck["epoch"])  # rows after the commit are logged again
         set_rng_state(ck["rng"])
-    logger = JsonlLogger(out / "log.jsonl", enabled=rank == 0)
-
-    def eval_model() -> torch.nn.Module:
-        if swa_model is not None and int(swa_model.n_averaged) > 0:
-            return swa_model.module
-        return model
+    pending_best: dict | None = None  # best weights since the last commit, written with the checkpoint
 
     def validate(epoch: int, train_loss: float) -> None:
-        nonlocal best, best_epoch
-        m = eval_model()
-        ids, _ = rank_documents(m, valid_col, len(ds.splits["valid"]), 5, cfg.batch_size * 2, device, use_amp)
-        res = compute_metrics(ids, ds.splits["valid"].labels, prop)
+        """Validate the raw weights and, once it exists, the SWA average; keep the better one."""
+        nonlocal best, best_epoch, pending_best
+        cands = [("raw", model)]
+        if swa_model is not None and int(swa_model.n_averaged) > 0:
+            cands.append(("swa", swa_model.module))
+        scored = []
+        for name, m in cands:
+            ids, _ = rank_documents(
+                m, valid_col, len(ds.splits["valid"]), 5, cfg.batch_size * 2, device, amp.enabled
+            )
+            scored.append((name, m, compute_metrics(ids, ds.splits["valid"].labels, prop)))
+        name, m, res = max(scored, key=lambda t: t[2][cfg.select_metric])  # raw wins ties
         rec = {
             "epoch": epoch,
             "step": step,
             "split": "valid",
             **res,
+            "weights": name,
             "train_loss": round(train_loss, 6),
-            "lr": scheduler.get_last_lr()[0],
-            "swa": m is not model,
+            "lr": schedulers[0].get_last_lr()[0],
+            "swa": name == "swa",
             "elapsed_s": round(time.time() - t0, 2),
         }
+        if len(scored) > 1:
+            rec["other"] = {n: r for n, _, r in scored if n != name}
         history.append(rec)
         logger.log(rec)
         if res[cfg.select_metric] > best:
             best, best_epoch = res[cfg.select_metric], epoch
-            if rank == 0:  # the weights that were evaluated, i.e. the SWA average once it exists
-                atomic_save(
-                    {"state_dict": m.state_dict(), "epoch": epoch, "step": step, "valid": res},
-                    out / "model.pt",
-                )
+            state = {k: v.detach().clone() for k, v in m.state_dict().items()}
+            pending_best = {"state_dict": state, "epoch": epoch, "step": step, "valid": res, "weights": name}
+
+    def where() -> str:
+        return f"epoch {epoch} step {step}"
 
     t0 = time.time()
     model.train()
     stop = False
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        bar = tqdm(
-            loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0 or not cfg.progress, leave=False
-        )
-        run_loss, n_loss = 0.0, 0
-        optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(bar):
-            batch = to_device(batch, device)
-            boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader)
-            sync = ddp.no_sync() if (world > 1 and not boundary) else nullcontext()
-            with sync, torch.autocast(device.type, enabled=use_amp):
-                loss = ddp(batch["inputs"], batch["labels"])
-            with sync:
-                scaler.scale(loss / cfg.grad_accum).backward()
-            run_loss += float(loss.detach())
-            n_loss += 1
-            if not boundary:
-                continue
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            if swa_model is not None and epoch >= swa_start and step % cfg.swa_every == 0:
-                swa_model.update_parameters(model)
-            bar.set_postfix(loss=f"{run_loss / n_loss:.4f}")
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                validate(epoch, run_loss / n_loss)
-            if cfg.max_steps and step >= cfg.max_steps:
-                stop = True
-                break
-        if swa_model is not None and epoch >= swa_start:
-            swa_model.update_parameters(model)  # at least one average per SWA epoch
-        if not cfg.eval_every or stop:
-            validate(epoch, run_loss / max(1, n_loss))
-        if rank == 0:
-            atomic_save(
-                {
+    epoch = start_epoch
+    with collective_timeout_guard(where):
+        for epoch in range(start_epoch, cfg.epochs):
+            sampler.set_epoch(epoch)
+            bar = tqdm(
+                loader,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                disable=rank != 0 or not cfg.progress,
+                leave=False,
+            )
+            run_loss, n_loss = 0.0, 0
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            for i, batch in enumerate(bar):
+                batch = to_device(batch, device)
+                boundary = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader)
+                sync = ddp.no_sync() if (world > 1 and not boundary) else nullcontext()
+                with sync, amp.autocast():
+                    loss = ddp(batch["inputs"], batch["labels"])
+                with sync:
+                    amp.backward(loss / cfg.grad_accum)
+                run_loss += check_finite_loss(loss, epoch=epoch, step=step)
+                n_loss += 1
+                if not boundary:
+                    continue
+                amp.step(optimizers)
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
+                for sch in schedulers:
+                    sch.step()
+                step += 1
+                if swa_model is not None and epoch >= swa_start and step % cfg.swa_every == 0:
+                    swa_model.update_parameters(model)
+                bar.set_postfix(loss=f"{run_loss / n_loss:.4f}")
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    validate(epoch, run_loss / n_loss)
+                if cfg.max_steps and step >= cfg.max_steps:
+                    stop = True
+                    break
+            if swa_model is not None and epoch >= swa_start:
+                swa_model.update_parameters(model)  # at least one average per SWA epoch
+            if not cfg.eval_every or stop:
+                validate(epoch, run_loss / max(1, n_loss))
+            if rank == 0:
+                last = {
                     "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
+                    "optimizers": [o.state_dict() for o in optimizers],
+                    "schedulers": [sch.state_dict() for sch in schedulers],
+                    "scaler": amp.state_dict(),
                     "swa": swa_model.state_dict() if swa_model is not None else None,
                     "epoch": epoch,
                     "step": step,
                     "best": best,
                     "best_epoch": best_epoch,
                     "rng": rng_state(),
-                },
-                ckpt_path,
-            )
-        barrier()
-        if stop:
-            break
+                }
+                ckpt.save(last, pending_best)  # model.pt and checkpoint.pt commit together
+            pending_best = None
+            barrier()
+            if stop:
+                break
     summary = {
         "best_epoch": best_epoch,
         f"best_valid_{cfg.select_metric}": best,

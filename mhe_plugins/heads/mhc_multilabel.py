@@ -165,14 +165,22 @@ class MHCMultiLabelHead(nn.Module):
             gs.reshape(b, -1),
         )
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> MHCMultiLabelOutput:
-        """Training (target given): teacher-forced groups. Inference: the top-K groups by score."""
+    def forward(
+        self, x: torch.Tensor, target: torch.Tensor | None = None, group_bias: torch.Tensor | None = None
+    ) -> MHCMultiLabelOutput:
+        """Training (target given): teacher-forced groups. Inference: the top-K groups by score.
+
+        ``group_bias`` (B, G), optional: added to the group logits before the groups are chosen (an
+        external signal such as a lexical score); the group loss then trains the sum.
+        """
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(
                 f"features must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}"
             )
         x = x.to(self.group.weight.dtype)  # fp16/bf16 features into an fp32 head without autocast
         group_logits = self.group(x)
+        if group_bias is not None:
+            group_logits = group_logits + group_bias.to(group_logits.dtype)
         q = self.query(x)
         scores = torch.sigmoid(group_logits.detach())
         k = self.candidates_topk
@@ -184,29 +192,58 @@ class MHCMultiLabelHead(nn.Module):
         return self._expand(q, groups, top, group_logits)
 
     # ------------------------------------------------------------------ loss
-    def loss(self, out: MHCMultiLabelOutput, target: torch.Tensor) -> torch.Tensor:
-        """BCE on candidate children (dummies masked) + BCE on all groups (each mean-reduced)."""
+    CANDIDATE_LOSSES = ("bce", "softmax")
+
+    def loss(
+        self, out: MHCMultiLabelOutput, target: torch.Tensor, candidate_loss: str = "bce"
+    ) -> torch.Tensor:
+        """Candidate loss + BCE on all groups (mean-reduced).
+
+        ``candidate_loss="bce"``: BCE on candidate children (dummies masked, mean over real candidates).
+        ``"softmax"``: per document, the mean over its positives of ``-log softmax`` over its real candidates
+        (a few positives among thousands of candidates: the BCE mean is dominated by easy negatives);
+        documents without a positive candidate add nothing.
+        """
+        if candidate_loss not in self.CANDIDATE_LOSSES:
+            raise ValueError(f"candidate_loss must be one of {self.CANDIDATE_LOSSES}, got {candidate_loss!r}")
         internal = self._internal(target)
         big = torch.iinfo(torch.long).max
         truth = torch.sort(torch.where(internal >= 0, internal, big), dim=1).values
         pos = torch.searchsorted(truth, out.candidates).clamp_max(truth.shape[1] - 1)
         cand_target = (truth.gather(1, pos) == out.candidates).to(out.candidate_logits.dtype)
         mask = out.candidate_mask.to(out.candidate_logits.dtype)
-        bce = F.binary_cross_entropy_with_logits(out.candidate_logits, cand_target, reduction="none")
-        cand_loss = (bce * mask).sum() / mask.sum().clamp_min(1.0)
+        if candidate_loss == "bce":
+            bce = F.binary_cross_entropy_with_logits(out.candidate_logits, cand_target, reduction="none")
+            cand_loss = (bce * mask).sum() / mask.sum().clamp_min(1.0)
+        else:
+            z = out.candidate_logits.float().masked_fill(~out.candidate_mask, float("-inf"))
+            logp = torch.log_softmax(z, dim=1).masked_fill(~out.candidate_mask, 0.0)
+            npos = cand_target.sum(1)
+            per_doc = -(logp * cand_target).sum(1) / npos.clamp_min(1.0)
+            cand_loss = per_doc.sum() / (npos > 0).sum().clamp_min(1)
         group_loss = F.binary_cross_entropy_with_logits(
-            out.group_logits, self._group_targets(internal).to(bce.dtype)
+            out.group_logits, self._group_targets(internal).to(out.group_logits.dtype)
         )
         return cand_loss + group_loss
 
-    def compute_loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.loss(self(x, target), target)
+    def compute_loss(
+        self, x: torch.Tensor, target: torch.Tensor, candidate_loss: str = "bce"
+    ) -> torch.Tensor:
+        return self.loss(self(x, target), target, candidate_loss)
 
-    # ------------------------------------------------------------------ inference
-    def topk(self, x: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores, global ids) with score = sigmoid(label) * sigmoid(group); -1 ids if fewer exist."""
+    def group_of_global(self) -> torch.Tensor:
+        """(N,) group index of every global label id (for group-level statistics of the labels)."""
+        ids = torch.arange(self.num_labels, device=self.group.weight.device)
+        internal = ids if self.to_internal is None else self.to_internal[ids]
+        return internal // self.group_size
+
+    def candidate_global_ids(self, out: MHCMultiLabelOutput) -> torch.Tensor:
+        """Global label ids (B, M) of the candidates, -1 on dummy slots (for per-candidate extra scores)."""
+        return self._global(out.candidates)
+
+    def topk_from_output(self, out: MHCMultiLabelOutput, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`topk` on an output whose candidate logits the caller adjusted (e.g. a lexical term)."""
         k = as_int(k, "k", minimum=1)
-        out = self(x)
         scores = torch.sigmoid(out.candidate_logits.float()) * out.group_scores.float()
         scores = torch.where(out.candidate_mask, scores, torch.full_like(scores, -1.0))
         kk = min(k, scores.shape[1])
@@ -216,6 +253,11 @@ class MHCMultiLabelHead(nn.Module):
             vals = F.pad(vals, (0, k - kk), value=-1.0)
             ids = F.pad(ids, (0, k - kk), value=-1)
         return vals, ids
+
+    # ------------------------------------------------------------------ inference
+    def topk(self, x: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores, global ids) with score = sigmoid(label) * sigmoid(group); -1 ids if fewer exist."""
+        return self.topk_from_output(self(x), k)
 
     def predict(self, x: torch.Tensor, k: int = 5) -> torch.Tensor:
         return self.topk(x, k)[1]

@@ -55,8 +55,16 @@ def test_swa_average_is_saved_and_raw_weights_stay_in_checkpoint(mhc_run):
     assert int(ck["swa"]["n_averaged"]) > 1
     key = "head.embed.weight"
     assert not torch.equal(swa[key], raw[key])  # the average was never swapped into the raw weights
-    if best["epoch"] == 11:  # SWA on from epoch 6: the selected model is the average, not raw weights
-        assert torch.equal(best["state_dict"][key], swa[key])
+    # late SWA (last quarter = epochs 9..11): from then on both weights are validated, the better is kept
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    for r in log:
+        assert ("other" in r) == (r["epoch"] >= 9), r
+        if "other" in r:
+            (other,) = r["other"].values()
+            assert r["P@5"] >= other["P@5"]
+    assert log[best["epoch"]]["weights"] == best["weights"]
+    if best["epoch"] == 11:  # the saved model is exactly the weights that won at the last epoch
+        assert torch.equal(best["state_dict"][key], (swa if best["weights"] == "swa" else raw)[key])
 
 
 def test_predict_maps_back_to_label_tokens(mhc_run, wordnet_small):
