@@ -58,8 +58,12 @@ def product_topk(
             parts_v.append(v)
             parts_i.append(ext_ids.gather(1, pos))
         if last > 0:  # children of the boundary with a smaller digit have only valid completions
-            if excluded <= k:  # the best allowed digits, in score order (a stable sort moves the others last)
-                pos = (top_d >= last).int().argsort(dim=1, stable=True)[:, : min(k, last)]
+            if excluded <= k:
+                # the best allowed digits, in score order: rank by (disallowed, position), which does not
+                # depend on the score values (NaN/inf cannot reorder it); a top-k, not a stable sort, so
+                # the graph exports to ONNX
+                rank = (top_d >= last).to(torch.float32) * wide + torch.arange(wide, device=device)
+                pos = rank.topk(min(k, last), dim=1, largest=False).indices
                 v, d = top_v.gather(1, pos), top_d.gather(1, pos)
             else:
                 v, d = scores[:, :last].topk(min(k, last), dim=1)
