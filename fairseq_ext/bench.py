@@ -10,6 +10,9 @@ the output layers alone at |V| = 8k / 32k / 256k. Writes ``nmt_ende.{json,md,png
 Long runs are resumable: each method trains in its own save dir and fairseq continues from
 ``checkpoint_last.pt``; a method whose ``DONE`` file holds >= ``--max-update`` is not retrained, a decode
 newer than its checkpoint is not redone; a larger ``--max-update`` continues training and re-decodes.
+A finished method's figures are also kept in ``OUT/runs/NAME/v{V}_{method}.json`` (committed with the
+results), keyed by every setting that shapes the run, so a rerun on a fresh machine, whose work dir is gone,
+skips it. The report is written after every finished method and says PARTIAL until all are in.
 """
 
 from __future__ import annotations
@@ -371,42 +374,62 @@ def convergence(curve: list[dict], final: int) -> dict:
 
 
 def targets(by_vocab: dict[str, dict]) -> list[dict]:
-    """The issue's targets, each with the measured figures and whether it is met."""
+    """The issue's targets, each with the measured figures and whether it is met (``None``: a method it
+    needs has not finished yet)."""
     out = []
+
+    def row(vocab: str, target: str, need: tuple[str, ...], m: dict, measure) -> dict:
+        if any(k not in m for k in need):
+            return {"vocab": vocab, "target": target, "measured": "pending", "met": None}
+        measured, met = measure(*(m[k] for k in need))
+        return {"vocab": vocab, "target": target, "measured": measured, "met": bool(met)}
+
     for v, res in by_vocab.items():
         m = res["methods"]
-        ce, ad, mhc = m["ce"], m["adaptive"], m["mhc"]
         out += [
-            {
-                "vocab": v,
-                "target": "MHC BLEU >= CE BLEU - 0.5",
-                "measured": f"{mhc['bleu']:.2f} vs {ce['bleu']:.2f} ({mhc['bleu'] - ce['bleu']:+.2f})",
-                "met": mhc["bleu"] >= ce["bleu"] - 0.5,
-            },
-            {
-                "vocab": v,
-                "target": "MHC valid nll <= CE + 0.2 bits",
-                "measured": f"{mhc['valid_nll_bits']:.3f} vs {ce['valid_nll_bits']:.3f} "
-                f"({mhc['valid_nll_bits'] - ce['valid_nll_bits']:+.3f})",
-                "met": mhc["valid_nll_bits"] <= ce["valid_nll_bits"] + 0.2,
-            },
-            {
-                "vocab": v,
-                "target": "MHC BLEU >= adaptive softmax BLEU",
-                "measured": f"{mhc['bleu']:.2f} vs {ad['bleu']:.2f}",
-                "met": mhc["bleu"] >= ad["bleu"],
-            },
+            row(
+                v,
+                "MHC BLEU >= CE BLEU - 0.5",
+                ("mhc", "ce"),
+                m,
+                lambda mhc, ce: (
+                    f"{mhc['bleu']:.2f} vs {ce['bleu']:.2f} ({mhc['bleu'] - ce['bleu']:+.2f})",
+                    mhc["bleu"] >= ce["bleu"] - 0.5,
+                ),
+            ),
+            row(
+                v,
+                "MHC valid nll <= CE + 0.2 bits",
+                ("mhc", "ce"),
+                m,
+                lambda mhc, ce: (
+                    f"{mhc['valid_nll_bits']:.3f} vs {ce['valid_nll_bits']:.3f} "
+                    f"({mhc['valid_nll_bits'] - ce['valid_nll_bits']:+.3f})",
+                    mhc["valid_nll_bits"] <= ce["valid_nll_bits"] + 0.2,
+                ),
+            ),
+            row(
+                v,
+                "MHC BLEU >= adaptive softmax BLEU",
+                ("mhc", "adaptive"),
+                m,
+                lambda mhc, ad: (f"{mhc['bleu']:.2f} vs {ad['bleu']:.2f}", mhc["bleu"] >= ad["bleu"]),
+            ),
         ]
     big = max(by_vocab, key=int)
-    ce, mhc = by_vocab[big]["methods"]["ce"], by_vocab[big]["methods"]["mhc"]
-    ratio = mhc["train_wps"] / ce["train_wps"]
+
+    def speed(mhc: dict, ce: dict) -> tuple[str, bool]:
+        ratio = mhc["train_wps"] / ce["train_wps"]
+        return f"{ratio:.2f}x ({mhc['train_wps']:,.0f} vs {ce['train_wps']:,.0f})", ratio >= 1.3
+
     out.append(
-        {
-            "vocab": big,
-            "target": "MHC train words/s >= 1.3x CE at the largest vocabulary",
-            "measured": f"{ratio:.2f}x ({mhc['train_wps']:,.0f} vs {ce['train_wps']:,.0f})",
-            "met": ratio >= 1.3,
-        }
+        row(
+            big,
+            "MHC train words/s >= 1.3x CE at the largest vocabulary",
+            ("mhc", "ce"),
+            by_vocab[big]["methods"],
+            speed,
+        )
     )
     return out
 
@@ -427,11 +450,19 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
         "sacreBLEU / chrF on detokenised output vs the raw references.",
         "",
     ]
+    if result.get("partial"):
+        missing = [f"{m} at {int(v):,}" for v, res in result["by_vocab"].items() for m in res["missing"]]
+        lines += [
+            f"**PARTIAL RESULTS: not finished yet: {', '.join(missing)}.** Rerun the same command to continue "
+            "(finished runs are kept in `runs/` beside this file and are not retrained).",
+            "",
+        ]
     for v, res in result["by_vocab"].items():
         m = res["methods"]
-        conv = res["convergence"]["ce"]
+        conv = res["convergence"].get("ce") or convergence([], 0)
+        size = f"{res['vocab_size']:,}" if res["vocab_size"] else "?"
         lines += [
-            f"## Joint BPE {int(v):,} (|V| = {res['vocab_size']:,}; MHE heads {res['head_sizes']}; "
+            f"## Joint BPE {int(v):,} (|V| = {size}; MHE heads {res['head_sizes']}; "
             f"adaptive cutoffs {res['adaptive_cutoffs']})",
             "",
             "| method | sacreBLEU | chrF | valid nll (bits) | output-layer params | total params "
@@ -439,6 +470,9 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for k in METHODS:
+            if k not in m:
+                lines.append(f"| {NAMES[k]} | pending | | | | | | |")
+                continue
             r = m[k]
             lines.append(
                 f"| {NAMES[k]} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['valid_nll_bits']:.3f} | "
@@ -446,17 +480,21 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
                 f"{r['gen_sent_per_s']:.1f} |"
             )
         moved = "n/a" if conv["delta_bits"] is None else f"{conv['delta_bits']:+.3f} bits"
+        verdict = "converged" if conv["converged"] else "NOT converged - rerun with a larger --max-update"
+        if "ce" not in m:
+            verdict = "pending (CE not finished)"
         lines += [
             "",
             f"Budget check: CE's valid nll moved {moved} from update {conv['from_update']} to "
             f"{conv['to_update']} (last fifth; converged means |change| < {CONVERGED_BITS}): "
-            f"**{'converged' if conv['converged'] else 'NOT converged - rerun with a larger --max-update'}**.",
+            f"**{verdict}**.",
             "",
         ]
     lines += ["## Targets", "", "| |V| | target | measured | met |", "|---:|---|---|---|"]
     for t in result["targets"]:
         lines.append(
-            f"| {int(t['vocab']):,} | {t['target']} | {t['measured']} | {'yes' if t['met'] else '**NO**'} |"
+            f"| {int(t['vocab']):,} | {t['target']} | {t['measured']} | "
+            f"{'pending' if t['met'] is None else 'yes' if t['met'] else '**NO**'} |"
         )
     sc = result.get("scaling") or {}
     if sc:
@@ -493,6 +531,8 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(vocabs), figsize=(5.5 * len(vocabs), 4), squeeze=False)
     for ax, v in zip(axes[0], vocabs):
         for k, style in zip(METHODS, ("o-", "^-", "s-", "d-")):
+            if k not in result["by_vocab"][v]["methods"]:
+                continue
             curve = result["by_vocab"][v]["methods"][k]["valid_curve"]
             ax.plot([p["updates"] for p in curve], [p["nll_loss"] for p in curve], style, label=k, ms=3)
         ax.set_xlabel("updates")
@@ -507,24 +547,87 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+RUN_KEYS = (
+    "langs",
+    "dim",
+    "layers",
+    "heads",
+    "lr",
+    "warmup",
+    "max_tokens",
+    "max_update",
+    "valid_every",
+    "beam",
+    "gen_batch",
+    "adaptive_cutoffs",
+    "threads",
+)
+
+
+def run_key(vocab: int, method: str, a: argparse.Namespace, data: dict) -> dict:
+    """Everything that shapes one (vocabulary, method) run; a stored result is reused only on an exact match."""
+    return {"vocab": vocab, "method": method, "data": data, **{k: getattr(a, k) for k in RUN_KEYS}}
+
+
+def stored_path(a: argparse.Namespace, vocab: int, method: str) -> Path:
+    return Path(a.out_dir) / "runs" / a.name / f"v{vocab}_{method}.json"
+
+
+def load_stored(path: Path, key: dict) -> dict | None:
+    """The stored run when it was made with exactly ``key``, else None (and say why, never silently)."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("key") != key:
+        diff = sorted(k for k in key if saved.get("key", {}).get(k) != key[k])
+        print(f"{path}: made with other settings ({', '.join(diff)} differ): not reused", flush=True)
+        return None
+    return saved
+
+
+def data_fingerprint(data_dir: Path, vocab: int, langs: tuple[str, str]) -> dict:
+    """Line counts of the BPE'd splits: a stored run is only reused on the same corpus and vocabulary."""
+    bpe = data_dir / f"bpe{vocab}"
+    out = {}
+    for split in ("train", "valid", "test"):
+        f = bpe / f"{split}.{langs[1]}"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} missing: build it with python -m fairseq_ext.datasets ddtp")
+        with open(f, "rb") as fh:
+            out[split] = sum(1 for _ in fh)
+    return out
+
+
 def run_vocab(vocab: int, chosen: list[str], work: Path, refs: list[str], a: argparse.Namespace) -> dict:
-    """Train + decode the chosen methods at one BPE size (each resumable), then collect their numbers."""
+    """Train + decode the chosen methods at one BPE size (each resumable), then collect the numbers of every
+    method found finished (here or in the committed store)."""
     langs = tuple(a.langs.split("-"))
     vwork = work / f"v{vocab}"
-    bin_dir = preprocess(a.data_dir, vocab, vwork, langs)  # type: ignore[arg-type]
-    size = sum(1 for _ in open(bin_dir / f"dict.{langs[1]}.txt", encoding="utf-8")) + 4  # + fairseq specials
-    methods = {}
-    for method in chosen:
-        r = train(method, bin_dir, vwork, a, size)
-        r.update(generate(method, bin_dir, vwork, refs, a))
-        r.update(output_params(r.pop("checkpoint")))
-        methods[method] = r
-        print(vocab, method, {k: v for k, v in r.items() if k != "valid_curve"}, flush=True)
+    data = data_fingerprint(a.data_dir, vocab, langs)  # type: ignore[arg-type]
+    methods: dict[str, dict] = {}
+    info: dict = {}
+    for method in METHODS:
+        path = stored_path(a, vocab, method)
+        saved = load_stored(path, run_key(vocab, method, a, data))
+        if saved is None and method in chosen:
+            bin_dir = preprocess(a.data_dir, vocab, vwork, langs)  # type: ignore[arg-type]
+            size = sum(1 for _ in open(bin_dir / f"dict.{langs[1]}.txt", encoding="utf-8")) + 4  # + specials
+            r = train(method, bin_dir, vwork, a, size)
+            r.update(generate(method, bin_dir, vwork, refs, a))
+            r.update(output_params(r.pop("checkpoint")))
+            saved = {"key": run_key(vocab, method, a, data), "vocab_size": size, "result": r}
+            atomic_write_json(saved, path)
+            print(vocab, method, {k: v for k, v in r.items() if k != "valid_curve"}, flush=True)
+        if saved is not None:
+            methods[method] = saved["result"]
+            info["vocab_size"] = saved["vocab_size"]
+    size = info.get("vocab_size")
     return {
         "vocab_size": size,
-        "head_sizes": list(LabelCodec.balanced(size, 2).head_sizes),
-        "adaptive_cutoffs": a.adaptive_cutoffs or adaptive_cutoffs(size),
+        "head_sizes": list(LabelCodec.balanced(size, 2).head_sizes) if size else None,
+        "adaptive_cutoffs": (a.adaptive_cutoffs or adaptive_cutoffs(size)) if size else None,
         "methods": methods,
+        "missing": [m for m in METHODS if m not in methods],
         "convergence": {k: convergence(r["valid_curve"], r["num_updates"]) for k, r in methods.items()},
     }
 
@@ -583,9 +686,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not refs_path.is_file():
         p.error(f"{refs_path} missing: build DATA with python -m fairseq_ext.datasets ddtp (or sample)")
     refs = refs_path.read_text(encoding="utf-8").splitlines()
-    by_vocab = {str(v): run_vocab(v, chosen, work, refs, a) for v in vocabs}
-    if set(chosen) != set(METHODS):
-        return {"by_vocab": by_vocab}
+    by_vocab: dict[str, dict] = {}
+    for v in vocabs:
+        by_vocab[str(v)] = run_vocab(v, chosen, work, refs, a)
+    partial = any(res["missing"] for res in by_vocab.values())
     stats_path = a.data_dir / "stats.json"
     first = str(vocabs[0])
     result = {
@@ -593,11 +697,14 @@ def main(argv: list[str] | None = None) -> dict:
         "methods_vocab": vocabs[0],
         "by_vocab": by_vocab,
         "targets": targets(by_vocab),
-        "scaling": {} if a.skip_scaling else cached_scaling(work / "scaling.json", a),
+        "scaling": {} if a.skip_scaling or partial else cached_scaling(work / "scaling.json", a),
         "config": {**{k: v for k, v in vars(a).items() if not isinstance(v, Path)}, "threads": a.threads},
         "dataset": json.loads(stats_path.read_text())["splits"] if stats_path.exists() else str(a.data_dir),
         "test_sentences": len(refs),
+        "partial": partial,
     }
+    if not any(res["methods"] for res in by_vocab.values()):
+        return result
     for res in by_vocab.values():
         for k, r in res["methods"].items():
             if not math.isfinite(r["bleu"]) or r["valid_nll_bits"] is None:

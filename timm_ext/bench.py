@@ -83,8 +83,7 @@ def run_args(a: argparse.Namespace, variant: str, seed: int, work: Path) -> argp
         argv += ["--head-sizes", *map(str, a.head_sizes)]
     if head == "mhs":
         argv += ["--sampled-groups", str(a.sampled_groups)]
-    if neck:
-        argv += ["--head-neck", str(a.neck_dim)]
+    argv += ["--head-neck", str(a.neck_dim) if neck else "0"]  # 0: no neck (mhp/mhc default to one)
     if corr:
         argv.append("--mhs-sampling-correction")
     if a.max_steps_per_epoch:

@@ -62,6 +62,13 @@ EVAL_INTERPOLATION = "bilinear"
 EVAL_CROP_PCT = 1.0
 
 
+# Default neck width per head, from the glyph benchmark (docs/timm.md, benchmarks/results/glyphs.md): a
+# product/cascade head's class vectors are sums/cascades of a few small tables, so the backbone must map every
+# image to an arbitrary digit code; a wide neck in front was worth +1.2 (MHP) and +0.4 (MHC) test top-1 at
+# 3,755 classes, and costs d x DIM parameters, nothing next to a large-N head.
+NECK_DEFAULTS = {"mhp": 1024, "mhc": 1024}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mhe-timm-train", description=__doc__.split("\n")[0])
     d = p.add_argument_group("data")
@@ -107,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="DIM",
-        help="Linear(d, DIM) + BatchNorm + ReLU before the head (any head; counted in head params)",
+        help="Linear(d, DIM) + BatchNorm + ReLU before the head (any head; counted in head params); "
+        f"0 = none. Default: {NECK_DEFAULTS} by head, none otherwise; on --resume, the checkpoint's neck",
     )
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=10)
@@ -255,6 +263,17 @@ def _summary(config: dict, head_params: int, best: float, history: list[dict], e
     }
 
 
+def resolve_head_neck(args: argparse.Namespace) -> int | None:
+    """``--head-neck`` as given (0 = none); else the neck of the run being resumed; else the head's default."""
+    if args.head_neck is not None:
+        if args.head_neck < 0:
+            raise ValueError(f"--head-neck must be >= 0 (0 = no neck), got {args.head_neck}")
+        return args.head_neck or None
+    if args.resume:
+        return load_checkpoint(args.resume, map_location="cpu").get("config", {}).get("neck_dim")
+    return NECK_DEFAULTS.get(args.head)
+
+
 def train(args: argparse.Namespace) -> dict:
     """Run a training job described by parsed CLI ``args``; returns the summary dict (also summary.json)."""
     if args.threads:
@@ -299,7 +318,7 @@ def train(args: argparse.Namespace) -> dict:
         small_stem=args.small_stem,
         head_kwargs=head_kwargs_from_args(args),
         in_chans=in_chans,
-        neck_dim=args.head_neck,
+        neck_dim=resolve_head_neck(args),
         **model_kwargs,
     ).to(device)
     pcfg = model.pretrained_cfg

@@ -55,14 +55,23 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     ]
     argv += ["--beam", "2", "--scaling-vocabs", "300,1200", "--scaling-dim", "8", "--scaling-tokens", "16"]
     argv += ["--scaling-reps", "1"]
-    # docs: methods may run as separate processes; a run with a subset trains those and writes no report
+    # docs: methods may run as separate processes; a run with a subset trains those and writes a PARTIAL report
     part = bench.main([*argv, "--methods", "ce,adaptive"])
-    assert (
-        part["by_vocab"]["300"]["methods"].keys() == {"ce", "adaptive"}
-        and not (out / "nmt_ende.json").exists()
-    )
-    res = bench.main(argv)  # trains mhp + mhc, finds ce + adaptive done, reports
+    assert part["by_vocab"]["300"]["methods"].keys() == {"ce", "adaptive"} and part["partial"]
+    assert part["by_vocab"]["300"]["missing"] == ["mhp", "mhc"]
+    md = (out / "nmt_ende.md").read_text()
+    assert "PARTIAL RESULTS" in md and "mhp at 300" in md and "pending" in md
+    assert [t["met"] for t in part["targets"]] == [None] * 4  # every target needs MHC
+    stored = out / "runs" / "nmt_ende"
+    assert sorted(f.name for f in stored.iterdir()) == ["v300_adaptive.json", "v300_ce.json"]
+
+    # a fresh machine (work dir gone) finds ce + adaptive in the committed store and trains only mhp + mhc
+    import shutil
+
+    shutil.rmtree(data / "bench")
+    res = bench.main(argv)
     assert res["by_vocab"]["300"]["methods"]["ce"] == part["by_vocab"]["300"]["methods"]["ce"]
+    assert not res["partial"] and not (data / "bench" / "v300" / "ce").exists()
 
     saved = json.loads((out / "nmt_ende.json").read_text())
     assert saved["by_vocab"].keys() == {"300"} and saved["methods"].keys() == set(bench.METHODS)
@@ -135,3 +144,13 @@ def test_targets_over_two_vocabularies():
     assert rows[-1]["vocab"] == "32000" and rows[-1]["measured"].startswith("1.40x")
     big["methods"]["mhc"]["train_wps"] = 640.0
     assert bench.targets({"8000": small, "32000": big})[-1]["met"] is False  # 1.28x
+
+
+def test_stored_run_reused_only_with_the_same_settings(tmp_path, capsys):
+    key = {"vocab": 8000, "method": "ce", "data": {"train": 10}, "max_update": 8000, "lr": 0.0015}
+    path = tmp_path / "v8000_ce.json"
+    bench.atomic_write_json({"key": key, "vocab_size": 7976, "result": {"bleu": 20.0}}, path)
+    assert bench.load_stored(path, key)["result"] == {"bleu": 20.0}
+    assert bench.load_stored(path, {**key, "max_update": 4000}) is None  # another budget: retrain, and say so
+    assert "max_update differ" in capsys.readouterr().out
+    assert bench.load_stored(tmp_path / "absent.json", key) is None

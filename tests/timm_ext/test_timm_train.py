@@ -210,3 +210,24 @@ def test_documented_cli_commands_at_tiny_size(glyphs100, tmp_path, capsys):
     assert export_main(["--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "model.onnx"),
                         "--top-k", "5", "--no-check"]) == 0  # fmt: skip
     assert (tmp_path / "model.preprocess.json").exists() and (tmp_path / "model.classes.json").exists()
+
+
+def test_head_neck_defaults_and_resume(tmp_path):
+    from mhe_plugins.training import atomic_save
+    from timm_ext.train import NECK_DEFAULTS, resolve_head_neck
+
+    def neck(*extra):
+        return resolve_head_neck(_args(tmp_path, tmp_path / "o", *extra))
+
+    # measured defaults: a neck for the product and cascade heads, none for linear / MHS
+    assert neck("--head", "mhp") == NECK_DEFAULTS["mhp"] == 1024 and neck("--head", "mhc") == 1024
+    assert neck("--head", "linear") is None and neck("--head", "mhs") is None
+    assert neck("--head", "mhp", "--head-neck", 0) is None and neck("--head", "linear", "--head-neck", 64) == 64
+    with pytest.raises(ValueError, match="--head-neck must be >= 0"):
+        neck("--head", "mhp", "--head-neck", -1)
+    # resuming a run made without a neck (e.g. before the default changed) keeps it without one
+    ckpt = tmp_path / "last.pt"
+    atomic_save({"config": {"neck_dim": None}}, ckpt)
+    assert neck("--head", "mhp", "--resume", ckpt) is None
+    atomic_save({"config": {"neck_dim": 48}}, ckpt)
+    assert neck("--head", "mhp", "--resume", ckpt) == 48
