@@ -222,7 +222,9 @@ def test_head_neck_defaults_and_resume(tmp_path):
     # measured defaults: a neck for the product and cascade heads, none for linear / MHS
     assert neck("--head", "mhp") == NECK_DEFAULTS["mhp"] == 1024 and neck("--head", "mhc") == 1024
     assert neck("--head", "linear") is None and neck("--head", "mhs") is None
-    assert neck("--head", "mhp", "--head-neck", 0) is None and neck("--head", "linear", "--head-neck", 64) == 64
+    assert (
+        neck("--head", "mhp", "--head-neck", 0) is None and neck("--head", "linear", "--head-neck", 64) == 64
+    )
     with pytest.raises(ValueError, match="--head-neck must be >= 0"):
         neck("--head", "mhp", "--head-neck", -1)
     # resuming a run made without a neck (e.g. before the default changed) keeps it without one
