@@ -57,6 +57,7 @@ class MHSArcFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             margin=CombinedMargin(1.0, float(np.radians(margin)), 0.0, s=float(scale)),
             sample_rate=sample_rate,
             sparse_grad=sparse,
+            sampling_correction=False,  # Partial FC's loss, as the face wrapper (unmeasured on faces)
         )
         self.num_classes = codec.num_labels
         self.weight_init_func(self.head.weight)

@@ -84,8 +84,8 @@ def run_args(a: argparse.Namespace, variant: str, seed: int, work: Path) -> argp
     if head == "mhs":
         argv += ["--sampled-groups", str(a.sampled_groups)]
     argv += ["--head-neck", str(a.neck_dim) if neck else "0"]  # 0: no neck (mhp/mhc default to one)
-    if corr:
-        argv.append("--mhs-sampling-correction")
+    if head == "mhs":  # explicit both ways: the core's default changed to corrected after this benchmark
+        argv.append("--mhs-sampling-correction" if corr else "--no-mhs-sampling-correction")
     if a.max_steps_per_epoch:
         argv += ["--max-steps-per-epoch", str(a.max_steps_per_epoch)]
     if a.no_progress:
@@ -305,11 +305,11 @@ def markdown(res: dict, meta: dict) -> str:
         "| variant | valid top-1 | test top-1 | test top-5 | head params | chosen |",
         "|---|---:|---:|---:|---:|---|",
     ]
-    chosen = {s["chosen"] for s in res["selection"].values()}
+    chosen = {s["chosen"]: s["by"] for s in res["selection"].values()}
     for v, r in res["variants"].items():
+        mark = "" if v not in chosen else "yes" if chosen[v] != "--recommend" else "yes (`--recommend`)"
         lines.append(
-            f"| {v} | {r['valid_top1']:.2f} | {r['top1']:.2f} | {r['top5']:.2f} | {r['head_params']:,} | "
-            f"{'yes' if v in chosen else ''} |"
+            f"| {v} | {r['valid_top1']:.2f} | {r['top1']:.2f} | {r['top5']:.2f} | {r['head_params']:,} | {mark} |"
         )
     for note in meta.get("notes", []):
         lines += ["", note]
@@ -388,6 +388,9 @@ def build_bench_parser() -> argparse.ArgumentParser:
         metavar="METHOD=VARIANT",
         help="fix a default, e.g. mhp=mhp_neck",
     )
+    p.add_argument(
+        "--note", action="append", default=[], help="a sentence for the report (why a --recommend)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--work-dir", default="/tmp/mhe_glyph_bench", help="checkpoints and logs (not committed)")
@@ -414,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _, tr_lab, tr_font = load_glyph_split(a.data_dir, "train")
     _, te_lab, _ = load_glyph_split(a.data_dir, "test")
-    notes = []
+    notes = list(a.note)
     variants = list(a.variants)
     if "mhs_corr" in variants and not correction_supported():
         variants.remove("mhs_corr")

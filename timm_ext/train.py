@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--sampled-groups", type=int, default=None, help="MHS")
     m.add_argument(
         "--mhs-sampling-correction",
-        action="store_true",
-        help="MHS: subtract log(expected sampling rate) from the logits of randomly sampled groups",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="MHS: sampled-softmax correction of the randomly sampled groups' logits (default: on, the core's "
+        "default, measured in docs/timm.md); --no-mhs-sampling-correction turns it off",
     )
     m.add_argument(
         "--head-neck",
@@ -153,14 +155,14 @@ def head_kwargs_from_args(args: argparse.Namespace) -> dict:
         kw: dict[str, Any] = {"mode": args.mhs_mode}
         if args.sampled_groups is not None:
             kw["sampled_groups"] = args.sampled_groups
-        if args.mhs_sampling_correction:
+        if args.mhs_sampling_correction is not None:
             if "sampling_correction" not in inspect.signature(MHSHead.__init__).parameters:
                 raise ValueError(
                     "--mhs-sampling-correction: this mhe_plugins' MHSHead has no sampling_correction option"
                 )
-            kw["sampling_correction"] = True
+            kw["sampling_correction"] = bool(args.mhs_sampling_correction)
         return kw
-    if args.mhs_sampling_correction:
+    if args.mhs_sampling_correction is not None:
         raise ValueError(f"--mhs-sampling-correction applies to --head mhs, not --head {args.head}")
     return {}
 

@@ -10,9 +10,11 @@ Parameters (documented once, here):
 - ``sampled_groups`` (int): batch_union: top the union up with random groups to this many (split over the
   ranks in proportion to their groups when sharded); per_sample: groups per sample (default 4). ``sample_rate`` (float in (0, 1], batch_union only): top up to this
   fraction of the groups, as Partial FC's ``sample_rate`` (with ``(N, 1)`` heads it *is* Partial FC).
-- ``sampling_correction``: sampled-softmax correction: the logits of randomly sampled groups get
-  ``-log q`` added, q the group's inclusion probability under the sampling mode; the true group and the
-  groups of the batch are never corrected.
+- ``sampling_correction`` (default on): sampled-softmax correction: the logits of randomly sampled groups
+  get ``-log q`` added, q the group's inclusion probability under the sampling mode; the true group and the
+  groups of the batch are never corrected. It only acts when random groups are drawn. Measured on the
+  3,755-class glyph benchmark (per-sample, 16 groups): test top-1 96.01 vs 95.53 without (mean of 2 seeds,
+  validation 99.77 vs 99.72), so it is the default; the face wrapper keeps Partial FC's uncorrected loss.
 - ``margin``: a :mod:`mhe_plugins.margins` module (ArcFace/CosFace/combined): logits are scaled cosines with
   the margin on the target; without, plain dot products.
 - ``sparse_grad``: the weight's gradient is row-sparse over groups (sorted, coalesced), so
@@ -85,7 +87,7 @@ class MHSHead(MHEHead):
         init_std: float = 0.01,
         chunk_size: int = 65536,
         sample_rate: float | None = None,
-        sampling_correction: bool = False,
+        sampling_correction: bool = True,
         process_group=None,
     ):
         super().__init__(in_features, codec)

@@ -15,7 +15,7 @@ from mhe_plugins import ArcFaceMargin, LabelCodec, MHSHead
 def _pair(**kw):
     """Two heads with the same weights, with and without the correction."""
     codec = LabelCodec([8, 3])
-    plain = MHSHead(4, codec, margin=ArcFaceMargin(0.2, 16.0), **kw)
+    plain = MHSHead(4, codec, margin=ArcFaceMargin(0.2, 16.0), sampling_correction=False, **kw)
     corr = MHSHead(4, codec, margin=ArcFaceMargin(0.2, 16.0), sampling_correction=True, **kw)
     corr.load_state_dict(plain.state_dict())
     return plain, corr

@@ -187,6 +187,13 @@ def test_mhs_sampling_correction_flag(monkeypatch):
     monkeypatch.setattr(train_mod, "MHSHead", New)
     kw = train_mod.head_kwargs_from_args(parse("--head", "mhs", "--mhs-sampling-correction"))
     assert kw == {"mode": "per_sample", "sampling_correction": True}
+    kw = train_mod.head_kwargs_from_args(parse("--head", "mhs", "--no-mhs-sampling-correction"))
+    assert kw == {"mode": "per_sample", "sampling_correction": False}
+    monkeypatch.undo()
+    # no flag: the core default, which the glyph benchmark made the corrected loss
+    model = train_mod.create_model("resnet10t", head="mhs", num_classes=100, head_sizes=[10, 10],
+                                   head_kwargs=train_mod.head_kwargs_from_args(parse("--head", "mhs")))  # fmt: skip
+    assert model.head.sampling_correction is True
 
 
 def test_documented_cli_commands_at_tiny_size(glyphs100, tmp_path, capsys):
