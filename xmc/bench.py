@@ -37,6 +37,20 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def _ranker_buffer_bytes(model_dir: str) -> int:
+    """Bytes of the lexical centroids and the neighbour documents/labels stored in ``model.pt``."""
+    from mhe_plugins.training import load_checkpoint
+
+    state = load_checkpoint(Path(model_dir) / "model.pt", map_location="cpu")["state_dict"]
+    return int(
+        sum(
+            t.numel() * t.element_size()
+            for k, t in state.items()
+            if k.startswith(("lexical.", "neighbours."))
+        )
+    )
+
+
 def _head_config(model_dir: str) -> dict:
     """The MHC sizes actually used (defaults resolved)."""
     h = TrainedModel(model_dir).model.head
@@ -90,7 +104,8 @@ def run_neural(method: str, data_dir: str, work: Path, args) -> dict:
         "train_s": summary["train_s"],
         "predict_s": round(predict_s, 2),
         "classifier_params": summary["classifier_parameters"],
-        "model_bytes": 4 * summary["classifier_parameters"],
+        # label-side weights + the data the ranker carries (lexical centroids, neighbour documents)
+        "model_bytes": 4 * summary["classifier_parameters"] + _ranker_buffer_bytes(cfg.output),
         "best_epoch": summary["best_epoch"],
         "config": _head_config(cfg.output) if cfg.head == "mhc" else {},
         "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data_dir", "output")},

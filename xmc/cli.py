@@ -84,6 +84,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     lex.add_argument("--no-lexical", dest="lexical", action="store_const", const=False)
     p.add_argument("--lexical-weight", type=float, default=d.lexical_weight, help="its initial weight")
     p.add_argument("--candidate-loss", choices=["bce", "softmax"], default=d.candidate_loss)
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=d.neighbours,
+        metavar="K",
+        help="add the label votes of the K nearest training documents (TF-IDF cosine) at inference; "
+        "0 = off (default: 30 with the TF-IDF encoder)",
+    )
+    p.add_argument(
+        "--neighbour-weight", type=float, default=d.neighbour_weight, help="weight of those votes (default 1)"
+    )
     p.add_argument("--max-features", type=int, default=d.max_features)
     p.add_argument(
         "--feature-layers", type=int, default=d.feature_layers, help="HF: concat first token of last k layers"

@@ -6,6 +6,8 @@ Both heads take the padded label tensor (B, L; -1 = padding) and expose ``comput
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -127,8 +129,135 @@ class LexicalScorer(nn.Module):
         return self.weight * cos[:, :n], groups
 
 
+def _csr_buffers(module: nn.Module, prefix: str, rows: int, nnz: int, values: bool = True) -> None:
+    module.register_buffer(f"{prefix}_crow", torch.zeros(rows + 1, dtype=torch.int64))
+    module.register_buffer(f"{prefix}_col", torch.zeros(nnz, dtype=torch.int64))
+    if values:
+        module.register_buffer(f"{prefix}_val", torch.zeros(nnz, dtype=torch.float32))
+
+
+class NeighbourScorer(nn.Module):
+    """Label votes of the document's nearest training documents in TF-IDF space (cosine, top ``k``,
+    weights cos^``power`` normalised to sum 1): a non-parametric signal a low-rank neural ranker misses,
+    added at inference as ``weight * votes`` to the model's label scores.
+
+    The training TF-IDF (transposed, (F, D)) and labels ((D, N), binary) are CSR buffers, so ``model.pt``
+    carries them; the products run in scipy on the CPU. The votes do not depend on the trained weights, so
+    they are cached per batch (validation sees the same batches every epoch). A training document ranked by
+    this model finds itself among its neighbours: evaluate on held-out documents.
+    """
+
+    CACHE_BATCHES = 256
+
+    def __init__(
+        self,
+        num_features: int,
+        num_docs: int,
+        num_labels: int,
+        nnz_docs: int,
+        nnz_labels: int,
+        k: int = 30,
+        power: float = 2.0,
+        weight: float = 1.0,
+    ):
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"neighbours k must be >= 1, got {k}")
+        self.k, self.power = int(k), float(power)
+        self.docs_shape, self.labels_shape = (num_features, num_docs), (num_docs, num_labels)
+        _csr_buffers(self, "docs", num_features, nnz_docs)
+        _csr_buffers(self, "labels", num_docs, nnz_labels, values=False)
+        self.register_buffer("weight", torch.tensor(float(weight)))
+        self._cache: OrderedDict[bytes, sp.csr_matrix] = OrderedDict()
+
+    def extra_repr(self) -> str:
+        return f"docs={self.docs_shape[1]}, labels={self.labels_shape[1]}, k={self.k}, power={self.power}"
+
+    def set_data(self, features: sp.csr_matrix, labels: sp.csr_matrix) -> None:
+        """``features`` (D, F) L2-normalised training TF-IDF, ``labels`` (D, N) their label sets."""
+        docs_t = features.T.tocsr()
+        docs_t.sort_indices()
+        lab = sp.csr_matrix(labels)
+        lab.sort_indices()
+        if docs_t.shape != self.docs_shape or lab.shape != self.labels_shape:
+            raise ValueError(
+                f"neighbour data {docs_t.shape}/{lab.shape} != {self.docs_shape}/{self.labels_shape}"
+            )
+        if docs_t.nnz != self.docs_col.numel() or lab.nnz != self.labels_col.numel():
+            raise ValueError("neighbour data nnz does not match the buffers")
+        self.docs_crow.copy_(torch.from_numpy(docs_t.indptr.astype(np.int64)))
+        self.docs_col.copy_(torch.from_numpy(docs_t.indices.astype(np.int64)))
+        self.docs_val.copy_(torch.from_numpy(docs_t.data.astype(np.float32)))
+        self.labels_crow.copy_(torch.from_numpy(lab.indptr.astype(np.int64)))
+        self.labels_col.copy_(torch.from_numpy(lab.indices.astype(np.int64)))
+        self._cache.clear()
+
+    def _matrices(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        bufs = (self.docs_crow, self.docs_col, self.docs_val, self.labels_crow, self.labels_col)
+        key = tuple((t.data_ptr(), t._version) for t in bufs)
+        if getattr(self, "_mat_key", None) != key:
+            docs = sp.csr_matrix(
+                (self.docs_val.cpu().numpy(), self.docs_col.cpu().numpy(), self.docs_crow.cpu().numpy()),
+                shape=self.docs_shape,
+            )
+            col = self.labels_col.cpu().numpy()
+            labels = sp.csr_matrix(
+                (np.ones(len(col), np.float32), col, self.labels_crow.cpu().numpy()), shape=self.labels_shape
+            )
+            self._mats, self._mat_key = (docs, labels), key
+            self._cache.clear()
+        return self._mats
+
+    def votes(self, x: sp.csr_matrix) -> sp.csr_matrix:
+        """(B, N) sparse votes for the (B, F) sparse documents ``x``; each row sums to 1 (or is empty)."""
+        docs, labels = self._matrices()
+        sims = (x @ docs).tocsr()
+        rows, cols, vals = [], [], []
+        for i in range(sims.shape[0]):
+            s, e = sims.indptr[i], sims.indptr[i + 1]
+            idx, val = sims.indices[s:e], sims.data[s:e]
+            if len(val) > self.k:
+                top = np.argpartition(-val, self.k - 1)[: self.k]
+                idx, val = idx[top], val[top]
+            w = np.power(np.maximum(val, 0.0), self.power)
+            total = float(w.sum())
+            if total > 0:
+                rows.append(np.full(len(idx), i))
+                cols.append(idx)
+                vals.append(w / total)
+        if not rows:
+            return sp.csr_matrix((sims.shape[0], labels.shape[1]), dtype=np.float32)
+        near = sp.csr_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=sims.shape
+        )
+        return (near @ labels).tocsr()
+
+    def forward(self, input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Dense (B, N) ``weight * votes`` for an EmbeddingBag-style sparse batch."""
+        b = offsets.numel()
+        key = hashlib.blake2b(
+            b"".join(t.detach().cpu().numpy().tobytes() for t in (input, offsets, weights)), digest_size=16
+        ).digest()
+        votes = self._cache.get(key)
+        if votes is None:
+            indptr = np.append(offsets.cpu().numpy(), input.numel())
+            x = sp.csr_matrix(
+                (weights.detach().float().cpu().numpy(), input.cpu().numpy(), indptr),
+                shape=(b, self.docs_shape[0]),
+            )
+            votes = self.votes(x)
+            self._cache[key] = votes
+            if len(self._cache) > self.CACHE_BATCHES:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return self.weight * torch.from_numpy(votes.toarray()).to(weights.device)
+
+
 def default_hidden_dim(feature_dim: int) -> int:
-    """Label-embedding width for MHC: a quarter of the feature, 32..300 (LightXML used 300-500 on 3840)."""
+    """Label-embedding width for MHC: a quarter of the feature, 32..300 (LightXML used 300-500 on 3840). With
+    the neighbour votes a wider embedding (= feature) measured no better on FOLDOC-XMC (docs/xmc.md) for 4x
+    the label-side parameters."""
     return int(min(300, max(32, feature_dim // 4)))
 
 
@@ -172,6 +301,19 @@ class XMCModel(nn.Module):
         if cfg["encoder"] == "tfidf" and lexical_nnz is not None:
             g = self.head.num_groups if cfg["head"] == "mhc" else 0
             self.lexical = LexicalScorer(num_features, num_labels, lexical_nnz, cfg["lexical_weight"], g)
+        self.neighbours = None
+        nb = cfg.get("neighbour_nnz")
+        if cfg["encoder"] == "tfidf" and nb is not None:
+            self.neighbours = NeighbourScorer(
+                num_features,
+                nb["docs"],
+                num_labels,
+                nb["docs_nnz"],
+                nb["labels_nnz"],
+                k=cfg["neighbours"],
+                power=cfg.get("neighbour_power", 2.0),
+                weight=cfg.get("neighbour_weight", 1.0),
+            )
 
     def lexical_centroids(self, features: sp.csr_matrix, labels: sp.csr_matrix) -> sp.csr_matrix:
         """(N [+ G], F) label (and group) centroids of the training documents, for :class:`LexicalScorer`."""
@@ -205,10 +347,35 @@ class XMCModel(nn.Module):
     @torch.no_grad()
     def topk(self, inputs: dict[str, torch.Tensor], k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.features(inputs)
-        if self.lexical is None:
-            return self.head.topk(x, k)
-        lex, lex_groups = self.lexical(**inputs)
+        lex, lex_groups = self.lexical(**inputs) if self.lexical is not None else (None, None)
+        near = (
+            self.neighbours(**inputs) if self.neighbours is not None and self.neighbours.weight > 0 else None
+        )
         if isinstance(self.head, FlatHead):
-            return self.head.topk(x, k, lex)
+            if near is None:
+                return self.head.topk(x, k, lex)
+            logits = self.head.fc(x) if lex is None else self.head.fc(x) + lex
+            total = (torch.sigmoid(logits.float()) + near) / (1.0 + self.neighbours.weight)
+            return total.topk(min(k, self.head.num_labels), dim=1)
         out = self.head(x, group_bias=lex_groups)
-        return self.head.topk_from_output(self._lexical_on_candidates(out, lex), k)
+        if lex is not None:
+            out = self._lexical_on_candidates(out, lex)
+        if near is None:
+            return self.head.topk_from_output(out, k)
+        return self._with_neighbours(out, near, k)
+
+    def _with_neighbours(self, out, near: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of ((MHC candidate score, 0 for non-candidates) + weight * votes) / (1 + weight), over all N
+        labels: both terms are in [0, 1], so the score is too."""
+        ids = self.head.candidate_global_ids(out)
+        cand = torch.sigmoid(out.candidate_logits.float()) * out.group_scores.float()
+        cand = torch.where(out.candidate_mask & (ids >= 0), cand, torch.zeros_like(cand))
+        total = near.float().clone()
+        total.scatter_add_(1, ids.clamp_min(0), cand)
+        total = total / (1.0 + self.neighbours.weight)  # scores stay in [0, 1]; the ranking is unchanged
+        kk = min(k, total.shape[1])
+        vals, top = total.topk(kk, dim=1)
+        if kk < k:
+            vals = F.pad(vals, (0, k - kk), value=-1.0)
+            top = F.pad(top, (0, k - kk), value=-1)
+        return vals, top

@@ -88,6 +88,8 @@ class TrainConfig:
     )
     lexical_weight: float = 10.0  # its initial weight (learned)
     candidate_loss: str = "bce"  # bce | softmax (MHC candidates)
+    neighbours: int | None = None  # kNN label votes from K nearest training docs; None: 30 with tfidf; 0: off
+    neighbour_weight: float = 1.0  # their weight against the model's label scores (docs/xmc.md)
     max_features: int = 100_000
     feature_layers: int = 5
     max_len: int = 128
@@ -113,12 +115,22 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "swa_every", "tfidf_dim", "ngram_max"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.neighbours is not None and self.neighbours < 0:
+            raise ValueError(f"TrainConfig.neighbours must be >= 0 (0 = off), got {self.neighbours}")
+        if self.neighbours and self.encoder != "tfidf":
+            raise ValueError("TrainConfig.neighbours needs the TF-IDF encoder (--encoder tfidf)")
         if self.lexical and self.encoder != "tfidf":
             raise ValueError("TrainConfig.lexical needs the TF-IDF encoder (--encoder tfidf)")
 
     def use_lexical(self) -> bool:
         """The lexical term is on by default with the TF-IDF encoder (it needs sparse input)."""
         return self.lexical if self.lexical is not None else self.encoder == "tfidf"
+
+    def num_neighbours(self) -> int:
+        """kNN votes are on by default (30 neighbours) with the TF-IDF encoder (they need sparse input)."""
+        if self.neighbours is not None:
+            return self.neighbours
+        return 30 if self.encoder == "tfidf" else 0
 
     def swa_start_epoch(self) -> int:
         """SWA averages only the last part of training (default: the last quarter of the epochs)."""
@@ -140,6 +152,9 @@ class TrainConfig:
             "sparse_grad": self.sparse_grad and not hf,
             "candidate_loss": self.candidate_loss,
             "lexical_weight": self.lexical_weight,
+            "neighbours": self.num_neighbours(),
+            "neighbour_weight": self.neighbour_weight,
+            "neighbour_power": 2.0,
             "feature_layers": self.feature_layers,
             "max_len": self.max_len,
         }
@@ -275,12 +290,26 @@ def train(cfg: TrainConfig) -> dict:
 
     mcfg = cfg.model_cfg()
     model = XMCModel(mcfg, ds.num_labels, feats.num_features)
-    if cfg.use_lexical():  # centroids depend on the head's grouping; the model is rebuilt with their size
+    # the lexical centroids depend on the head's grouping, the neighbour data on the training set: the model
+    # is rebuilt (same seed) with their buffer sizes
+    centroids = None
+    if cfg.use_lexical():
         centroids = model.lexical_centroids(feats.features["train"], ds.splits["train"].labels)
         mcfg["lexical_nnz"] = int(centroids.nnz)
+    if cfg.num_neighbours():
+        x_tr, y_tr = feats.features["train"], ds.splits["train"].labels
+        mcfg["neighbour_nnz"] = {
+            "docs": int(x_tr.shape[0]),
+            "docs_nnz": int(x_tr.nnz),
+            "labels_nnz": int(y_tr.nnz),
+        }
+    if centroids is not None or cfg.num_neighbours():
         seed_everything(cfg.seed)
         model = XMCModel(mcfg, ds.num_labels, feats.num_features)
+    if centroids is not None:
         model.lexical.set_centroids(centroids)
+    if cfg.num_neighbours():
+        model.neighbours.set_data(feats.features["train"], ds.splits["train"].labels)
     model.to(device)
     prepare_output_dir(
         out, resume=cfg.resume, overwrite=cfg.overwrite, run_files=RUN_FILES, main_process=rank == 0

@@ -39,8 +39,11 @@ def glyphs100(tmp_path_factory):
 
 
 def test_mhp_converges_on_held_out_fonts(glyphs100, tmp_path):
+    # the plain product head (no neck): on this 64-d toy backbone and 6 short epochs the default 1024-wide
+    # neck converges far slower (test top-1 8 vs > 30), see docs/timm.md
     args = _args(glyphs100, tmp_path / "run", "--head", "mhp", "--head-sizes", 10, 10, "--epochs", 6,
-                 "--batch-size", 32, "--lr", 0.1, "--extra-eval-split", "test", "--seed", 0)  # fmt: skip
+                 "--batch-size", 32, "--lr", 0.1, "--extra-eval-split", "test", "--seed", 0,
+                 "--head-neck", 0)  # fmt: skip
     summary = train(args)
     hist = summary["history"]
     assert len(hist) == 6 and hist[-1]["train_loss"] < 0.6 * hist[0]["train_loss"]

@@ -220,3 +220,52 @@ def test_cli_flags_map_to_the_config_the_trainer_tests_use():
         )
     )
     assert (cfg.lexical, cfg.sparse_grad, cfg.dist_timeout, cfg.epochs) == (False, False, 60.0, 10)
+
+
+def test_neighbour_votes_match_brute_force_and_combine_with_mhc():
+    from xmc.model import NeighbourScorer
+
+    rng = np.random.default_rng(0)
+    x_tr = sp.random(40, 50, density=0.15, format="csr", dtype=np.float32, random_state=2)
+    x_tr = sp.csr_matrix(x_tr.multiply(1 / np.maximum(np.sqrt(x_tr.multiply(x_tr).sum(1)), 1e-9)))
+    y_tr = sp.csr_matrix((rng.random((40, 7)) < 0.3).astype(np.float32))
+    x_q = sp.random(9, 50, density=0.15, format="csr", dtype=np.float32, random_state=3)
+    k = 5
+    scorer = NeighbourScorer(50, 40, 7, x_tr.nnz, y_tr.nnz, k=k, power=2.0, weight=0.7)
+    scorer.set_data(x_tr, y_tr)
+    got = scorer(**csr_to_bag(x_q)).numpy()
+    sims = x_q.toarray() @ x_tr.toarray().T
+    want = np.zeros((9, 7))
+    for i in range(9):
+        near = [j for j in np.argsort(-sims[i], kind="stable")[:k] if sims[i, j] > 0]
+        w = sims[i, near] ** 2
+        if w.sum() > 0:
+            want[i] = 0.7 * (w / w.sum()) @ y_tr[near].toarray()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    again = scorer(**csr_to_bag(x_q)).numpy()  # cached: same batch, same votes
+    np.testing.assert_array_equal(got, again)
+
+    # MHC + neighbours: score = candidate score (0 off the candidates) + votes, ranked over all N labels
+    torch.manual_seed(0)
+    model = XMCModel({**_cfg(), "neighbours": k, "neighbour_nnz": {"docs": 40, "docs_nnz": x_tr.nnz,
+                                                                    "labels_nnz": y_tr.nnz}}, 7, 50)  # fmt: skip
+    model.neighbours.set_data(x_tr, y_tr)
+    model.neighbours.weight.fill_(0.7)
+    model.eval()
+    inputs = csr_to_bag(x_q)
+    scores, ids = model.topk(inputs, k=7)
+    with torch.no_grad():
+        out = model.head(model.features(inputs))
+    cand = torch.zeros(9, 7)
+    gid = model.head.candidate_global_ids(out)
+    s = torch.sigmoid(out.candidate_logits) * out.group_scores
+    for i in range(9):
+        for j in range(gid.shape[1]):
+            if gid[i, j] >= 0 and out.candidate_mask[i, j]:
+                cand[i, gid[i, j]] = s[i, j]
+    total = (cand + torch.from_numpy(want).float()) / 1.7  # normalised by 1 + weight: scores in [0, 1]
+    np.testing.assert_allclose(scores, total.gather(1, ids), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores, total.sort(1, descending=True).values, rtol=1e-5, atol=1e-6)
+    # weight 0 turns the votes off: plain MHC ranking
+    model.neighbours.weight.fill_(0.0)
+    np.testing.assert_array_equal(model.topk(inputs, 3)[1], model.head.topk_from_output(out, 3)[1])
