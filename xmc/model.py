@@ -71,6 +71,43 @@ def group_centroids(
     return label_centroids(features, hits)
 
 
+def _csr_buffers(module: nn.Module, prefix: str, rows: int, nnz: int, values: bool = True) -> None:
+    """Register ``{prefix}crow/col[/val]`` buffers holding a CSR matrix, so ``model.pt`` carries it."""
+    module.register_buffer(f"{prefix}crow", torch.zeros(rows + 1, dtype=torch.int64))
+    module.register_buffer(f"{prefix}col", torch.zeros(nnz, dtype=torch.int64))
+    if values:
+        module.register_buffer(f"{prefix}val", torch.zeros(nnz, dtype=torch.float32))
+
+
+def _set_csr_buffers(module: nn.Module, prefix: str, m: sp.csr_matrix, values: bool = True) -> None:
+    getattr(module, f"{prefix}crow").copy_(torch.from_numpy(m.indptr.astype(np.int64)))
+    getattr(module, f"{prefix}col").copy_(torch.from_numpy(m.indices.astype(np.int64)))
+    if values:
+        getattr(module, f"{prefix}val").copy_(torch.from_numpy(m.data.astype(np.float32)))
+
+
+def _csr_view(module: nn.Module, prefix: str, shape: tuple[int, int], values: bool = True) -> sp.csr_matrix:
+    """The scipy view of ``_csr_buffers``, rebuilt only when the buffers change (load_state_dict, .to)."""
+    bufs = [getattr(module, f"{prefix}{n}") for n in (("crow", "col", "val") if values else ("crow", "col"))]
+    key = tuple((t.data_ptr(), t._version) for t in bufs)
+    cache = module.__dict__.setdefault("_csr_views", {})
+    if prefix not in cache or cache[prefix][0] != key:
+        col = bufs[1].cpu().numpy()
+        data = bufs[2].cpu().numpy() if values else np.ones(len(col), np.float32)
+        cache[prefix] = (key, sp.csr_matrix((data, col, bufs[0].cpu().numpy()), shape=shape))
+    return cache[prefix][1]
+
+
+def _bag_to_csr(
+    input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, cols: int
+) -> sp.csr_matrix:
+    """An EmbeddingBag-style sparse batch (ids, offsets, per-id weights) as a (B, cols) scipy CSR matrix."""
+    indptr = np.append(offsets.cpu().numpy(), input.numel())
+    return sp.csr_matrix(
+        (weights.detach().float().cpu().numpy(), input.cpu().numpy(), indptr), shape=(offsets.numel(), cols)
+    )
+
+
 class LexicalScorer(nn.Module):
     """Cosine of a document's sparse TF-IDF with each label centroid (and, for MHC, each group centroid),
     times a learned weight: the lexical signal that a low-rank neural score misses on short keyword-like
@@ -86,9 +123,7 @@ class LexicalScorer(nn.Module):
         super().__init__()
         self.num_labels = num_labels
         self.shape = (num_features, num_labels + num_groups)
-        self.register_buffer("crow", torch.zeros(num_features + 1, dtype=torch.int64))
-        self.register_buffer("col", torch.zeros(nnz, dtype=torch.int64))
-        self.register_buffer("val", torch.zeros(nnz, dtype=torch.float32))
+        _csr_buffers(self, "", num_features, nnz)
         self.weight = nn.Parameter(torch.tensor(float(weight)))
         self.group_weight = nn.Parameter(torch.tensor(float(weight))) if num_groups else None
 
@@ -99,41 +134,18 @@ class LexicalScorer(nn.Module):
             raise ValueError(
                 f"centroids {ct.shape} nnz {ct.nnz} do not fit {self.shape} nnz {self.col.numel()}"
             )
-        self.crow.copy_(torch.from_numpy(ct.indptr.astype(np.int64)))
-        self.col.copy_(torch.from_numpy(ct.indices.astype(np.int64)))
-        self.val.copy_(torch.from_numpy(ct.data.astype(np.float32)))
-
-    def _centroids_t(self) -> sp.csr_matrix:
-        """The (F, N [+ G]) scipy view of the buffers, rebuilt when they change (load_state_dict, .to)."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.crow, self.col, self.val))
-        if getattr(self, "_cache_key", None) != key:
-            self._cache = sp.csr_matrix(
-                (self.val.cpu().numpy(), self.col.cpu().numpy(), self.crow.cpu().numpy()), shape=self.shape
-            )
-            self._cache_key = key
-        return self._cache
+        _set_csr_buffers(self, "", ct)
 
     def forward(
         self, input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weighted cosines (B, N) with the labels and (B, G) with the groups (None without groups)."""
-        b = offsets.numel()
-        indptr = np.append(offsets.cpu().numpy(), input.numel())
-        x = sp.csr_matrix(
-            (weights.detach().float().cpu().numpy(), input.cpu().numpy(), indptr), shape=(b, self.shape[0])
-        )
+        x = _bag_to_csr(input, offsets, weights, self.shape[0])
         # scipy's sparse product: torch's CSR @ CSR on CPU leaked ~20 MB per call (torch 2.14) and is slower
-        cos = torch.from_numpy((x @ self._centroids_t()).toarray()).to(weights.device)
+        cos = torch.from_numpy((x @ _csr_view(self, "", self.shape)).toarray()).to(weights.device)
         n = self.num_labels
         groups = self.group_weight * cos[:, n:] if self.group_weight is not None else None
         return self.weight * cos[:, :n], groups
-
-
-def _csr_buffers(module: nn.Module, prefix: str, rows: int, nnz: int, values: bool = True) -> None:
-    module.register_buffer(f"{prefix}_crow", torch.zeros(rows + 1, dtype=torch.int64))
-    module.register_buffer(f"{prefix}_col", torch.zeros(nnz, dtype=torch.int64))
-    if values:
-        module.register_buffer(f"{prefix}_val", torch.zeros(nnz, dtype=torch.float32))
 
 
 class NeighbourScorer(nn.Module):
@@ -165,8 +177,8 @@ class NeighbourScorer(nn.Module):
             raise ValueError(f"neighbours k must be >= 1, got {k}")
         self.k, self.power = int(k), float(power)
         self.docs_shape, self.labels_shape = (num_features, num_docs), (num_docs, num_labels)
-        _csr_buffers(self, "docs", num_features, nnz_docs)
-        _csr_buffers(self, "labels", num_docs, nnz_labels, values=False)
+        _csr_buffers(self, "docs_", num_features, nnz_docs)
+        _csr_buffers(self, "labels_", num_docs, nnz_labels, values=False)
         self.register_buffer("weight", torch.tensor(float(weight)))
         self._cache: OrderedDict[bytes, sp.csr_matrix] = OrderedDict()
 
@@ -185,32 +197,15 @@ class NeighbourScorer(nn.Module):
             )
         if docs_t.nnz != self.docs_col.numel() or lab.nnz != self.labels_col.numel():
             raise ValueError("neighbour data nnz does not match the buffers")
-        self.docs_crow.copy_(torch.from_numpy(docs_t.indptr.astype(np.int64)))
-        self.docs_col.copy_(torch.from_numpy(docs_t.indices.astype(np.int64)))
-        self.docs_val.copy_(torch.from_numpy(docs_t.data.astype(np.float32)))
-        self.labels_crow.copy_(torch.from_numpy(lab.indptr.astype(np.int64)))
-        self.labels_col.copy_(torch.from_numpy(lab.indices.astype(np.int64)))
+        _set_csr_buffers(self, "docs_", docs_t)
+        _set_csr_buffers(self, "labels_", lab, values=False)
         self._cache.clear()
 
-    def _matrices(self) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-        bufs = (self.docs_crow, self.docs_col, self.docs_val, self.labels_crow, self.labels_col)
-        key = tuple((t.data_ptr(), t._version) for t in bufs)
-        if getattr(self, "_mat_key", None) != key:
-            docs = sp.csr_matrix(
-                (self.docs_val.cpu().numpy(), self.docs_col.cpu().numpy(), self.docs_crow.cpu().numpy()),
-                shape=self.docs_shape,
-            )
-            col = self.labels_col.cpu().numpy()
-            labels = sp.csr_matrix(
-                (np.ones(len(col), np.float32), col, self.labels_crow.cpu().numpy()), shape=self.labels_shape
-            )
-            self._mats, self._mat_key = (docs, labels), key
-            self._cache.clear()
-        return self._mats
-
     def votes(self, x: sp.csr_matrix) -> sp.csr_matrix:
-        """(B, N) sparse votes for the (B, F) sparse documents ``x``; each row sums to 1 (or is empty)."""
-        docs, labels = self._matrices()
+        """(B, N) sparse votes for the (B, F) sparse documents ``x``: the neighbour weights of each row sum to
+        1, so a label's vote is the weighted share of the neighbours that carry it."""
+        docs = _csr_view(self, "docs_", self.docs_shape)
+        labels = _csr_view(self, "labels_", self.labels_shape, values=False)
         sims = (x @ docs).tocsr()
         rows, cols, vals = [], [], []
         for i in range(sims.shape[0]):
@@ -234,18 +229,15 @@ class NeighbourScorer(nn.Module):
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Dense (B, N) ``weight * votes`` for an EmbeddingBag-style sparse batch."""
-        b = offsets.numel()
-        key = hashlib.blake2b(
-            b"".join(t.detach().cpu().numpy().tobytes() for t in (input, offsets, weights)), digest_size=16
+        data = (self.docs_crow, self.docs_col, self.docs_val, self.labels_crow, self.labels_col)
+        key = hashlib.blake2b(  # the batch, and the version of the neighbour data (load_state_dict, .to)
+            repr([(t.data_ptr(), t._version) for t in data]).encode()
+            + b"".join(t.detach().cpu().numpy().tobytes() for t in (input, offsets, weights)),
+            digest_size=16,
         ).digest()
         votes = self._cache.get(key)
         if votes is None:
-            indptr = np.append(offsets.cpu().numpy(), input.numel())
-            x = sp.csr_matrix(
-                (weights.detach().float().cpu().numpy(), input.cpu().numpy(), indptr),
-                shape=(b, self.docs_shape[0]),
-            )
-            votes = self.votes(x)
+            votes = self.votes(_bag_to_csr(input, offsets, weights, self.docs_shape[0]))
             self._cache[key] = votes
             if len(self._cache) > self.CACHE_BATCHES:
                 self._cache.popitem(last=False)

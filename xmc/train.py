@@ -289,27 +289,22 @@ def train(cfg: TrainConfig) -> dict:
     prop = M.jain_propensity(ds.splits["train"].labels, A=cfg.propensity_a, B=cfg.propensity_b)
 
     mcfg = cfg.model_cfg()
-    model = XMCModel(mcfg, ds.num_labels, feats.num_features)
-    # the lexical centroids depend on the head's grouping, the neighbour data on the training set: the model
-    # is rebuilt (same seed) with their buffer sizes
-    centroids = None
-    if cfg.use_lexical():
-        centroids = model.lexical_centroids(feats.features["train"], ds.splits["train"].labels)
-        mcfg["lexical_nnz"] = int(centroids.nnz)
-    if cfg.num_neighbours():
-        x_tr, y_tr = feats.features["train"], ds.splits["train"].labels
+    x_tr, y_tr = feats.features.get("train"), ds.splits["train"].labels  # no TF-IDF with an HF encoder
+    if cfg.num_neighbours():  # buffer sizes of the neighbour data, known before the model is built
         mcfg["neighbour_nnz"] = {
             "docs": int(x_tr.shape[0]),
             "docs_nnz": int(x_tr.nnz),
             "labels_nnz": int(y_tr.nnz),
         }
-    if centroids is not None or cfg.num_neighbours():
+    model = XMCModel(mcfg, ds.num_labels, feats.num_features)
+    if cfg.use_lexical():  # centroids depend on the head's grouping; the model is rebuilt with their size
+        centroids = model.lexical_centroids(x_tr, y_tr)
+        mcfg["lexical_nnz"] = int(centroids.nnz)
         seed_everything(cfg.seed)
         model = XMCModel(mcfg, ds.num_labels, feats.num_features)
-    if centroids is not None:
         model.lexical.set_centroids(centroids)
-    if cfg.num_neighbours():
-        model.neighbours.set_data(feats.features["train"], ds.splits["train"].labels)
+    if model.neighbours is not None:
+        model.neighbours.set_data(x_tr, y_tr)
     model.to(device)
     prepare_output_dir(
         out, resume=cfg.resume, overwrite=cfg.overwrite, run_files=RUN_FILES, main_process=rank == 0
