@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,29 +93,40 @@ def run(cmd: list[str], log: Path) -> str:
 
 
 def preprocess(data_dir: Path, vocab: int, work: Path, langs: tuple[str, str]) -> Path:
+    """Binarise DATA/bpe{V} once into WORK/bin{V} and return it.
+
+    Safe for parallel ``--methods`` processes sharing a work dir: a file lock lets one process binarise while
+    the others wait, and fairseq writes into a temporary dir that is renamed into place only when complete,
+    so nobody ever reads (or keeps) a half-written dataset.
+    """
+    from filelock import FileLock
+
     bpe, dest = data_dir / f"bpe{vocab}", work / f"bin{vocab}"
-    if (dest / f"dict.{langs[1]}.txt").exists() and (
-        dest / f"test.{langs[0]}-{langs[1]}.{langs[1]}.bin"
-    ).exists():
-        return dest
     if not (bpe / f"train.{langs[0]}").exists():
         raise FileNotFoundError(
             f"{bpe}/train.{langs[0]} missing: build it with python -m fairseq_ext.datasets ddtp"
         )
-    cmd = [
-        sys.executable,
-        "-m",
-        "fairseq_cli.preprocess",
-        "--source-lang",
-        langs[0],
-        "--target-lang",
-        langs[1],
-    ]
-    for split in ("train", "valid", "test"):
-        cmd += [f"--{split}pref", str(bpe / split)]
-    cmd += ["--destdir", str(dest), "--joined-dictionary", "--workers", "2"]
     work.mkdir(parents=True, exist_ok=True)
-    run(cmd, work / "preprocess.log")
+    with FileLock(str(work / f"bin{vocab}.lock")):
+        if dest.is_dir():
+            return dest
+        tmp = work / f"bin{vocab}.partial"
+        if tmp.exists():  # left by an interrupted run: never resumed, rebuilt from scratch
+            shutil.rmtree(tmp)
+        cmd = [
+            sys.executable,
+            "-m",
+            "fairseq_cli.preprocess",
+            "--source-lang",
+            langs[0],
+            "--target-lang",
+            langs[1],
+        ]
+        for split in ("train", "valid", "test"):
+            cmd += [f"--{split}pref", str(bpe / split)]
+        cmd += ["--destdir", str(tmp), "--joined-dictionary", "--workers", "2"]
+        run(cmd, work / "preprocess.log")
+        os.replace(tmp, dest)
     return dest
 
 

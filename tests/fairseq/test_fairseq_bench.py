@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,8 +27,9 @@ def _params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def test_bench_tiny_end_to_end_and_resume(tmp_path):
-    data = tmp_path / "data"
+def _tiny_bpe_data(root: Path, vocab: int = 300) -> Path:
+    """DATA dir as ``python -m fairseq_ext.datasets ddtp`` leaves it, from the first lines of the sample."""
+    data = root / "data"
     raw = data / "raw"
     raw.mkdir(parents=True)
     keep = {"train": 300, "valid": 20, "test": 20}
@@ -35,10 +38,44 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
         with gzip.open(f, "rt", encoding="utf-8") as src:
             (raw / f.name[:-3]).write_text("".join(src.readlines()[: keep[split]]), "utf-8")
     train = [x for lang in ("en", "de") for x in (raw / f"train.{lang}").read_text().splitlines()]
-    for v in (300,):
-        model = corpus.train_sentencepiece(train, data / f"spm{v}", v)
-        for split in corpus.SPLITS:
-            corpus.encode_split(model, raw, data / f"bpe{v}", split, ("en", "de"))
+    model = corpus.train_sentencepiece(train, data / f"spm{vocab}", vocab)
+    for split in corpus.SPLITS:
+        corpus.encode_split(model, raw, data / f"bpe{vocab}", split, ("en", "de"))
+    return data
+
+
+def test_parallel_processes_binarise_once_and_never_see_a_partial_dataset(tmp_path):
+    """Two ``--methods`` processes share a work dir: one binarises under the lock, the other waits; a dir
+    left half-written by an interrupted run is rebuilt, never used."""
+    data = _tiny_bpe_data(tmp_path)
+    work = tmp_path / "work"
+    (work / "bin300.partial").mkdir(parents=True)
+    (work / "bin300.partial" / "dict.de.txt").write_text("stale 1\n")
+    code = (
+        "import sys; from pathlib import Path; from fairseq_ext import bench; "
+        f"print(bench.preprocess(Path({str(data)!r}), 300, Path({str(work)!r}), ('en', 'de')))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert {o[0].strip().splitlines()[-1] for o in outs} == {str(work / "bin300")}
+    assert not (work / "bin300.partial").exists()
+    log = (work / "preprocess.log").read_text()
+    assert log.count("Wrote preprocessed data") == 1  # binarised exactly once
+    dict_lines = (work / "bin300" / "dict.de.txt").read_text().splitlines()
+    assert len(dict_lines) > 100 and "stale 1" not in dict_lines
+    for split in ("train", "valid", "test"):
+        for lang in ("en", "de"):
+            assert (work / "bin300" / f"{split}.en-de.{lang}.idx").stat().st_size > 0
+
+
+def test_bench_tiny_end_to_end_and_resume(tmp_path):
+    data = _tiny_bpe_data(tmp_path)
     out = tmp_path / "results"
     argv = ["--data-dir", str(data), "--out-dir", str(out), "--vocabs", "300", "--dim", "16"]
     argv += [
