@@ -160,6 +160,30 @@ def method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str
     return METHODS[method] + (extra if method == "adaptive" else [])
 
 
+def train_words_and_wall(train_inner: list[dict], train: list[dict]) -> tuple[float, float]:
+    """Target words trained and training wall seconds, summed over fairseq's logged windows.
+
+    Each ``train_inner`` line covers the updates since the previous one (at most ``--log-interval``); a
+    run that was killed and resumed from ``checkpoint_last.pt`` restarts below the last logged update, and
+    that window counts only its own updates (never a negative or a double span). Without inner lines (a
+    run shorter than one interval) the epoch lines are used.
+    """
+    inner = train_inner or train
+    prev = max(0, int(inner[0]["num_updates"]) - LOG_INTERVAL) if train_inner and inner else 0
+    words = wall = 0.0
+    for r in inner:
+        n = int(r["num_updates"]) - prev
+        if n <= 0:  # resumed from an earlier checkpoint: this window started at most one interval ago
+            n = min(LOG_INTERVAL, int(r["num_updates"]))
+        window = r["wpb"] * n
+        words, wall, prev = (
+            words + window,
+            wall + (window / r["wps"] if r["wps"] else 0.0),
+            int(r["num_updates"]),
+        )
+    return words, wall
+
+
 def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_size: int) -> dict:
     save = work / method
     save.mkdir(parents=True, exist_ok=True)
@@ -201,13 +225,7 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_s
         atomic_write_text(f"{a.max_update}\n", done)
     stats = parse_log(log.read_text(encoding="utf-8"))
     inner = stats["train_inner"] or stats["train"]
-    # words/s over the run: target words of each logged window (wpb * updates) / summed training wall time;
-    # a resumed run's first window starts one --log-interval before its first logged update
-    prev = max(0, int(inner[0]["num_updates"]) - LOG_INTERVAL) if stats["train_inner"] else 0
-    words, wall = 0.0, 0.0
-    for r in inner:
-        window = r["wpb"] * (r["num_updates"] - prev)
-        words, wall, prev = words + window, wall + (window / r["wps"] if r["wps"] else 0.0), r["num_updates"]
+    words, wall = train_words_and_wall(stats["train_inner"], stats["train"])
     return {
         "train_wps": round(words / wall, 1) if wall else None,
         "train_wall_s": round(wall, 1),

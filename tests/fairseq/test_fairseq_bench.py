@@ -191,3 +191,16 @@ def test_stored_run_reused_only_with_the_same_settings(tmp_path, capsys):
     assert bench.load_stored(path, {**key, "max_update": 4000}) is None  # another budget: retrain, and say so
     assert "max_update differ" in capsys.readouterr().out
     assert bench.load_stored(tmp_path / "absent.json", key) is None
+
+
+def test_train_speed_counts_a_resumed_window_once():
+    """A run killed after update 250 resumes from the checkpoint at 200: the window logged at 250 again covers
+    50 updates (not a negative span), and words/s is total words over total time."""
+    line = lambda n, wps: {"num_updates": n, "wpb": 100.0, "wps": wps}  # noqa: E731
+    inner = [line(50, 1000.0), line(100, 1000.0), line(150, 1000.0), line(200, 1000.0), line(250, 1000.0)]
+    inner += [line(250, 500.0), line(300, 500.0)]  # resumed at 200
+    words, wall = bench.train_words_and_wall(inner, [])
+    assert words == 100.0 * 50 * 7
+    assert wall == pytest.approx(100.0 * 50 * (5 / 1000.0 + 2 / 500.0))
+    # no inner lines (shorter than one interval): the epoch lines count from update 0
+    assert bench.train_words_and_wall([], [line(30, 300.0)]) == (3000.0, 10.0)
