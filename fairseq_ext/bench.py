@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -628,9 +629,16 @@ def data_fingerprint(data_dir: Path, vocab: int, langs: tuple[str, str]) -> dict
     return out
 
 
-def run_vocab(vocab: int, chosen: list[str], work: Path, refs: list[str], a: argparse.Namespace) -> dict:
-    """Train + decode the chosen methods at one BPE size (each resumable), then collect the numbers of every
-    method found finished (here or in the committed store)."""
+def run_vocab(
+    vocab: int,
+    chosen: list[str],
+    work: Path,
+    refs: list[str],
+    a: argparse.Namespace,
+    on_stored: Callable[[], object] = lambda: None,
+) -> dict:
+    """Train + decode the chosen methods at one BPE size (each resumable; ``on_stored`` runs after each one
+    is stored), then collect the numbers of every method found finished (here or in the committed store)."""
     langs = tuple(a.langs.split("-"))
     vwork = work / f"v{vocab}"
     data = data_fingerprint(a.data_dir, vocab, langs)  # type: ignore[arg-type]
@@ -648,6 +656,7 @@ def run_vocab(vocab: int, chosen: list[str], work: Path, refs: list[str], a: arg
             saved = {"key": run_key(vocab, method, a, data), "vocab_size": size, "result": r}
             atomic_write_json(saved, path)
             print(vocab, method, {k: v for k, v in r.items() if k != "valid_curve"}, flush=True)
+            on_stored()
         if saved is not None:
             methods[method] = saved["result"]
             info["vocab_size"] = saved["vocab_size"]
@@ -716,9 +725,21 @@ def main(argv: list[str] | None = None) -> dict:
     if not refs_path.is_file():
         p.error(f"{refs_path} missing: build DATA with python -m fairseq_ext.datasets ddtp (or sample)")
     refs = refs_path.read_text(encoding="utf-8").splitlines()
-    by_vocab: dict[str, dict] = {}
-    for v in vocabs:
-        by_vocab[str(v)] = run_vocab(v, chosen, work, refs, a)
+
+    def report() -> dict:
+        return collect_and_report([run_vocab(v, [], work, refs, a) for v in vocabs], vocabs, work, refs, a)
+
+    for v in vocabs:  # the report is rewritten after every stored run, so a long benchmark shows progress
+        run_vocab(v, chosen, work, refs, a, on_stored=report)
+    return report()
+
+
+def collect_and_report(
+    results: list[dict], vocabs: list[int], work: Path, refs: list[str], a: argparse.Namespace
+) -> dict:
+    """Assemble the report from every stored run (``results`` in ``vocabs`` order); write it when any run
+    is in (PARTIAL until all are, scaling timed only then)."""
+    by_vocab = {str(v): res for v, res in zip(vocabs, results)}
     partial = any(res["missing"] for res in by_vocab.values())
     stats_path = a.data_dir / "stats.json"
     first = str(vocabs[0])
