@@ -185,8 +185,17 @@ def train_words_and_wall(train_inner: list[dict], train: list[dict]) -> tuple[fl
     return words, wall
 
 
+def run_dir(work: Path, method: str, a: argparse.Namespace) -> Path:
+    """Where one method trains and decodes. inverse_sqrt does not depend on ``--max-update``, so a larger
+    budget continues the same run; the cosine schedule anneals to zero at ``--max-update``, so each budget
+    is its own run (a killed run still resumes: same dir)."""
+    if a.lr_scheduler == "inverse_sqrt":
+        return work / method
+    return work / f"{method}.{a.lr_scheduler}{a.max_update}"
+
+
 def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_size: int) -> dict:
-    save = work / method
+    save = run_dir(work, method, a)
     save.mkdir(parents=True, exist_ok=True)
     log = save / "train.log"
     cmd = [
@@ -208,7 +217,7 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_s
         "--adam-betas",
         "(0.9, 0.98)",
     ]
-    cmd += ["--lr", str(a.lr), "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(a.warmup)]
+    cmd += ["--lr", str(a.lr), "--lr-scheduler", a.lr_scheduler, "--warmup-updates", str(a.warmup)]
     cmd += ["--clip-norm", "1.0", "--max-tokens", str(a.max_tokens), "--max-update", str(a.max_update)]
     cmd += ["--seed", "1", "--cpu", "--num-workers", "0", "--save-dir", str(save), "--no-epoch-checkpoints"]
     cmd += ["--validate-interval-updates", str(a.valid_every), "--save-interval-updates", str(a.valid_every)]
@@ -253,14 +262,14 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_s
 def generate(method: str, bin_dir: Path, work: Path, refs: list[str], a: argparse.Namespace) -> dict:
     import sacrebleu
 
-    ckpt = work / method / "checkpoint_last.pt"
+    ckpt = run_dir(work, method, a) / "checkpoint_last.pt"
     cmd = [sys.executable, "-m", "fairseq_cli.generate", str(bin_dir), "--user-dir", USER_DIR]
     cmd += ["--task", "translation", "--path", str(ckpt), "--gen-subset", "test", "--beam", str(a.beam)]
     cmd += ["--batch-size", str(a.gen_batch), "--required-batch-size-multiple", "1", "--cpu"]
     cmd += ["--remove-bpe", "sentencepiece", "--num-workers", "0", "--max-len-a", "1.2", "--max-len-b", "10"]
-    out_path = work / method / "generate.txt"
+    out_path = run_dir(work, method, a) / "generate.txt"
     if not out_path.exists() or out_path.stat().st_mtime < ckpt.stat().st_mtime:  # stale after more training
-        out = run(cmd, work / method / "generate.log")
+        out = run(cmd, run_dir(work, method, a) / "generate.log")
         atomic_write_text(out, out_path)
     out = out_path.read_text(encoding="utf-8")
     hyps = {int(m.group(1)): m.group(2) for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", out, re.M)}
@@ -474,7 +483,7 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
         "",
         f"Data: {result['dataset']}. Model: transformer, {c['layers']}+{c['layers']} layers, d={c['dim']}, "
         f"FFN {4 * c['dim']}, {c['heads']} attention heads, untied output layers, dropout 0.1; "
-        f"{c['max_update']} updates x {c['max_tokens']} tokens, adam (0.9, 0.98) lr {c['lr']}, inverse_sqrt "
+        f"{c['max_update']} updates x {c['max_tokens']} tokens, adam (0.9, 0.98) lr {c['lr']}, {c.get('lr_scheduler', 'inverse_sqrt')} "
         f"with {c['warmup']} warm-up updates, clip-norm 1.0, label smoothing 0.1 (not for adaptive_loss, "
         f"which has none); CPU, {c['threads']} thread(s) per run. MHP/MHC: 2 heads (balanced sizes). "
         f"Test: all {result['test_sentences']} sentences, beam {c['beam']}, "
@@ -580,6 +589,7 @@ def plot(result: dict, path: Path) -> None:
 
 RUN_KEYS = (
     "langs",
+    "lr_scheduler",
     "dim",
     "layers",
     "heads",
@@ -688,6 +698,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument(
+        "--lr-scheduler",
+        choices=("cosine", "inverse_sqrt"),
+        default="cosine",
+        help="cosine anneals to 0 at --max-update, so a fixed budget ends converged for that budget; "
+        "inverse_sqrt never anneals: CE's validation nll keeps falling at any budget a CPU affords",
+    )
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--max-update", type=int, default=1000)
     p.add_argument("--valid-every", type=int, default=200)
@@ -713,6 +730,8 @@ def main(argv: list[str] | None = None) -> dict:
     langs = tuple(a.langs.split("-"))
     if len(langs) != 2 or not all(langs):
         p.error(f"--langs must look like en-de, got {a.langs!r}")
+    if a.lr_scheduler == "cosine" and a.warmup >= a.max_update:
+        p.error(f"--lr-scheduler cosine needs --warmup ({a.warmup}) < --max-update ({a.max_update})")
     chosen = [m for m in a.methods.split(",") if m]
     if not chosen or set(chosen) - set(METHODS):
         p.error(f"--methods must be a comma list from {list(METHODS)}, got {a.methods!r}")

@@ -85,6 +85,8 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
         "2",
         "--max-update",
         "4",
+        "--warmup",
+        "1",
         "--valid-every",
         "2",
         "--max-tokens",
@@ -108,7 +110,10 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     shutil.rmtree(data / "bench")
     res = bench.main(argv)
     assert res["by_vocab"]["300"]["methods"]["ce"] == part["by_vocab"]["300"]["methods"]["ce"]
-    assert not res["partial"] and not (data / "bench" / "v300" / "ce").exists()
+    assert not res["partial"] and not list((data / "bench" / "v300").glob("ce*"))
+    # the default schedule anneals to zero at --max-update (fairseq's cosine with period max_update - warmup)
+    log = (data / "bench" / "v300" / "mhc.cosine4" / "train.log").read_text()
+    assert "'lr_scheduler': {'_name': 'cosine', 'warmup_updates': 1," in log
 
     saved = json.loads((out / "nmt_ende.json").read_text())
     assert saved["by_vocab"].keys() == {"300"} and saved["methods"].keys() == set(bench.METHODS)
@@ -148,6 +153,21 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     again = bench.main(argv)
     assert time.perf_counter() - t0 < 30
     assert again["by_vocab"] == res["by_vocab"] and again["scaling"] == res["scaling"]
+
+
+def test_run_dir_per_schedule_and_budget(tmp_path):
+    """inverse_sqrt ignores --max-update, so a larger budget continues the same run; cosine anneals at
+    --max-update, so each budget trains in its own dir (and never continues another budget's checkpoint)."""
+    import argparse
+
+    ns = lambda sched, n: argparse.Namespace(lr_scheduler=sched, max_update=n)  # noqa: E731
+    assert bench.run_dir(tmp_path, "ce", ns("inverse_sqrt", 8000)) == tmp_path / "ce"
+    assert bench.run_dir(tmp_path, "ce", ns("inverse_sqrt", 16000)) == tmp_path / "ce"
+    cos = {bench.run_dir(tmp_path, "ce", ns("cosine", n)) for n in (8000, 16000)}
+    assert len(cos) == 2 and tmp_path / "ce" not in cos
+    assert "lr_scheduler" in bench.RUN_KEYS
+    with pytest.raises(SystemExit):  # cosine would never leave warm-up: refused before anything runs
+        bench.main(["--data-dir", str(tmp_path), "--max-update", "200", "--warmup", "200"])
 
 
 def test_convergence_check():
