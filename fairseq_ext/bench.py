@@ -262,14 +262,15 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_s
 def generate(method: str, bin_dir: Path, work: Path, refs: list[str], a: argparse.Namespace) -> dict:
     import sacrebleu
 
-    ckpt = run_dir(work, method, a) / "checkpoint_last.pt"
+    rdir = run_dir(work, method, a)
+    ckpt = rdir / "checkpoint_last.pt"
     cmd = [sys.executable, "-m", "fairseq_cli.generate", str(bin_dir), "--user-dir", USER_DIR]
     cmd += ["--task", "translation", "--path", str(ckpt), "--gen-subset", "test", "--beam", str(a.beam)]
     cmd += ["--batch-size", str(a.gen_batch), "--required-batch-size-multiple", "1", "--cpu"]
     cmd += ["--remove-bpe", "sentencepiece", "--num-workers", "0", "--max-len-a", "1.2", "--max-len-b", "10"]
-    out_path = run_dir(work, method, a) / "generate.txt"
+    out_path = rdir / "generate.txt"
     if not out_path.exists() or out_path.stat().st_mtime < ckpt.stat().st_mtime:  # stale after more training
-        out = run(cmd, run_dir(work, method, a) / "generate.log")
+        out = run(cmd, rdir / "generate.log")
         atomic_write_text(out, out_path)
     out = out_path.read_text(encoding="utf-8")
     hyps = {int(m.group(1)): m.group(2) for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", out, re.M)}
