@@ -157,8 +157,33 @@ def _done_updates(done: Path) -> int:
 
 
 def method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str]:
-    extra = ["--adaptive-softmax-cutoff", a.adaptive_cutoffs or adaptive_cutoffs(vocab_size)]
-    return METHODS[method] + (extra if method == "adaptive" else [])
+    if method == "adaptive":
+        return METHODS[method] + [
+            "--adaptive-softmax-cutoff",
+            a.adaptive_cutoffs or adaptive_cutoffs(vocab_size),
+        ]
+    if method == "mhc":
+        sizes = ["--mhe-head-sizes", a.mhc_head_sizes] if a.mhc_head_sizes else []
+        return METHODS[method] + ["--mhe-group-mlp-dim", str(a.mhc_group_mlp_dim), *sizes]
+    return METHODS[method]
+
+
+def method_settings(method: str, a: argparse.Namespace) -> dict:
+    """The bench options that shape only this method's output layer (part of its run key and dir)."""
+    if method == "mhc":
+        return {"mhc_group_mlp_dim": a.mhc_group_mlp_dim, "mhc_head_sizes": a.mhc_head_sizes}
+    return {}
+
+
+def method_tag(method: str, a: argparse.Namespace) -> str:
+    """``mhc`` with its non-default settings spelled out (``mhc.mlp512``), so that no run ever resumes
+    a checkpoint of a differently shaped output layer; every other method is its name."""
+    tag = method
+    if method == "mhc" and a.mhc_head_sizes:
+        tag += ".h" + a.mhc_head_sizes.replace(",", "x")
+    if method == "mhc" and a.mhc_group_mlp_dim:
+        tag += f".mlp{a.mhc_group_mlp_dim}"
+    return tag
 
 
 def train_words_and_wall(train_inner: list[dict], train: list[dict]) -> tuple[float, float]:
@@ -190,8 +215,8 @@ def run_dir(work: Path, method: str, a: argparse.Namespace) -> Path:
     budget continues the same run; the cosine schedule anneals to zero at ``--max-update``, so each budget
     is its own run (a killed run still resumes: same dir)."""
     if a.lr_scheduler == "inverse_sqrt":
-        return work / method
-    return work / f"{method}.{a.lr_scheduler}{a.max_update}"
+        return work / method_tag(method, a)
+    return work / f"{method_tag(method, a)}.{a.lr_scheduler}{a.max_update}"
 
 
 def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_size: int) -> dict:
@@ -608,7 +633,8 @@ RUN_KEYS = (
 
 def run_key(vocab: int, method: str, a: argparse.Namespace, data: dict) -> dict:
     """Everything that shapes one (vocabulary, method) run; a stored result is reused only on an exact match."""
-    return {"vocab": vocab, "method": method, "data": data, **{k: getattr(a, k) for k in RUN_KEYS}}
+    key = {"vocab": vocab, "method": method, "data": data, **{k: getattr(a, k) for k in RUN_KEYS}}
+    return {**key, **method_settings(method, a)}
 
 
 def stored_path(a: argparse.Namespace, vocab: int, method: str) -> Path:
@@ -712,6 +738,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--gen-batch", type=int, default=64)
     p.add_argument("--adaptive-cutoffs", default=None, help="default: |V|/4,3|V|/4")
+    p.add_argument(
+        "--mhc-group-mlp-dim",
+        type=int,
+        default=0,
+        help="MHC: width of the GELU MLP added to the group scores (--mhe-group-mlp-dim; 0 = linear)",
+    )
+    p.add_argument(
+        "--mhc-head-sizes", default=None, help="MHC: --mhe-head-sizes (default: balanced, 2 heads)"
+    )
     p.add_argument("--scaling-vocabs", default="8000,32000,256000")
     p.add_argument("--scaling-dim", type=int, default=512)
     p.add_argument("--scaling-tokens", type=int, default=512)

@@ -81,6 +81,7 @@ class TransformerMHEDecoder(TransformerDecoderBase):
         no_encoder_attn: bool = False,
         method: str = "mhp",
         hidden_dim: int | None = None,
+        group_mlp_dim: int = 0,
     ):
         if codec.num_labels != len(dictionary):
             raise ValueError(
@@ -92,8 +93,14 @@ class TransformerMHEDecoder(TransformerDecoderBase):
             raise ValueError(
                 f"--mhe-method mhc needs at least 2 heads, got head sizes {list(codec.head_sizes)}"
             )
+        if method != "mhc" and group_mlp_dim:
+            raise ValueError(
+                f"--mhe-group-mlp-dim ({group_mlp_dim}) is an MHC option (the cascade's group scores); "
+                f"--mhe-method {method} has no group level: drop the flag or use --mhe-method mhc"
+            )
         # read by build_output_projection, which the base __init__ calls
         self.codec, self.method, self.mhc_hidden_dim = codec, method, hidden_dim
+        self.group_mlp_dim = int(group_mlp_dim or 0)
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
         # never tie the (nonexistent) |V| x d projection to the input embedding, nor upgrade old keys to it
         self.share_input_output_embed = False
@@ -124,7 +131,7 @@ class TransformerMHEDecoder(TransformerDecoderBase):
                 f"cascade's token embeddings to the decoder input embeddings, which needs --mhe-hidden-dim "
                 f"({hidden}) == --decoder-embed-dim ({width}); drop --mhe-hidden-dim or the sharing flag"
             )
-        head = MHCHead(self.output_embed_dim, self.codec, hidden_dim=hidden)
+        head = MHCHead(self.output_embed_dim, self.codec, hidden_dim=hidden, group_mlp_dim=self.group_mlp_dim)
         nn.init.normal_(head.group.weight, mean=0.0, std=self.output_embed_dim**-0.5)
         nn.init.zeros_(head.group.bias)
         for emb in head.node_embed:
@@ -169,6 +176,14 @@ class TransformerMHEModel(TransformerModel):
             type=int,
             metavar="D",
             help="mhc only: width of the query and token embeddings (default --decoder-embed-dim, tieable)",
+        )
+        parser.add_argument(
+            "--mhe-group-mlp-dim",
+            type=int,
+            metavar="W",
+            help="mhc only: width of a GELU MLP added to the group scores (0 = linear group layer, the "
+            "paper's); a group's log-mass is a log-sum-exp of its tokens' scores, which a linear layer "
+            "only approximates (default 0)",
         )
         parser.add_argument(
             "--mhe-head-sizes",
@@ -221,6 +236,7 @@ class TransformerMHEModel(TransformerModel):
             no_encoder_attn=cfg.no_cross_attention,
             method=getattr(args, "mhe_method", None) or "mhp",
             hidden_dim=getattr(args, "mhe_hidden_dim", None),
+            group_mlp_dim=getattr(args, "mhe_group_mlp_dim", None) or 0,
         )
 
 
@@ -235,6 +251,7 @@ def _mhe_defaults(args) -> None:
     args.mhe_head_sizes = getattr(args, "mhe_head_sizes", None)
     args.mhe_method = getattr(args, "mhe_method", None) or "mhp"
     args.mhe_hidden_dim = getattr(args, "mhe_hidden_dim", None)
+    args.mhe_group_mlp_dim = getattr(args, "mhe_group_mlp_dim", None) or 0
 
 
 @register_model_architecture("transformer_mhe", "transformer_mhe")

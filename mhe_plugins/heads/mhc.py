@@ -4,6 +4,10 @@ siblings at every level (hierarchical softmax over contiguous id blocks, no clus
 
 Level 0: ``Linear(d, C_0)``. Level h >= 1: a query projection ``Linear(d, hidden)`` and one embedding per
 level-h node (prefix of h+1 digits); a child's logit = node embedding . query (+ node bias).
+``group_mlp_dim > 0`` adds a GELU MLP (zero-initialised output, so training starts from the linear head) to
+the scores of every group level, i.e. every level but the leaves. A group's exact log-mass is a
+log-sum-exp over its members' scores, which a linear map of the features can only approximate; measured
+on NMT, the linear root was the cascade's accuracy bottleneck (docs/fairseq.md).
 Training uses teacher forcing: each level's loss is the CE over the siblings of the ground-truth prefix,
 so per step only sum_h C_h scores are computed. Inference: beam search of width ``beam`` over prefixes.
 Nodes whose every completion is >= N are masked.
@@ -40,20 +44,42 @@ class TiedNodeEmbedding(nn.Module):
         return F.embedding(nodes.clamp(max=self.weight.shape[0] - 1), self.weight)
 
 
+def _residual_mlp(in_features: int, width: int, out_features: int) -> nn.Sequential:
+    """Linear-GELU-Linear whose output layer starts at zero (adds nothing until trained)."""
+    mlp = nn.Sequential(nn.Linear(in_features, width), nn.GELU(), nn.Linear(width, out_features))
+    nn.init.zeros_(mlp[2].weight)
+    nn.init.zeros_(mlp[2].bias)
+    return mlp
+
+
 class MHCOutput(NamedTuple):
     logits: list[torch.Tensor]  # per level (B, C_h): sibling logits under the ground-truth prefix
     targets: list[torch.Tensor]  # per level (B,): the ground-truth digit
 
 
 class MHCHead(MHEHead):
-    def __init__(self, in_features: int, codec: LabelCodec, hidden_dim: int = 256, beam: int = 8):
+    def __init__(
+        self,
+        in_features: int,
+        codec: LabelCodec,
+        hidden_dim: int = 256,
+        beam: int = 8,
+        group_mlp_dim: int = 0,
+    ):
         super().__init__(in_features, codec)
         if codec.num_heads < 2:
             raise ValueError(f"MHC needs at least 2 heads, got head sizes {list(codec.head_sizes)}")
         self.hidden_dim = as_int(hidden_dim, "hidden_dim", minimum=1)
         self.beam = as_int(beam, "beam", minimum=1)
+        self.group_mlp_dim = as_int(group_mlp_dim, "group_mlp_dim", minimum=0)
         self.group = nn.Linear(in_features, codec.head_sizes[0])
         self.queries = nn.ModuleList(nn.Linear(in_features, hidden_dim) for _ in codec.head_sizes[1:])
+        # group levels 0 .. H-2: an MLP added to the root logits (level 0) or to the query (levels >= 1)
+        self.group_mlps = nn.ModuleList(
+            _residual_mlp(in_features, self.group_mlp_dim, codec.head_sizes[0] if h == 0 else hidden_dim)
+            for h in range(codec.num_heads - 1)
+            if self.group_mlp_dim
+        )
         self.node_embed = nn.ModuleList()
         self.node_bias = nn.ModuleList()
         for h in range(1, codec.num_heads):
@@ -68,7 +94,17 @@ class MHCHead(MHEHead):
         self._limits = [codec.prefix_limit(h) for h in range(codec.num_heads)]
 
     def extra_repr(self) -> str:
-        return f"head_sizes={list(self.codec.head_sizes)}, num_labels={self.num_labels}, beam={self.beam}"
+        return (
+            f"head_sizes={list(self.codec.head_sizes)}, num_labels={self.num_labels}, beam={self.beam}, "
+            f"group_mlp_dim={self.group_mlp_dim}"
+        )
+
+    def query(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        """(B, hidden) query of ``level`` >= 1; its children's logits are node embedding . query + bias."""
+        q = self.queries[level - 1](x)
+        if self.group_mlps and level < self.codec.num_heads - 1:
+            q = q + self.group_mlps[level](x)
+        return q
 
     # ------------------------------------------------------------------ scoring
     def _children_logits(self, level: int, query: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
@@ -86,6 +122,8 @@ class MHCHead(MHEHead):
 
     def _root_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.group(x)
+        if self.group_mlps:
+            logits = logits + self.group_mlps[0](x)
         limit = self._limits[0]
         if limit < logits.shape[-1] - 1:
             logits = logits.masked_fill(
@@ -111,7 +149,7 @@ class MHCHead(MHEHead):
         logits, targets = [self._root_logits(flat)], [digits[:, 0]]
         prefix = digits[:, 0]
         for h in range(1, self.codec.num_heads):
-            q = self.queries[h - 1](flat)
+            q = self.query(h, flat)
             logits.append(self._children_logits(h, q, prefix[:, None]).squeeze(1))
             targets.append(digits[:, h])
             prefix = prefix * self.codec.head_sizes[h] + digits[:, h]
@@ -142,7 +180,7 @@ class MHCHead(MHEHead):
         lp = F.log_softmax(upcast(self._root_logits(flat)), -1)  # (B, C0)
         parents = torch.arange(self.codec.head_sizes[0], device=flat.device).expand(flat.shape[0], -1)
         for h in range(1, self.codec.num_heads):
-            q = self.queries[h - 1](flat)
+            q = self.query(h, flat)
             child = self._child_log_probs(h, q, parents)  # (B, P, C)
             lp = (lp.unsqueeze(-1) + child).flatten(1)
             parents = torch.arange(lp.shape[1], device=flat.device).expand(flat.shape[0], -1)
@@ -156,7 +194,7 @@ class MHCHead(MHEHead):
         lp = F.log_softmax(upcast(self._root_logits(x)), -1)
         scores, prefix = lp.topk(min(beam, lp.shape[1]), dim=1)
         for h in range(1, self.codec.num_heads):
-            q = self.queries[h - 1](x)
+            q = self.query(h, x)
             child = self._child_log_probs(h, q, prefix)  # (B, P, C)
             total = (scores.unsqueeze(-1) + child).flatten(1)
             size = self.codec.head_sizes[h]
@@ -204,7 +242,7 @@ class MHCHead(MHEHead):
         digits = self.codec.encode(target.reshape(-1))
         logits, prefix = [self._root_logits(flat)], digits[:, 0]
         for h in range(1, self.codec.num_heads):
-            logits.append(self._sibling_logits(h, self.queries[h - 1](flat), prefix))
+            logits.append(self._sibling_logits(h, self.query(h, flat), prefix))
             prefix = prefix * self.codec.head_sizes[h] + digits[:, h]
         return [F.log_softmax(upcast(z), -1) for z in logits]
 
@@ -304,7 +342,7 @@ class MHCHead(MHEHead):
         flat, lead = self._flat(x)
         lp = F.log_softmax(upcast(self._root_logits(flat)), -1)
         for h in range(1, self.codec.num_heads):
-            z = self._level_logits_all(h, self.queries[h - 1](flat))
+            z = self._level_logits_all(h, self.query(h, flat))
             child = F.log_softmax(upcast(z).view(flat.shape[0], lp.shape[1], -1), -1)
             lp = (lp.unsqueeze(-1) + child.nan_to_num(nan=float("-inf"))).flatten(1)
         return lp[:, : self.num_labels].reshape(*lead, self.num_labels)

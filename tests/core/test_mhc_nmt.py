@@ -26,9 +26,9 @@ def _brute(head: MHCHead, x: torch.Tensor) -> torch.Tensor:
             sibs = [prefix * size + c for c in range(size)]
             valid = [s for s in sibs if s <= codec.prefix_limit(h)]
             if h == 0:
-                z = head.group(x).double()[:, valid]
+                z = head._root_logits(x).double()[:, valid]
             else:
-                q = head.queries[h - 1](x).double()
+                q = head.query(h, x).double()
                 emb = head.node_embed[h - 1](torch.tensor(valid)).double()
                 z = q @ emb.t() + head.node_bias[h - 1](torch.tensor(valid)).double()[:, 0]
             total += F.log_softmax(z, -1)[:, valid.index(prefix * size + int(digits[h]))]
@@ -37,12 +37,16 @@ def _brute(head: MHCHead, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("group_mlp_dim", [0, 5])
 @pytest.mark.parametrize("sizes,n", [([5, 7], 33), ([3, 4, 3], 31), ([6, 6], 36)])
-def test_batched_and_target_log_probs_equal_brute_force(sizes, n):
+def test_batched_and_target_log_probs_equal_brute_force(sizes, n, group_mlp_dim):
     torch.manual_seed(0)
-    head = MHCHead(12, LabelCodec(sizes, n), hidden_dim=6)
+    head = MHCHead(12, LabelCodec(sizes, n), hidden_dim=6, group_mlp_dim=group_mlp_dim)
     for b in head.node_bias:
         nn.init.normal_(b.weight)
+    for mlp in head.group_mlps:  # trained (non-zero) group MLPs, so they change every group level's scores
+        nn.init.normal_(mlp[2].weight)
+    assert len(head.group_mlps) == (len(sizes) - 1 if group_mlp_dim else 0)
     x = torch.randn(9, 12)
     ref = _brute(head, x)
     with torch.no_grad():
@@ -210,3 +214,28 @@ def test_grouped_and_per_item_sibling_scoring_agree(tied, monkeypatch):
         torch.testing.assert_close(a, b)
     # and both equal the brute-force label log-probs
     torch.testing.assert_close(-grouped[1], _brute(head, x).gather(1, y[:, None])[:, 0])
+
+
+def test_group_mlp_starts_linear_trains_and_keeps_exact_topk():
+    """The group MLP adds nothing at init (same scores as the linear head), gets gradient from the
+    teacher-forced loss, and full-width beam search stays exact over the MLP-scored groups."""
+    torch.manual_seed(0)
+    codec = LabelCodec([4, 3, 5], 57)
+    linear = MHCHead(10, codec, hidden_dim=6)
+    with_mlp = MHCHead(10, codec, hidden_dim=6, group_mlp_dim=8)
+    with_mlp.load_state_dict(linear.state_dict(), strict=False)
+    x, y = torch.randn(16, 10), torch.randint(0, 57, (16,))
+    torch.testing.assert_close(with_mlp.log_prob_batched(x), linear.log_prob_batched(x))
+    loss, _ = with_mlp.smoothed_nll(x, y, 0.1)
+    loss.mean().backward()
+    assert all(m[2].weight.grad.abs().sum() > 0 for m in with_mlp.group_mlps)
+    for mlp in with_mlp.group_mlps:
+        nn.init.normal_(mlp[2].weight)
+    full = with_mlp.log_prob_batched(x)
+    values, ids = with_mlp.topk(x, 7, beam=57)
+    ref_values, ref_ids = full.topk(7, dim=-1)
+    torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ids, ref_ids)
+    assert "group_mlp_dim=8" in repr(with_mlp)
+    with pytest.raises(ValueError, match="group_mlp_dim"):
+        MHCHead(10, codec, group_mlp_dim=-1)

@@ -166,6 +166,21 @@ def test_run_dir_per_schedule_and_budget(tmp_path):
     cos = {bench.run_dir(tmp_path, "ce", ns("cosine", n)) for n in (8000, 16000)}
     assert len(cos) == 2 and tmp_path / "ce" not in cos
     assert "lr_scheduler" in bench.RUN_KEYS
+    # a differently shaped MHC layer never resumes another's checkpoint, and is part of only MHC's run key
+    mhc = lambda mlp, sizes: argparse.Namespace(  # noqa: E731
+        lr_scheduler="cosine", max_update=8000, mhc_group_mlp_dim=mlp, mhc_head_sizes=sizes
+    )
+    dirs = {bench.run_dir(tmp_path, "mhc", mhc(m, s)) for m in (0, 512) for s in (None, "20,400")}
+    assert len(dirs) == 4 and tmp_path / "mhc.h20x400.mlp512.cosine8000" in dirs
+    assert bench.run_dir(tmp_path, "ce", mhc(512, "20,400")) == tmp_path / "ce.cosine8000"
+    assert bench.method_args("mhc", 8000, mhc(512, "20,400"))[-4:] == [
+        "--mhe-group-mlp-dim",
+        "512",
+        "--mhe-head-sizes",
+        "20,400",
+    ]
+    assert bench.method_settings("mhc", mhc(512, None)) == {"mhc_group_mlp_dim": 512, "mhc_head_sizes": None}
+    assert bench.method_settings("ce", mhc(512, None)) == {}
     with pytest.raises(SystemExit):  # cosine would never leave warm-up: refused before anything runs
         bench.main(["--data-dir", str(tmp_path), "--max-update", "200", "--warmup", "200"])
 

@@ -164,6 +164,8 @@ def test_config_errors():
         _model(task, mhe_head_sizes="4,4")
     with pytest.raises(ValueError, match="disagrees"):
         _model(task, mhe_heads=3, mhe_head_sizes="7,6")
+    with pytest.raises(ValueError, match=r"--mhe-group-mlp-dim \(8\) is an MHC option"):
+        _model(task, mhe_group_mlp_dim=8)
     # --share-all-embeddings still shares input embeddings; the MHE layer stays untied
     shared = _model(task, share_all_embeddings=True, mhe_head_sizes="5,8")
     assert shared.encoder.embed_tokens is shared.decoder.embed_tokens
@@ -189,6 +191,8 @@ def _brute_cascade(model, features):
     n = codec.num_labels
     x = features.double()
     groups = head.group(features).double()
+    if head.group_mlps:  # --mhe-group-mlp-dim: an MLP adds to the group scores
+        groups = groups + head.group_mlps[0](features).double()
     groups[..., codec.prefix_limit(0) + 1 :] = float("-inf")
     lg = F.log_softmax(groups, -1)
     q = head.queries[0](features).double()
@@ -204,10 +208,14 @@ def _brute_cascade(model, features):
     return out
 
 
-def test_mhc_normalized_probs_match_brute_force_and_temperature():
+@pytest.mark.parametrize("group_mlp_dim", [0, 12])
+def test_mhc_normalized_probs_match_brute_force_and_temperature(group_mlp_dim):
     task = _task()
-    model = _mhc(task)
+    model = _mhc(task, mhe_group_mlp_dim=group_mlp_dim)
     assert model.decoder.method == "mhc" and model.decoder.codec.head_sizes == (5, 8)
+    assert len(model.decoder.output_projection.group_mlps) == (1 if group_mlp_dim else 0)
+    for mlp in model.decoder.output_projection.group_mlps:  # as if trained: it changes the group scores
+        torch.nn.init.normal_(mlp[2].weight)
     net_input = _sample(task.target_dictionary)["net_input"]
     feats, _ = model(**net_input, features_only=True)
     ref = _brute_cascade(model, feats)
