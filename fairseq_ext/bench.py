@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fairseq_ext import USER_DIR
+from fairseq_ext.model import MHC_GROUPS
 from mhe_plugins import LabelCodec, MHCHead, MHPHead
 from mhe_plugins.training import atomic_write_json, atomic_write_text
 
@@ -163,27 +164,30 @@ def method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str
             a.adaptive_cutoffs or adaptive_cutoffs(vocab_size),
         ]
     if method == "mhc":
-        sizes = ["--mhe-head-sizes", a.mhc_head_sizes] if a.mhc_head_sizes else []
-        return METHODS[method] + ["--mhe-group-mlp-dim", str(a.mhc_group_mlp_dim), *sizes]
+        shape = (
+            ["--mhe-head-sizes", a.mhc_head_sizes]
+            if a.mhc_head_sizes
+            else ["--mhe-groups", str(a.mhc_groups)]
+        )
+        return METHODS[method] + [*shape, "--mhe-group-mlp-dim", str(a.mhc_group_mlp_dim)]
     return METHODS[method]
 
 
 def method_settings(method: str, a: argparse.Namespace) -> dict:
     """The bench options that shape only this method's output layer (part of its run key and dir)."""
     if method == "mhc":
-        return {"mhc_group_mlp_dim": a.mhc_group_mlp_dim, "mhc_head_sizes": a.mhc_head_sizes}
+        return {k: getattr(a, k) for k in ("mhc_groups", "mhc_group_mlp_dim", "mhc_head_sizes")}
     return {}
 
 
 def method_tag(method: str, a: argparse.Namespace) -> str:
-    """``mhc`` with its non-default settings spelled out (``mhc.mlp512``), so that no run ever resumes
-    a checkpoint of a differently shaped output layer; every other method is its name."""
-    tag = method
-    if method == "mhc" and a.mhc_head_sizes:
-        tag += ".h" + a.mhc_head_sizes.replace(",", "x")
-    if method == "mhc" and a.mhc_group_mlp_dim:
-        tag += f".mlp{a.mhc_group_mlp_dim}"
-    return tag
+    """``mhc`` with its shape spelled out (``mhc.g16.mlp512``), so that no run ever resumes a checkpoint of
+    a differently shaped output layer; every other method is its name."""
+    if method != "mhc":
+        return method
+    tag = method + (".h" + a.mhc_head_sizes.replace(",", "x") if a.mhc_head_sizes else "")
+    tag += f".g{a.mhc_groups}" if a.mhc_groups and not a.mhc_head_sizes else ""
+    return tag + (f".mlp{a.mhc_group_mlp_dim}" if a.mhc_group_mlp_dim else "")
 
 
 def train_words_and_wall(train_inner: list[dict], train: list[dict]) -> tuple[float, float]:
@@ -739,14 +743,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gen-batch", type=int, default=64)
     p.add_argument("--adaptive-cutoffs", default=None, help="default: |V|/4,3|V|/4")
     p.add_argument(
-        "--mhc-group-mlp-dim",
+        "--mhc-groups",
         type=int,
-        default=0,
-        help="MHC: width of the GELU MLP added to the group scores (--mhe-group-mlp-dim; 0 = linear)",
+        default=MHC_GROUPS,
+        help="MHC: top-level groups, --mhe-groups (0 = balanced two levels)",
     )
     p.add_argument(
-        "--mhc-head-sizes", default=None, help="MHC: --mhe-head-sizes (default: balanced, 2 heads)"
+        "--mhc-group-mlp-dim",
+        type=int,
+        default=None,
+        help="MHC: --mhe-group-mlp-dim (default 4 x --dim, fairseq's default, the decoder FFN width; 0 = linear)",
     )
+    p.add_argument("--mhc-head-sizes", default=None, help="MHC: --mhe-head-sizes (overrides --mhc-groups)")
     p.add_argument("--scaling-vocabs", default="8000,32000,256000")
     p.add_argument("--scaling-dim", type=int, default=512)
     p.add_argument("--scaling-tokens", type=int, default=512)
@@ -761,6 +769,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads", type=int, default=1, help="intra-op threads per run (1 = robust on a busy CPU)"
     )
     a = p.parse_args(argv)
+    if a.mhc_group_mlp_dim is None:
+        a.mhc_group_mlp_dim = 4 * a.dim
     THREADS["n"] = a.threads
     torch.set_num_threads(a.threads)
     langs = tuple(a.langs.split("-"))

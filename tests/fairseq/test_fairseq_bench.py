@@ -18,6 +18,7 @@ from fairseq.modules import AdaptiveSoftmax  # noqa: E402
 
 from fairseq_ext import bench  # noqa: E402
 from fairseq_ext.datasets import corpus  # noqa: E402
+from fairseq_ext.model import MHC_GROUPS  # noqa: E402
 from mhe_plugins import LabelCodec, MHCHead  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "ddtp_sample"
@@ -112,7 +113,8 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     assert res["by_vocab"]["300"]["methods"]["ce"] == part["by_vocab"]["300"]["methods"]["ce"]
     assert not res["partial"] and not list((data / "bench" / "v300").glob("ce*"))
     # the default schedule anneals to zero at --max-update (fairseq's cosine with period max_update - warmup)
-    log = (data / "bench" / "v300" / "mhc.cosine4" / "train.log").read_text()
+    # MHC trains with the bench's defaults: MHC_GROUPS bins, a group MLP 4 x --dim wide (its own run dir)
+    log = (data / "bench" / "v300" / f"mhc.g{MHC_GROUPS}.mlp64.cosine4" / "train.log").read_text()
     assert "'lr_scheduler': {'_name': 'cosine', 'warmup_updates': 1," in log
 
     saved = json.loads((out / "nmt_ende.json").read_text())
@@ -124,7 +126,8 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
         m = res_v["methods"]
         assert m["ce"]["output_params"] == 16 * v  # Linear(d, |V|), no bias
         assert m["mhp"]["output_params"] == 16 * sum(codec.head_sizes)  # Linear(d, sum C_h)
-        assert m["mhc"]["output_params"] == _params(MHCHead(16, codec, hidden_dim=16))  # untied here
+        mhc = MHCHead(16, LabelCodec.for_groups(v, MHC_GROUPS), hidden_dim=16, group_mlp_dim=64)
+        assert m["mhc"]["output_params"] == _params(mhc)  # untied here
         cut = [int(c) for c in res_v["adaptive_cutoffs"].split(",")]
         assert cut == [v // 4, v * 3 // 4]
         assert m["adaptive"]["output_params"] == _params(AdaptiveSoftmax(v, 16, cut, dropout=0.0, factor=4.0))
@@ -167,19 +170,43 @@ def test_run_dir_per_schedule_and_budget(tmp_path):
     assert len(cos) == 2 and tmp_path / "ce" not in cos
     assert "lr_scheduler" in bench.RUN_KEYS
     # a differently shaped MHC layer never resumes another's checkpoint, and is part of only MHC's run key
-    mhc = lambda mlp, sizes: argparse.Namespace(  # noqa: E731
-        lr_scheduler="cosine", max_update=8000, mhc_group_mlp_dim=mlp, mhc_head_sizes=sizes
+    mhc = lambda mlp, sizes, groups=16: argparse.Namespace(  # noqa: E731
+        lr_scheduler="cosine", max_update=8000, mhc_group_mlp_dim=mlp, mhc_head_sizes=sizes, mhc_groups=groups
     )
-    dirs = {bench.run_dir(tmp_path, "mhc", mhc(m, s)) for m in (0, 512) for s in (None, "20,400")}
-    assert len(dirs) == 4 and tmp_path / "mhc.h20x400.mlp512.cosine8000" in dirs
+    dirs = {
+        bench.run_dir(tmp_path, "mhc", mhc(m, s, g))
+        for m in (0, 512)
+        for s in (None, "20,400")
+        for g in (0, 16)
+    }
+    assert len(dirs) == 6  # --mhc-head-sizes overrides --mhc-groups
+    assert (
+        tmp_path / "mhc.h20x400.mlp512.cosine8000" in dirs and tmp_path / "mhc.g16.mlp512.cosine8000" in dirs
+    )
+    assert (
+        bench.run_dir(
+            tmp_path, "mhc", argparse.Namespace(**{**vars(mhc(0, None, 0)), "lr_scheduler": "inverse_sqrt"})
+        )
+        == tmp_path / "mhc"
+    )
     assert bench.run_dir(tmp_path, "ce", mhc(512, "20,400")) == tmp_path / "ce.cosine8000"
     assert bench.method_args("mhc", 8000, mhc(512, "20,400"))[-4:] == [
-        "--mhe-group-mlp-dim",
-        "512",
         "--mhe-head-sizes",
         "20,400",
+        "--mhe-group-mlp-dim",
+        "512",
     ]
-    assert bench.method_settings("mhc", mhc(512, None)) == {"mhc_group_mlp_dim": 512, "mhc_head_sizes": None}
+    assert bench.method_args("mhc", 8000, mhc(512, None))[-4:] == [
+        "--mhe-groups",
+        "16",
+        "--mhe-group-mlp-dim",
+        "512",
+    ]
+    assert bench.method_settings("mhc", mhc(512, None)) == {
+        "mhc_groups": 16,
+        "mhc_group_mlp_dim": 512,
+        "mhc_head_sizes": None,
+    }
     assert bench.method_settings("ce", mhc(512, None)) == {}
     with pytest.raises(SystemExit):  # cosine would never leave warm-up: refused before anything runs
         bench.main(["--data-dir", str(tmp_path), "--max-update", "200", "--warmup", "200"])

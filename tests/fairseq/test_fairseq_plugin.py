@@ -20,6 +20,7 @@ from fairseq_ext import register  # noqa: E402
 register()
 from fairseq_ext.criterion import MHECrossEntropyCriterion  # noqa: E402
 from fairseq_ext.model import TransformerMHEModel  # noqa: E402
+from mhe_plugins import LabelCodec  # noqa: E402
 
 
 def _task(n_words: int = 33) -> TranslationTask:
@@ -403,3 +404,28 @@ def test_mhc_score_reference_and_iwslt_arch():
         assert m.decoder.method == method and args.mhe_heads == 2
         out = m.get_normalized_probs(m(**sample["net_input"]), log_probs=True)
         torch.testing.assert_close(out.exp().sum(-1), torch.ones(out.shape[:-1]), atol=1e-5, rtol=0)
+
+
+def test_mhc_default_shape_groups_and_old_checkpoint_error():
+    """MHC defaults to --mhe-groups frequency bins with a group MLP as wide as the decoder FFN; a state
+    dict of another shape (e.g. a balanced, linear MHC) is refused with the override that loads it."""
+    from fairseq_ext.model import MHC_GROUPS
+
+    task = _task()  # 37 target types
+    default = _mhc(task, mhe_head_sizes=None)
+    head = default.decoder.output_projection
+    assert head.codec.head_sizes == LabelCodec.for_groups(37, MHC_GROUPS).head_sizes
+    assert head.group_mlp_dim == 32 and len(head.group_mlps) == 1  # --decoder-ffn-embed-dim in _model
+    assert _mhc(task, mhe_head_sizes=None, mhe_groups=4).decoder.codec.head_sizes == (4, 10)
+    balanced = _mhc(task, mhe_head_sizes=None, mhe_groups=0, mhe_group_mlp_dim=0)
+    assert balanced.decoder.codec.head_sizes == LabelCodec.balanced(37, 2).head_sizes
+    assert balanced.decoder.output_projection.group_mlps is not None
+    assert len(balanced.decoder.output_projection.group_mlps) == 0
+    with pytest.raises(ValueError, match="--mhe-groups 0 for 3 balanced levels"):
+        _mhc(task, mhe_head_sizes=None, mhe_heads=3)
+    with pytest.raises(ValueError, match="--mhe-groups must be >= 0"):
+        _mhc(task, mhe_head_sizes=None, mhe_groups=-1)
+    with pytest.raises(ValueError, match="'mhe_groups': 0, 'mhe_group_mlp_dim': 0"):
+        default.load_state_dict(balanced.state_dict())
+    same = _mhc(task, mhe_head_sizes=None)
+    same.load_state_dict(default.state_dict())  # same shape loads
