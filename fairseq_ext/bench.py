@@ -173,6 +173,15 @@ def method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str
     return METHODS[method]
 
 
+def mhc_codec(vocab_size: int, groups: int, head_sizes: str | None = None) -> LabelCodec:
+    """The codec ``transformer_mhe --mhe-method mhc`` builds from the bench's MHC options."""
+    if head_sizes:
+        return LabelCodec([int(c) for c in head_sizes.split(",")], num_labels=vocab_size)
+    if groups:
+        return LabelCodec.for_groups(vocab_size, groups)
+    return LabelCodec.balanced(vocab_size, 2)
+
+
 def method_settings(method: str, a: argparse.Namespace) -> dict:
     """The bench options that shape only this method's output layer (part of its run key and dir)."""
     if method == "mhc":
@@ -350,14 +359,16 @@ def _time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def _scaling_one(v: int, dim: int, tokens: int, rows: int, reps: int) -> dict:
+def _scaling_one(v: int, dim: int, tokens: int, rows: int, reps: int, mhc_groups: int) -> dict:
+    """MHP balanced, MHC with the runs' shape: ``mhc_groups`` bins and a group MLP 4 x ``dim`` wide."""
     x = torch.randn(tokens, dim, requires_grad=True)
     y = torch.randint(0, v, (tokens,))
     xr = torch.randn(rows, dim)
     dense = torch.nn.Linear(dim, v, bias=False)
     codec = LabelCodec.balanced(v, 2)
     mhp = MHPHead(dim, codec, bias=False)
-    mhc = MHCHead(dim, codec, hidden_dim=dim)
+    mhc_sizes = mhc_codec(v, mhc_groups)
+    mhc = MHCHead(dim, mhc_sizes, hidden_dim=dim, group_mlp_dim=4 * dim)
 
     def dense_step():
         F.cross_entropy(dense(x), y, label_smoothing=0.1).backward()
@@ -382,6 +393,8 @@ def _scaling_one(v: int, dim: int, tokens: int, rows: int, reps: int) -> dict:
 
     r = {
         "head_sizes": list(codec.head_sizes),
+        "mhc_head_sizes": list(mhc_sizes.head_sizes),
+        "mhc_group_mlp_dim": 4 * dim,
         "ce_params": dense.weight.numel(),
         "mhp_params": sum(p.numel() for p in mhp.parameters()),
         "mhc_params": sum(p.numel() for p in mhc.parameters()),
@@ -399,11 +412,12 @@ def _scaling_one(v: int, dim: int, tokens: int, rows: int, reps: int) -> dict:
     return {k: (round(val, 3) if isinstance(val, float) else val) for k, val in r.items()}
 
 
-def scaling(vocabs: list[int], dim: int, tokens: int, rows: int, reps: int) -> dict:
+def scaling(vocabs: list[int], dim: int, tokens: int, rows: int, reps: int, mhc_groups: int) -> dict:
     """Output layers alone: params, train step (fwd+bwd of projection + loss), one beam step's log-probs."""
     torch.manual_seed(0)
     res = {
-        str(v): _scaling_one(v, dim, tokens, rows, reps) for v in tqdm(vocabs, desc="output-layer scaling")
+        str(v): _scaling_one(v, dim, tokens, rows, reps, mhc_groups)
+        for v in tqdm(vocabs, desc="output-layer scaling")
     }
     return {"dim": dim, "tokens": tokens, "beam_rows": rows, "reps": reps, "by_vocab": res}
 
@@ -416,13 +430,20 @@ def cached_scaling(path: Path, a: argparse.Namespace) -> dict:
         "tokens": a.scaling_tokens,
         "reps": a.scaling_reps,
         "methods": ["ce", "mhp", "mhc"],
+        "mhc_groups": a.mhc_groups,
+        "mhc_group_mlp_dim": 4 * a.scaling_dim,
     }
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("key") == key:
             return old["result"]
     res = scaling(
-        [int(v) for v in a.scaling_vocabs.split(",")], a.scaling_dim, a.scaling_tokens, 320, a.scaling_reps
+        [int(v) for v in a.scaling_vocabs.split(",")],
+        a.scaling_dim,
+        a.scaling_tokens,
+        320,
+        a.scaling_reps,
+        a.mhc_groups,
     )
     atomic_write_json({"key": key, "result": res}, path)
     return res
@@ -504,6 +525,14 @@ def targets(by_vocab: dict[str, dict]) -> list[dict]:
     return out
 
 
+def mhc_shape(c: dict) -> str:
+    """The MHC settings of a report's config, in words (older configs: balanced, linear)."""
+    sizes, groups = c.get("mhc_head_sizes"), c.get("mhc_groups", 0)
+    shape = f"head sizes {sizes}" if sizes else (f"{groups} frequency bins" if groups else "2 balanced heads")
+    mlp = c.get("mhc_group_mlp_dim", 0)
+    return shape + (f", group MLP {mlp} wide" if mlp else ", linear group layer")
+
+
 def write_report(result: dict, out_dir: Path, stem: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(result, out_dir / f"{stem}.json")
@@ -515,7 +544,8 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
         f"FFN {4 * c['dim']}, {c['heads']} attention heads, untied output layers, dropout 0.1; "
         f"{c['max_update']} updates x {c['max_tokens']} tokens, adam (0.9, 0.98) lr {c['lr']}, {c.get('lr_scheduler', 'inverse_sqrt')} "
         f"with {c['warmup']} warm-up updates, clip-norm 1.0, label smoothing 0.1 (not for adaptive_loss, "
-        f"which has none); CPU, {c['threads']} thread(s) per run. MHP/MHC: 2 heads (balanced sizes). "
+        f"which has none); CPU, {c['threads']} thread(s) per run. MHP: 2 balanced heads; MHC: "
+        f"{mhc_shape(c)}. "
         f"Test: all {result['test_sentences']} sentences, beam {c['beam']}, "
         "sacreBLEU / chrF on detokenised output vs the raw references.",
         "",
@@ -532,7 +562,8 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
         conv = res["convergence"].get("ce") or convergence([], 0)
         size = f"{res['vocab_size']:,}" if res["vocab_size"] else "?"
         lines += [
-            f"## Joint BPE {int(v):,} (|V| = {size}; MHE heads {res['head_sizes']}; "
+            f"## Joint BPE {int(v):,} (|V| = {size}; MHP heads {res['head_sizes']}; "
+            f"MHC heads {res.get('mhc_head_sizes', res['head_sizes'])}; "
             f"adaptive cutoffs {res['adaptive_cutoffs']})",
             "",
             "| method | sacreBLEU | chrF | valid nll (bits) | output-layer params | total params "
@@ -574,15 +605,15 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
             "",
             f"d={sc['dim']}; train step = projection + label-smoothed loss fwd+bwd on {sc['tokens']} tokens; "
             f"beam step = full-|V| log-probs for {sc['beam_rows']} rows (64 sentences x beam 5); "
-            f"median of {sc['reps']}; MHC hidden width = d.",
+            f"median of {sc['reps']}; MHC hidden width = d, group MLP {sc['by_vocab'][next(iter(sc['by_vocab']))].get('mhc_group_mlp_dim', 0)} wide.",
             "",
-            "| |V| | heads | CE params | MHP params | MHC params | CE step ms | MHP step ms | MHC step ms "
+            "| |V| | MHP heads | MHC heads | CE params | MHP params | MHC params | CE step ms | MHP step ms | MHC step ms "
             "| CE beam ms | MHP beam ms | MHC beam ms |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for v, r in sc["by_vocab"].items():
             lines.append(
-                f"| {int(v):,} | {r['head_sizes']} | {r['ce_params']:,} | {r['mhp_params']:,} | {r['mhc_params']:,} "
+                f"| {int(v):,} | {r['head_sizes']} | {r.get('mhc_head_sizes', r['head_sizes'])} | {r['ce_params']:,} | {r['mhp_params']:,} | {r['mhc_params']:,} "
                 f"| {r['ce_train_step_ms']:.1f} | {r['mhp_train_step_ms']:.1f} | {r['mhc_train_step_ms']:.1f} "
                 f"| {r['ce_beam_logprobs_ms']:.1f} | {r['mhp_beam_logprobs_ms']:.1f} | {r['mhc_beam_logprobs_ms']:.1f} |"
             )
@@ -705,6 +736,7 @@ def run_vocab(
     return {
         "vocab_size": size,
         "head_sizes": list(LabelCodec.balanced(size, 2).head_sizes) if size else None,
+        "mhc_head_sizes": list(mhc_codec(size, a.mhc_groups, a.mhc_head_sizes).head_sizes) if size else None,
         "adaptive_cutoffs": (a.adaptive_cutoffs or adaptive_cutoffs(size)) if size else None,
         "methods": methods,
         "missing": [m for m in METHODS if m not in methods],

@@ -146,9 +146,12 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     assert len(saved["targets"]) == 4 and all(isinstance(t["met"], bool) for t in saved["targets"])
     s1200 = saved["scaling"]["by_vocab"]["1200"]
     assert s1200["ce_params"] == 8 * 1200
-    assert s1200["mhc_params"] == _params(MHCHead(8, LabelCodec.balanced(1200, 2), hidden_dim=8))
+    # the timed MHC has the runs' shape: MHC_GROUPS bins, group MLP 4 x --scaling-dim
+    scaled = MHCHead(8, LabelCodec.for_groups(1200, MHC_GROUPS), hidden_dim=8, group_mlp_dim=32)
+    assert s1200["mhc_params"] == _params(scaled) and s1200["mhc_head_sizes"] == list(scaled.codec.head_sizes)
     md = (out / "nmt_ende.md").read_text()
     assert all(name in md for name in bench.NAMES.values()) and "## Targets" in md
+    assert f"MHC: {MHC_GROUPS} frequency bins, group MLP 64 wide" in md
     assert (out / "nmt_ende.png").stat().st_size > 10_000
 
     # re-running resumes: nothing is retrained or re-decoded, the numbers are identical
