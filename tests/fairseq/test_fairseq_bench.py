@@ -159,9 +159,14 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     again = bench.main(argv)
     assert time.perf_counter() - t0 < 30
     assert again["by_vocab"] == res["by_vocab"] and again["scaling"] == res["scaling"]
+    # a worker that trains one size still reports every --vocabs size; --report-only trains nothing
+    assert bench.main([*argv, "--report-only"])["by_vocab"] == res["by_vocab"]
+    shutil.rmtree(data / "bench")
+    empty = bench.main([*argv, "--report-only", "--name", "other"])
+    assert empty["partial"] and empty["by_vocab"]["300"]["methods"] == {} and not (data / "bench").exists()
 
 
-def test_run_dir_per_schedule_and_budget(tmp_path):
+def test_run_dir_per_schedule_and_budget(tmp_path, capsys):
     """inverse_sqrt ignores --max-update, so a larger budget continues the same run; cosine anneals at
     --max-update, so each budget trains in its own dir (and never continues another budget's checkpoint)."""
     import argparse
@@ -211,6 +216,9 @@ def test_run_dir_per_schedule_and_budget(tmp_path):
         "mhc_head_sizes": None,
     }
     assert bench.method_settings("ce", mhc(512, None)) == {}
+    with pytest.raises(SystemExit, match="2"):  # a size to train must be one of the reported sizes
+        bench.main(["--data-dir", str(tmp_path), "--vocabs", "8000", "--train-vocabs", "32000"])
+    assert "must be a subset of --vocabs 8000" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # cosine would never leave warm-up: refused before anything runs
         bench.main(["--data-dir", str(tmp_path), "--max-update", "200", "--warmup", "200"])
 
