@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fairseq_ext import USER_DIR
-from fairseq_ext.model import MHC_GROUPS
+from fairseq_ext.model import MHC_GROUPS, codec_from_args
 from mhe_plugins import LabelCodec, MHCHead, MHPHead
 from mhe_plugins.training import atomic_write_json, atomic_write_text
 
@@ -174,12 +174,9 @@ def method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str
 
 
 def mhc_codec(vocab_size: int, groups: int, head_sizes: str | None = None) -> LabelCodec:
-    """The codec ``transformer_mhe --mhe-method mhc`` builds from the bench's MHC options."""
-    if head_sizes:
-        return LabelCodec([int(c) for c in head_sizes.split(",")], num_labels=vocab_size)
-    if groups:
-        return LabelCodec.for_groups(vocab_size, groups)
-    return LabelCodec.balanced(vocab_size, 2)
+    """The codec ``transformer_mhe --mhe-method mhc`` builds from the bench's MHC options (the model's own rule)."""
+    shape = argparse.Namespace(mhe_method="mhc", mhe_groups=groups, mhe_head_sizes=head_sizes, mhe_heads=None)
+    return codec_from_args(shape, vocab_size)
 
 
 def method_settings(method: str, a: argparse.Namespace) -> dict:
