@@ -229,10 +229,16 @@ def run_dir(work: Path, method: str, a: argparse.Namespace) -> Path:
     return work / f"{method_tag(method, a)}.{a.lr_scheduler}{a.max_update}"
 
 
-def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_size: int) -> dict:
-    save = run_dir(work, method, a)
-    save.mkdir(parents=True, exist_ok=True)
-    log = save / "train.log"
+def train_cmd(
+    method: str,
+    bin_dir: Path,
+    save: Path,
+    a: argparse.Namespace,
+    vocab_size: int,
+    max_update: int,
+    scheduler: str,
+) -> list[str]:
+    """The ``fairseq-train`` command every run of the bench uses (timing runs change only the budget)."""
     cmd = [
         sys.executable,
         "-m",
@@ -252,8 +258,8 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_s
         "--adam-betas",
         "(0.9, 0.98)",
     ]
-    cmd += ["--lr", str(a.lr), "--lr-scheduler", a.lr_scheduler, "--warmup-updates", str(a.warmup)]
-    cmd += ["--clip-norm", "1.0", "--max-tokens", str(a.max_tokens), "--max-update", str(a.max_update)]
+    cmd += ["--lr", str(a.lr), "--lr-scheduler", scheduler, "--warmup-updates", str(a.warmup)]
+    cmd += ["--clip-norm", "1.0", "--max-tokens", str(a.max_tokens), "--max-update", str(max_update)]
     cmd += ["--seed", "1", "--cpu", "--num-workers", "0", "--save-dir", str(save), "--no-epoch-checkpoints"]
     cmd += ["--validate-interval-updates", str(a.valid_every), "--save-interval-updates", str(a.valid_every)]
     cmd += [
@@ -264,6 +270,14 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_s
         "--log-interval",
         str(LOG_INTERVAL),
     ]
+    return cmd
+
+
+def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_size: int) -> dict:
+    save = run_dir(work, method, a)
+    save.mkdir(parents=True, exist_ok=True)
+    log = save / "train.log"
+    cmd = train_cmd(method, bin_dir, save, a, vocab_size, a.max_update, a.lr_scheduler)
     done = save / "DONE"  # holds the --max-update reached; a larger budget continues from checkpoint_last.pt
     if _done_updates(done) < a.max_update:
         run(cmd, log)
@@ -292,6 +306,55 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_s
         "valid_accuracy": stats["valid"][-1].get("accuracy") if stats["valid"] else None,
         "checkpoint": str(save / "checkpoint_last.pt"),
     }
+
+
+def time_training(method: str, bin_dir: Path, vwork: Path, a: argparse.Namespace, vocab_size: int) -> dict:
+    """Train words/s of one method timed alone: ``--time-updates`` fresh updates of the run's exact model
+    and batches, nothing saved, no validation, the first logged window (start-up) left out.
+
+    Whole runs share the machine for hours with whatever else runs, so their averages are not comparable;
+    the bench times the methods one after another instead, so every ratio comes from one machine state
+    (the 1-minute load average before each timing is kept, to show what that state was). inverse_sqrt,
+    because cosine needs a budget above the warm-up; the schedule does not change the cost of an update.
+    """
+    save = vwork / "timing" / method_tag(method, a)
+    if save.exists():  # an interrupted timing restarts from scratch: its log would mix two runs
+        shutil.rmtree(save)
+    save.mkdir(parents=True)
+    cmd = train_cmd(method, bin_dir, save, a, vocab_size, a.time_updates, "inverse_sqrt")
+    load_before = os.getloadavg()[0]
+    run([*cmd, "--no-save", "--disable-validation"], save / "train.log")
+    timed = parse_log((save / "train.log").read_text(encoding="utf-8"))["train_inner"][1:]
+    if not timed:
+        raise RuntimeError(f"{save / 'train.log'}: no logged window after the first; raise --time-updates")
+    words, wall = train_words_and_wall(timed, [])
+    return {
+        "train_wps": round(words / wall, 1),
+        "updates": int(timed[-1]["num_updates"]) - int(timed[0]["num_updates"]) + LOG_INTERVAL,
+        "load_before": round(load_before, 2),
+    }
+
+
+def cached_timings(by_vocab: dict[str, dict], a: argparse.Namespace, work: Path) -> dict[str, dict]:
+    """``time_training`` for every finished (vocabulary, method), one after another; each timing is kept in
+    ``WORK/timing.json`` under its run key, so an interrupted rerun times only what is missing."""
+    path = work / "timing.json"
+    done = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    langs = tuple(a.langs.split("-"))
+    out: dict[str, dict] = {}
+    todo = [(v, m) for v, res in by_vocab.items() for m in METHODS if m in res["methods"]]
+    for v, method in tqdm(todo, desc="timing train words/s, one method at a time"):
+        data = data_fingerprint(a.data_dir, int(v), langs)  # type: ignore[arg-type]
+        key = {**run_key(int(v), method, a, data), "time_updates": a.time_updates}
+        name = f"{v}:{method}"
+        if done.get(name, {}).get("key") != key:
+            vwork = work / f"v{v}"
+            bin_dir = preprocess(a.data_dir, int(v), vwork, langs)  # type: ignore[arg-type]
+            size = by_vocab[v]["vocab_size"]
+            done[name] = {"key": key, "result": time_training(method, bin_dir, vwork, a, size)}
+            atomic_write_json(done, path)
+        out.setdefault(v, {})[method] = done[name]["result"]
+    return out
 
 
 def generate(method: str, bin_dir: Path, work: Path, refs: list[str], a: argparse.Namespace) -> dict:
@@ -508,7 +571,11 @@ def targets(by_vocab: dict[str, dict]) -> list[dict]:
 
     def speed(mhc: dict, ce: dict) -> tuple[str, bool]:
         ratio = mhc["train_wps"] / ce["train_wps"]
-        return f"{ratio:.2f}x ({mhc['train_wps']:,.0f} vs {ce['train_wps']:,.0f})", ratio >= 1.3
+        how = "timed alone" if "timing" in mhc and "timing" in ce else "whole-run averages"
+        return (
+            f"{ratio:.2f}x ({mhc['train_wps']:,.0f} vs {ce['train_wps']:,.0f} words/s, {how})",
+            ratio >= 1.3,
+        )
 
     out.append(
         row(
@@ -554,6 +621,32 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
             "(finished runs are kept in `runs/` beside this file and are not retrained).",
             "",
         ]
+    timed = any("timing" in r for res in result["by_vocab"].values() for r in res["methods"].values())
+
+    def wps(r: dict) -> str:
+        run_avg = r.get("train_wps_run", r["train_wps"])
+        return f"{r['train_wps']:,.0f} ({run_avg:,.0f})" if "timing" in r else f"{run_avg:,.0f}"
+
+    if timed:
+        t = next(
+            r["timing"]
+            for res in result["by_vocab"].values()
+            for r in res["methods"].values()
+            if "timing" in r
+        )
+        loads = [
+            r["timing"]["load_before"]
+            for res in result["by_vocab"].values()
+            for r in res["methods"].values()
+            if "timing" in r
+        ]
+        lines += [
+            f"Train words/s: each method timed alone, one after another, over {t['updates']} updates after "
+            f"{LOG_INTERVAL} start-up updates, {c['threads']} thread(s) (1-min load average before each: "
+            f"{min(loads):.2f}-{max(loads):.2f}; ~1 is the previous timing itself); in brackets the average "
+            "over the whole run, which shared the machine with the other runs.",
+            "",
+        ]
     for v, res in result["by_vocab"].items():
         m = res["methods"]
         conv = res["convergence"].get("ce") or convergence([], 0)
@@ -564,7 +657,7 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
             f"adaptive cutoffs {res['adaptive_cutoffs']})",
             "",
             "| method | sacreBLEU | chrF | valid nll (bits) | output-layer params | total params "
-            "| train words/s | gen sent/s |",
+            f"| {'train words/s alone (whole run)' if timed else 'train words/s (whole run)'} | gen sent/s |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for k in METHODS:
@@ -574,7 +667,7 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
             r = m[k]
             lines.append(
                 f"| {NAMES[k]} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['valid_nll_bits']:.3f} | "
-                f"{r['output_params']:,} | {r['total_params']:,} | {r['train_wps']:,.0f} | "
+                f"{r['output_params']:,} | {r['total_params']:,} | {wps(r)} | "
                 f"{r['gen_sent_per_s']:.1f} |"
             )
         moved = "n/a" if conv["delta_bits"] is None else f"{conv['delta_bits']:+.3f} bits"
@@ -794,7 +887,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scaling-dim", type=int, default=512)
     p.add_argument("--scaling-tokens", type=int, default=512)
     p.add_argument("--scaling-reps", type=int, default=3)
-    p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument(
+        "--skip-scaling",
+        action="store_true",
+        help="skip the timings meant for an idle machine: the output layers alone and --time-updates "
+        "(for processes that share the machine; train words/s is then the whole-run average)",
+    )
+    p.add_argument(
+        "--time-updates",
+        type=int,
+        default=150,
+        help="once every run is in, time each method's training alone for this many updates (the first "
+        f"{LOG_INTERVAL} left out as start-up); 0 = report whole-run words/s",
+    )
     p.add_argument(
         "--methods",
         default=",".join(METHODS),
@@ -811,6 +916,10 @@ def main(argv: list[str] | None = None) -> dict:
     langs = tuple(a.langs.split("-"))
     if len(langs) != 2 or not all(langs):
         p.error(f"--langs must look like en-de, got {a.langs!r}")
+    if a.time_updates and a.time_updates < 2 * LOG_INTERVAL:
+        p.error(
+            f"--time-updates {a.time_updates}: use 0 (off) or >= {2 * LOG_INTERVAL} (first {LOG_INTERVAL} are start-up)"
+        )
     if a.lr_scheduler == "cosine" and a.warmup >= a.max_update:
         p.error(f"--lr-scheduler cosine needs --warmup ({a.warmup}) < --max-update ({a.max_update})")
     chosen = [m for m in a.methods.split(",") if m]
@@ -847,6 +956,12 @@ def collect_and_report(
     is in (PARTIAL until all are, scaling timed only then)."""
     by_vocab = {str(v): res for v, res in zip(vocabs, results)}
     partial = any(res["missing"] for res in by_vocab.values())
+    timed = not (a.skip_scaling or partial or a.time_updates == 0)
+    if timed:
+        for v, per_method in cached_timings(by_vocab, a, work).items():
+            m = by_vocab[v]["methods"]
+            for k, t in per_method.items():
+                m[k] = {**m[k], "train_wps_run": m[k]["train_wps"], "train_wps": t["train_wps"], "timing": t}
     stats_path = a.data_dir / "stats.json"
     first = str(vocabs[0])
     result = {

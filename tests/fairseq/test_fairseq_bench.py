@@ -3,6 +3,7 @@ exact parameter counts, and a rerun that resumes instead of retraining; the targ
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import subprocess
@@ -94,7 +95,7 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
         "800",
     ]
     argv += ["--beam", "2", "--scaling-vocabs", "300,1200", "--scaling-dim", "8", "--scaling-tokens", "16"]
-    argv += ["--scaling-reps", "1"]
+    argv += ["--scaling-reps", "1", "--time-updates", "100"]
     # docs: methods may run as separate processes; a run with a subset trains those and writes a PARTIAL report
     part = bench.main([*argv, "--methods", "ce,adaptive"])
     assert part["by_vocab"]["300"]["methods"].keys() == {"ce", "adaptive"} and part["partial"]
@@ -110,7 +111,9 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
 
     shutil.rmtree(data / "bench")
     res = bench.main(argv)
-    assert res["by_vocab"]["300"]["methods"]["ce"] == part["by_vocab"]["300"]["methods"]["ce"]
+    ce_now = dict(res["by_vocab"]["300"]["methods"]["ce"])  # the stored run, plus its timing alone
+    ce_now["train_wps"], _ = ce_now.pop("train_wps_run"), ce_now.pop("timing")
+    assert ce_now == part["by_vocab"]["300"]["methods"]["ce"]
     assert not res["partial"] and not list((data / "bench" / "v300").glob("ce*"))
     # the default schedule anneals to zero at --max-update (fairseq's cosine with period max_update - warmup)
     # MHC trains with the bench's defaults: MHC_GROUPS bins, a group MLP 4 x --dim wide (its own run dir)
@@ -118,6 +121,7 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     assert "'lr_scheduler': {'_name': 'cosine', 'warmup_updates': 1," in log
 
     saved = json.loads((out / "nmt_ende.json").read_text())
+    bench_args = argparse.Namespace(mhc_groups=MHC_GROUPS, mhc_group_mlp_dim=64, mhc_head_sizes=None)
     assert saved["by_vocab"].keys() == {"300"} and saved["methods"].keys() == set(bench.METHODS)
     assert saved["methods"] == saved["by_vocab"]["300"]["methods"]
     for res_v in saved["by_vocab"].values():
@@ -132,8 +136,21 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
         assert cut == [v // 4, v * 3 // 4]
         assert m["adaptive"]["output_params"] == _params(AdaptiveSoftmax(v, 16, cut, dropout=0.0, factor=4.0))
         assert len({r["total_params"] - r["output_params"] for r in m.values()}) == 1  # same transformer
-        for r in m.values():
+        for k, r in m.items():
             assert 0 <= r["bleu"] <= 100 and 0 <= r["chrf"] <= 100 and r["train_wps"] > 0
+            # train words/s is the method timed alone (100 updates, the first 50 left out); the whole
+            # run's average is kept beside it, equal to the stored run's
+            assert r["timing"]["updates"] == 50 and r["train_wps"] == r["timing"]["train_wps"]
+            assert (
+                r["train_wps_run"]
+                == json.loads((stored / f"v300_{k}.json").read_text())["result"]["train_wps"]
+            )
+            timing_log = (
+                data / "bench" / "v300" / "timing" / bench.method_tag(k, bench_args) / "train.log"
+            ).read_text()
+            assert "'max_update': 100," in timing_log and not list(
+                (data / "bench" / "v300" / "timing").glob("*/*.pt")
+            )
             assert r["gen_sent_per_s"] > 0 and r["valid_nll_bits"] > 0
             assert r["num_updates"] == 4 and [p["updates"] for p in r["valid_curve"]] == [2, 4]
         # valid points at 2 and 4: nothing inside the last fifth to compare with, so never "converged"
@@ -151,6 +168,7 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     assert s1200["mhc_params"] == _params(scaled) and s1200["mhc_head_sizes"] == list(scaled.codec.head_sizes)
     md = (out / "nmt_ende.md").read_text()
     assert all(name in md for name in bench.NAMES.values()) and "## Targets" in md
+    assert "each method timed alone" in md and "words/s, timed alone)" in md
     assert f"MHC: {MHC_GROUPS} frequency bins, group MLP 64 wide" in md
     assert (out / "nmt_ende.png").stat().st_size > 10_000
 
@@ -159,6 +177,7 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     again = bench.main(argv)
     assert time.perf_counter() - t0 < 30
     assert again["by_vocab"] == res["by_vocab"] and again["scaling"] == res["scaling"]
+    assert not part["by_vocab"]["300"]["methods"]["ce"].get("timing")  # a PARTIAL report times nothing
     # a worker that trains one size still reports every --vocabs size; --report-only trains nothing
     assert bench.main([*argv, "--report-only"])["by_vocab"] == res["by_vocab"]
     shutil.rmtree(data / "bench")
@@ -221,6 +240,9 @@ def test_run_dir_per_schedule_and_budget(tmp_path, capsys):
     assert "must be a subset of --vocabs 8000" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # cosine would never leave warm-up: refused before anything runs
         bench.main(["--data-dir", str(tmp_path), "--max-update", "200", "--warmup", "200"])
+    with pytest.raises(SystemExit):  # a timing must keep a window after the start-up one
+        bench.main(["--data-dir", str(tmp_path), "--time-updates", "60"])
+    assert "--time-updates 60: use 0 (off) or >= 100" in capsys.readouterr().err
 
 
 def test_convergence_check():
@@ -254,6 +276,10 @@ def test_targets_over_two_vocabularies():
     assert rows[-1]["vocab"] == "32000" and rows[-1]["measured"].startswith("1.40x")
     big["methods"]["mhc"]["train_wps"] = 640.0
     assert bench.targets({"8000": small, "32000": big})[-1]["met"] is False  # 1.28x
+    assert "whole-run averages" in rows[-1]["measured"]  # says where the words/s came from
+    for m in big["methods"].values():
+        m["timing"] = {"train_wps": m["train_wps"]}
+    assert "timed alone" in bench.targets({"8000": small, "32000": big})[-1]["measured"]
 
 
 def test_stored_run_reused_only_with_the_same_settings(tmp_path, capsys):
