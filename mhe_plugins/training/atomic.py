@@ -21,12 +21,24 @@ __all__ = ["atomic_save", "atomic_write_text", "atomic_write_json", "atomic_copy
 _TMP_SUFFIX = ".tmp"
 
 
+def _mode_for(path: Path) -> int:
+    """The permissions a plain ``open(path, "w")`` would leave: the old file's, else 0o666 less the umask
+    (``mkstemp`` alone makes every result 0o600, unreadable to the rest of a shared group)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def _atomic_replace(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+        os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

@@ -101,6 +101,20 @@ def test_kill_mid_write_leaves_old_file_and_tmp_is_cleaned(tmp_path, monkeypatch
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_atomic_write_keeps_the_permissions_a_plain_write_would(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fresh = T.atomic_write_text("x", tmp_path / "fresh.json")
+        assert fresh.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600
+        kept = tmp_path / "kept.json"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        T.atomic_write_text("new", kept)
+        assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "new"
+    finally:
+        os.umask(old)
+
+
 def test_full_disk_names_the_path(tmp_path, monkeypatch):
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
