@@ -288,6 +288,7 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_s
     return {
         "train_wps": round(words / wall, 1) if wall else None,
         "train_wall_s": round(wall, 1),
+        "threads": a.threads,  # of the run's process (its words/s depend on it; what it learns does not)
         "num_updates": int(max((r["num_updates"] for r in inner), default=0)),
         "valid_curve": sorted(
             {
@@ -345,7 +346,7 @@ def cached_timings(by_vocab: dict[str, dict], a: argparse.Namespace, work: Path)
     todo = [(v, m) for v, res in by_vocab.items() for m in METHODS if m in res["methods"]]
     for v, method in tqdm(todo, desc="timing train words/s, one method at a time"):
         data = data_fingerprint(a.data_dir, int(v), langs)  # type: ignore[arg-type]
-        key = {**run_key(int(v), method, a, data), "time_updates": a.time_updates}
+        key = {**run_key(int(v), method, for_vocab(a, int(v)), data), "time_updates": a.time_updates}
         name = f"{v}:{method}"
         if done.get(name, {}).get("key") != key:
             vwork = work / f"v{v}"
@@ -597,6 +598,20 @@ def mhc_shape(c: dict) -> str:
     return shape + (f", group MLP {mlp} wide" if mlp else ", linear group layer")
 
 
+def run_threads(result: dict) -> str:
+    """Intra-op threads the stored runs trained with (runs made before this was recorded used 1)."""
+    n = sorted({r.get("threads", 1) for res in result["by_vocab"].values() for r in res["methods"].values()})
+    return "/".join(map(str, n)) or str(result["config"]["threads"])
+
+
+def budget_words(c: dict) -> str:
+    """The training budget of a report's config, per vocabulary size when they differ."""
+    per = {int(v): n for v, n in (c.get("max_updates") or {}).items()}
+    if len(set(per.values())) > 1:
+        return "updates " + ", ".join(f"{n:,} at {v:,}" for v, n in sorted(per.items()))
+    return f"{c['max_update']} updates"
+
+
 def write_report(result: dict, out_dir: Path, stem: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(result, out_dir / f"{stem}.json")
@@ -606,9 +621,9 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
         "",
         f"Data: {result['dataset']}. Model: transformer, {c['layers']}+{c['layers']} layers, d={c['dim']}, "
         f"FFN {4 * c['dim']}, {c['heads']} attention heads, untied output layers, dropout 0.1; "
-        f"{c['max_update']} updates x {c['max_tokens']} tokens, adam (0.9, 0.98) lr {c['lr']}, {c.get('lr_scheduler', 'inverse_sqrt')} "
+        f"{budget_words(c)} x {c['max_tokens']} tokens, adam (0.9, 0.98) lr {c['lr']}, {c.get('lr_scheduler', 'inverse_sqrt')} "
         f"with {c['warmup']} warm-up updates, clip-norm 1.0, label smoothing 0.1 (not for adaptive_loss, "
-        f"which has none); CPU, {c['threads']} thread(s) per run. MHP: 2 balanced heads; MHC: "
+        f"which has none); CPU, {run_threads(result)} thread(s) per training run. MHP: 2 balanced heads; MHC: "
         f"{mhc_shape(c)}. "
         f"Test: all {result['test_sentences']} sentences, beam {c['beam']}, "
         "sacreBLEU / chrF on detokenised output vs the raw references.",
@@ -752,8 +767,26 @@ RUN_KEYS = (
     "beam",
     "gen_batch",
     "adaptive_cutoffs",
-    "threads",
-)
+)  # not --threads: it changes the speed of a run, not what it learns (words/s are timed alone anyway)
+
+
+def budgets(spec: str, vocabs: list[int]) -> dict[int, int]:
+    """``--max-update``: one budget for every size, or one per ``--vocabs`` size, in the same order (a
+    larger vocabulary costs more per update, so its converged budget may be set apart)."""
+    try:
+        values = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--max-update must be an int or comma-separated ints, got {spec!r}") from None
+    if len(values) == 1:
+        values *= len(vocabs)
+    if len(values) != len(vocabs) or min(values) < 1:
+        raise ValueError(f"--max-update {spec!r}: give one budget >= 1, or one per --vocabs size {vocabs}")
+    return dict(zip(vocabs, values))
+
+
+def for_vocab(a: argparse.Namespace, vocab: int) -> argparse.Namespace:
+    """``a`` with ``max_update`` set to this vocabulary's budget (everything per run reads it from here)."""
+    return argparse.Namespace(**{**vars(a), "max_update": a.max_updates[vocab]})
 
 
 def run_key(vocab: int, method: str, a: argparse.Namespace, data: dict) -> dict:
@@ -801,6 +834,7 @@ def run_vocab(
 ) -> dict:
     """Train + decode the chosen methods at one BPE size (each resumable; ``on_stored`` runs after each one
     is stored), then collect the numbers of every method found finished (here or in the committed store)."""
+    a = for_vocab(a, vocab)
     langs = tuple(a.langs.split("-"))
     vwork = work / f"v{vocab}"
     data = data_fingerprint(a.data_dir, vocab, langs)  # type: ignore[arg-type]
@@ -865,7 +899,11 @@ def main(argv: list[str] | None = None) -> dict:
         "inverse_sqrt never anneals: CE's validation nll keeps falling at any budget a CPU affords",
     )
     p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--max-update", type=int, default=1000)
+    p.add_argument(
+        "--max-update",
+        default="1000",
+        help="training budget in updates: one for every --vocabs size, or one per size (e.g. 8000,4000)",
+    )
     p.add_argument("--valid-every", type=int, default=200)
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--gen-batch", type=int, default=64)
@@ -920,8 +958,6 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(
             f"--time-updates {a.time_updates}: use 0 (off) or >= {2 * LOG_INTERVAL} (first {LOG_INTERVAL} are start-up)"
         )
-    if a.lr_scheduler == "cosine" and a.warmup >= a.max_update:
-        p.error(f"--lr-scheduler cosine needs --warmup ({a.warmup}) < --max-update ({a.max_update})")
     chosen = [m for m in a.methods.split(",") if m]
     if not chosen or set(chosen) - set(METHODS):
         p.error(f"--methods must be a comma list from {list(METHODS)}, got {a.methods!r}")
@@ -935,6 +971,12 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--train-vocabs must be comma-separated ints, got {a.train_vocabs!r}")
     if set(train_vocabs) - set(vocabs):
         p.error(f"--train-vocabs {a.train_vocabs} must be a subset of --vocabs {a.vocabs}")
+    try:
+        a.max_updates = budgets(a.max_update, vocabs)
+    except ValueError as e:
+        p.error(str(e))
+    if a.lr_scheduler == "cosine" and a.warmup >= min(a.max_updates.values()):
+        p.error(f"--lr-scheduler cosine needs --warmup ({a.warmup}) < --max-update ({a.max_update})")
     work = a.work_dir or a.data_dir / "bench"
     refs_path = a.data_dir / "raw" / f"test.{langs[1]}"
     if not refs_path.is_file():

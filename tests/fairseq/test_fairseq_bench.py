@@ -153,6 +153,7 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
             )
             assert r["gen_sent_per_s"] > 0 and r["valid_nll_bits"] > 0
             assert r["num_updates"] == 4 and [p["updates"] for p in r["valid_curve"]] == [2, 4]
+            assert r["threads"] == 1  # recorded with the run (not part of its key)
         # valid points at 2 and 4: nothing inside the last fifth to compare with, so never "converged"
         assert res_v["convergence"]["ce"] == {
             "from_update": None,
@@ -170,6 +171,7 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     assert all(name in md for name in bench.NAMES.values()) and "## Targets" in md
     assert "each method timed alone" in md and "words/s, timed alone)" in md
     assert f"MHC: {MHC_GROUPS} frequency bins, group MLP 64 wide" in md
+    assert "4 updates x 800 tokens" in md and "CPU, 1 thread(s) per training run" in md
     assert (out / "nmt_ende.png").stat().st_size > 10_000
 
     # re-running resumes: nothing is retrained or re-decoded, the numbers are identical
@@ -243,6 +245,31 @@ def test_run_dir_per_schedule_and_budget(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a timing must keep a window after the start-up one
         bench.main(["--data-dir", str(tmp_path), "--time-updates", "60"])
     assert "--time-updates 60: use 0 (off) or >= 100" in capsys.readouterr().err
+
+
+def test_budget_per_vocabulary(tmp_path, capsys):
+    """--max-update is one budget for all sizes or one per --vocabs size; each size's run dir and run key
+    carry its own budget, and the thread count shapes neither (it changes speed, not what is learnt)."""
+    import argparse
+
+    assert bench.budgets("8000", [8000, 32000]) == {8000: 8000, 32000: 8000}
+    assert bench.budgets("8000,4000", [8000, 32000]) == {8000: 8000, 32000: 4000}
+    for bad in ("8000,4000,2000", "8000,x", "0"):
+        with pytest.raises(ValueError, match="--max-update"):
+            bench.budgets(bad, [8000, 32000])
+    a = argparse.Namespace(
+        lr_scheduler="cosine", max_update="8000,4000", max_updates={8000: 8000, 32000: 4000}
+    )
+    assert bench.run_dir(tmp_path, "ce", bench.for_vocab(a, 32000)) == tmp_path / "ce.cosine4000"
+    assert bench.run_dir(tmp_path, "ce", bench.for_vocab(a, 8000)) == tmp_path / "ce.cosine8000"
+    assert a.max_update == "8000,4000"  # the caller's namespace is left alone
+    assert "threads" not in bench.RUN_KEYS
+    c = {"max_update": "8000,4000", "max_updates": {"8000": 8000, "32000": 4000}}
+    assert bench.budget_words(c) == "updates 8,000 at 8,000, 4,000 at 32,000"
+    assert bench.budget_words({"max_update": "8000", "max_updates": {"8000": 8000}}) == "8000 updates"
+    with pytest.raises(SystemExit):  # one budget per size, refused before anything runs
+        bench.main(["--data-dir", str(tmp_path), "--vocabs", "8000,32000", "--max-update", "8000,4000,1"])
+    assert "give one budget >= 1, or one per --vocabs size [8000, 32000]" in capsys.readouterr().err
 
 
 def test_convergence_check():
