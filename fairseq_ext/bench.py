@@ -658,8 +658,8 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
         lines += [
             f"Train words/s: each method timed alone, one after another, over {t['updates']} updates after "
             f"{LOG_INTERVAL} start-up updates, {c['threads']} thread(s) (1-min load average before each: "
-            f"{min(loads):.2f}-{max(loads):.2f}; ~1 is the previous timing itself); in brackets the average "
-            "over the whole run, which shared the machine with the other runs.",
+            f"{min(loads):.2f}-{max(loads):.2f}; about the thread count is the previous timing itself); "
+            "in brackets the average over the whole run, which shared the machine with the other runs.",
             "",
         ]
     for v, res in result["by_vocab"].items():

@@ -326,7 +326,8 @@ class MHCHead(MHEHead):
         nodes = math.prod(self.codec.head_sizes[: level + 1])
         weight = self.node_embed[level - 1].weight
         rows = min(nodes, weight.shape[0])
-        z = query @ weight[:rows].t() + self.node_bias[level - 1].weight[:rows, 0]
+        bias = self.node_bias[level - 1].weight[:rows, 0]
+        z = F.linear(query, weight[:rows], bias)  # one fused matmul + bias, as fast as nn.Linear
         if rows < nodes:  # tied leaf table with N rows < prod(C_h) nodes: the rest are invalid anyway
             z = F.pad(z, (0, nodes - rows), value=float("-inf"))
         if self._limits[level] < nodes - 1:
@@ -342,7 +343,10 @@ class MHCHead(MHEHead):
         flat, lead = self._flat(x)
         lp = F.log_softmax(upcast(self._root_logits(flat)), -1)
         for h in range(1, self.codec.num_heads):
-            z = self._level_logits_all(h, self.query(h, flat))
-            child = F.log_softmax(upcast(z).view(flat.shape[0], lp.shape[1], -1), -1)
-            lp = (lp.unsqueeze(-1) + child.nan_to_num(nan=float("-inf"))).flatten(1)
+            z = upcast(self._level_logits_all(h, self.query(h, flat))).view(flat.shape[0], lp.shape[1], -1)
+            # log p(child) = z - (logsumexp over siblings - log p(parent)): one pass over the (B, N) scores,
+            # in place when no gradient is needed (beam search), instead of log_softmax + add + nan_to_num
+            lse = torch.logsumexp(z, -1, keepdim=True)
+            offset = torch.where(torch.isneginf(lse), math.inf, lse - lp.unsqueeze(-1))  # all-masked group
+            lp = (z - offset if z.requires_grad else z.sub_(offset)).flatten(1)
         return lp[:, : self.num_labels].reshape(*lead, self.num_labels)
