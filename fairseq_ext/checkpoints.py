@@ -3,12 +3,16 @@
 fairseq writes the first checkpoint of a save atomically (temp + rename) but *copies* it to the others
 (``checkpoint_last.pt``, ``checkpoint_best.pt``) with a plain ``shutil.copyfile``: a kill mid-copy leaves a
 truncated ``checkpoint_last.pt`` and the next run, which resumes from it by default, dies unpickling it.
-Two fixes, both local to ``fairseq.checkpoint_utils``:
+Three fixes, all local to ``fairseq.checkpoint_utils``:
 
 - its copies become temp file + fsync + ``os.replace`` (a reader sees the old file or the new one);
 - before it loads the default ``checkpoint_last.pt``, the file is test-loaded; if that fails, the newest
   loadable ``checkpoint*.pt`` in the save dir is loaded instead, with a warning naming both files (the
   bad file is left in place and replaced by the next save). No loadable checkpoint at all is an error.
+- every ``torch.load`` it makes passes ``weights_only=True`` explicitly: fairseq leaves the argument out,
+  so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` in the environment would otherwise make it unpickle (and run)
+  arbitrary code from a checkpoint file. torch honours an explicit ``weights_only=True`` whatever the
+  environment says.
 """
 
 from __future__ import annotations
@@ -76,6 +80,22 @@ def fallback_checkpoint(save_dir: str, bad: str) -> str:
     )
 
 
+class _WeightsOnlyTorch:
+    """The ``torch`` module as ``fairseq.checkpoint_utils`` sees it, with ``load`` always weights-only."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, *args, **kwargs):
+        if kwargs.get("weights_only") is False:
+            raise RuntimeError("refusing weights_only=False: a checkpoint must never run code when loaded")
+        kwargs["weights_only"] = True
+        return self._inner.load(*args, **kwargs)
+
+
 class _AtomicCopyPathManager:
     """fairseq's ``PathManager`` with ``copy`` made atomic for local paths; everything else delegated."""
 
@@ -100,6 +120,7 @@ def install() -> None:
     if getattr(checkpoint_utils, "_mhe_safe", False):
         return
     checkpoint_utils.PathManager = _AtomicCopyPathManager(checkpoint_utils.PathManager)
+    checkpoint_utils.torch = _WeightsOnlyTorch(checkpoint_utils.torch)
     original = checkpoint_utils.load_checkpoint
 
     def load_checkpoint(cfg, trainer, **passthrough_args):

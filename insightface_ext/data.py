@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .recordio import IndexedRecordIO, RecordIOError, unpack
+from .recordio import IndexedRecordIO, RecordIOError, label_id, unpack
 
 __all__ = [
     "RecordFaceDataset",
@@ -84,7 +84,7 @@ class RecordFaceDataset(_FaceDataset):
                 raise RecordIOError(
                     f"{where}: expected (first_id, end_id) labels, got {header.label.tolist()}"
                 )
-            first_id, end_id = int(header.label[0]), int(header.label[1])
+            first_id, end_id = (label_id(v, where, "identity range bound") for v in header.label[:2])
             if not 1 <= first_id <= end_id:
                 raise RecordIOError(f"{where}: bad identity range first_id={first_id}, end_id={end_id}")
             missing = [k for k in (1, first_id - 1) if first_id > 1 and k not in self.rec.index]
@@ -118,7 +118,7 @@ class RecordFaceDataset(_FaceDataset):
     def _label(self, key: int) -> int:
         header, _ = self._unpack(int(key))
         lab = header.label
-        return int(lab if np.isscalar(lab) else lab[0])
+        return label_id(lab if np.isscalar(lab) else lab[0], self._where(int(key)))
 
     def __len__(self) -> int:
         return len(self.imgidx)
@@ -131,7 +131,7 @@ class RecordFaceDataset(_FaceDataset):
             img = _decode_rgb(body)
         except OSError as exc:  # Pillow cannot decode the payload
             raise RecordIOError(f"{where}: cannot decode image: {exc}") from exc
-        label = int(header.label if np.isscalar(header.label) else header.label[0])
+        label = label_id(header.label if np.isscalar(header.label) else header.label[0], where)
         if not 0 <= label < self.num_classes:
             raise RecordIOError(f"{where}: label {label} outside [0, {self.num_classes})")
         return to_tensor(img, self.channels, self._flip()), label

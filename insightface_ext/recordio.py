@@ -14,6 +14,7 @@ insightface layout: record 0 has flag 2 and label ``(first_identity_record, end)
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -33,6 +34,7 @@ __all__ = [
     "pack_img",
     "unpack_img",
     "write_face_rec",
+    "label_id",
 ]
 
 MAGIC = 0xCED7230A
@@ -51,6 +53,16 @@ class IRHeader:
     label: float | np.ndarray
     id: int
     id2: int
+
+
+def label_id(value, where: str, what: str = "label") -> int:
+    """A stored float32 label as an integer id; ``int()`` would truncate 1.5 -> 1 and -0.5 -> 0, training
+    on the wrong identity. A fractional, negative or non-finite value is a :class:`RecordIOError` naming
+    ``where`` (file, record) and the value."""
+    v = float(value)
+    if not (math.isfinite(v) and v.is_integer() and v >= 0):
+        raise RecordIOError(f"{where}: {what} {v!r} is not a non-negative integer identity id")
+    return int(v)
 
 
 def pack(header: IRHeader, payload: bytes) -> bytes:
@@ -259,8 +271,8 @@ def write_face_rec(
     Images are regrouped by identity (ids must be 0..K-1); returns ``{"num_images", "num_classes"}``.
     """
     by_id: dict[int, list[np.ndarray]] = {}
-    for img, label in samples:
-        by_id.setdefault(int(label), []).append(img)
+    for i, (img, label) in enumerate(samples):
+        by_id.setdefault(label_id(label, f"sample {i}", "identity label"), []).append(img)
     ids = sorted(by_id)
     if ids != list(range(len(ids))):
         raise ValueError(f"identity labels must be 0..K-1 without gaps, got {ids[:5]}...{ids[-5:]}")

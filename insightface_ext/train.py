@@ -43,6 +43,7 @@ from mhe_plugins.training import (
     check_finite_loss,
     load_checkpoint,
     prepare_output_dir,
+    release_run_locks,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -195,8 +196,30 @@ def _validate(cfg, backbone, step: int, log: JsonlLogger) -> dict:
     return results
 
 
+def _ensure_model_current(out: Path, backbone: nn.Module) -> bool:
+    """Make ``model.pt`` equal the committed backbone (a kill or Ctrl-C between the final checkpoint and
+    the ``model.pt`` write left it stale); returns whether it had to be rewritten."""
+    path = out / "model.pt"
+    want = backbone.state_dict()
+    try:
+        have = load_checkpoint(path, mmap=True)
+        current = have.keys() == want.keys() and all(torch.equal(have[k], want[k].cpu()) for k in want)
+    except (FileNotFoundError, RuntimeError):
+        current = False
+    if not current:
+        atomic_save(want, path)
+    return not current
+
+
 def train(cfg: SimpleNamespace, dist_timeout: float = DEFAULT_TIMEOUT_S) -> dict:
     """Train per ``cfg``; returns ``{"steps", "final_loss", "img_per_s", "val", "output"}``."""
+    try:
+        return _train(cfg, dist_timeout)
+    finally:
+        release_run_locks()
+
+
+def _train(cfg: SimpleNamespace, dist_timeout: float) -> dict:
     rank, world, device = init_distributed_from_env(timeout_s=dist_timeout)
     seed_everything(int(cfg.seed))
     out = prepare_output_dir(
@@ -334,6 +357,8 @@ def train(cfg: SimpleNamespace, dist_timeout: float = DEFAULT_TIMEOUT_S) -> dict
                     break
             epoch += 1
     bar.close()
+    if is_main_process() and (step > 0) and _ensure_model_current(out, backbone):
+        print(f"[mhe-face-train] rewrote {out / 'model.pt'} from the checkpoint at step {step}")
     elapsed = time.perf_counter() - t0
     return {
         "steps": step,

@@ -1,4 +1,5 @@
-"""Input checks shared by the core and the adapters: integer arguments, finiteness, soft-target rows.
+"""Input checks shared by the core and the adapters: integer arguments, class-id targets, finiteness,
+soft-target rows.
 
 They raise with the offending value named, because a silent ``int(3.7) == 3`` or a NaN loss that only
 shows up epochs later costs far more than the check.
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-__all__ = ["as_int", "check_finite", "check_soft_target"]
+__all__ = ["as_int", "check_class_ids", "check_finite", "check_soft_target"]
 
 
 def as_int(value, name: str, minimum: int | None = None) -> int:
@@ -95,3 +96,42 @@ def check_soft_target(q: torch.Tensor, size: int, lead: tuple[int, ...], name: s
         raise ValueError(
             f"{name}: row {row} sums to {sums[row].item():.6g}, expected 1 (tolerance {tol:.2g})"
         )
+
+
+def _at(t: torch.Tensor, bad: torch.Tensor) -> str:
+    """``value at index (i, j)`` of the first True of ``bad``."""
+    idx = tuple(int(i) for i in bad.nonzero()[0])
+    return f"{t.detach()[idx].item()!r} at index {idx}"
+
+
+def check_class_ids(target, num_labels: int, name: str = "target", allow: int | None = None) -> torch.Tensor:
+    """Hard targets of every head: an integer tensor of ids in ``[0, num_labels)`` (plus ``allow``, e.g. an
+    ``ignore_index`` or -1 padding); returned as int64.
+
+    Why: a float target was truncated by ``.long()`` (1.5 trained class 1) or passed as a "whole" float;
+    a float tensor is more likely a soft target or a bug than ids, so any float dtype is refused with its
+    first (preferably fractional) value, and an out-of-range id with its value and position.
+    """
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor of integer class ids, got {type(target).__name__}")
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        where = ""
+        if target.is_floating_point() and target.numel():
+            t = target.detach()
+            frac = ~torch.isfinite(t) | (t != t.round())
+            first = frac if bool(frac.any()) else torch.ones_like(frac)
+            where = f"; first {'non-integer ' if first is frac else ''}value {_at(t, first)}"
+        raise ValueError(
+            f"{name} must be an integer tensor of class ids, got dtype {target.dtype}{where} "
+            "(soft targets: MHPHead takes one distribution per head, see timm_ext.mixup.DigitMixup)"
+        )
+    bad = (target < 0) | (target >= num_labels)
+    if allow is not None:
+        bad &= target != allow
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        also = f", nor {allow}" if allow is not None else ""
+        raise ValueError(
+            f"{name}: label id {target[idx].item()} is out of range [0, {num_labels}){also} (at index {idx})"
+        )
+    return target.long()

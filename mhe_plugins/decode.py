@@ -21,7 +21,7 @@ import torch
 from .checks import as_int
 from .codec import LabelCodec
 
-__all__ = ["product_topk", "log_valid_mass", "full_product_scores"]
+__all__ = ["product_topk", "log_valid_mass", "full_product_scores", "valid_first_topk"]
 
 
 def product_topk(
@@ -104,3 +104,20 @@ def full_product_scores(head_scores: Sequence[torch.Tensor], num_labels: int) ->
     for s in head_scores[1:]:
         out = (out.unsqueeze(-1) + s.unsqueeze(-2)).flatten(-2)
     return out[..., :num_labels]
+
+
+def valid_first_topk(
+    scores: torch.Tensor, invalid: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (values, positions) along dim 1 of ``scores`` (B, M) with every entry not ``invalid`` ranked
+    above every ``invalid`` one, whatever the values: for the ranking NaN becomes the lowest finite value
+    and +-inf the extreme finite ones, the mask is -inf below them (a NaN score outranked a -inf mask, a
+    -inf score tied with it). Values are returned unchanged (NaN stays NaN: see ``checks.check_finite``).
+
+    Static shapes (k <= M), no sort: it exports to ONNX. A row has invalid entries in its top k only if it
+    has fewer than k valid ones.
+    """
+    lo, hi = torch.finfo(scores.dtype).min, torch.finfo(scores.dtype).max
+    key = torch.where(torch.isnan(scores), lo, scores.clamp(lo, hi)).masked_fill(invalid, float("-inf"))
+    pos = key.topk(k, dim=1).indices
+    return scores.gather(1, pos), pos

@@ -3,7 +3,9 @@ that turn bad data into errors naming the item instead of silently skipped sampl
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -84,22 +86,125 @@ class StrictImageDataset(ImageDataset):
         return img, target
 
 
-def build_dataset(dataset: str, data_dir: str | os.PathLike, split: str, in_chans: int = 3):
+def as_class_map(classes: Mapping[str, int] | Sequence[str] | None) -> dict[str, int] | None:
+    """``{name: id}`` from a map or from names in id order (a checkpoint's ``class_names``)."""
+    if classes is None:
+        return None
+    if isinstance(classes, Mapping):
+        return {str(n): int(i) for n, i in classes.items()}
+    names = [str(n) for n in classes]
+    if len(set(names)) != len(names):
+        dup = next(n for i, n in enumerate(names) if n in names[:i])
+        raise ValueError(f"class names repeat {dup!r}: a name must map to one id")
+    return {n: i for i, n in enumerate(names)}
+
+
+def class_map_of(ds) -> dict[str, int] | None:
+    """The dataset's own ``{class name: id}`` (ImageFolder readers, torchvision sets, glyph sets), or None."""
+    mapping = getattr(getattr(ds, "reader", None), "class_to_idx", None) or getattr(ds, "class_to_idx", None)
+    if mapping:
+        return {str(n): int(i) for n, i in mapping.items()}
+    names = getattr(ds, "classes", None)
+    return {str(n): i for i, n in enumerate(names)} if names else None
+
+
+def _unknown_classes(found: Mapping[str, int], class_map: Mapping[str, int], where: str) -> None:
+    extra = sorted(set(found) - set(class_map))
+    if extra:
+        shown = ", ".join(repr(n) for n in extra[:10]) + (", ..." if len(extra) > 10 else "")
+        raise ValueError(
+            f"{where}: {len(extra)} class(es) {shown} are not classes of the training split / checkpoint "
+            f"({len(class_map)} classes); their ids would be meaningless to the model"
+        )
+
+
+def apply_class_map(ds, class_map: Mapping[str, int], where: str):
+    """Re-label a folder dataset with ``class_map`` (the training split's ids) instead of the ids its own
+    folders got: timm numbers the folders it finds, so a split lacking one class shifted every later class.
+    Missing classes are fine; folders not in ``class_map`` are an error naming them."""
+    found = class_map_of(ds)
+    if found is None:
+        raise TypeError(f"{where}: {type(ds).__name__} has no class_to_idx to re-map")
+    _unknown_classes(found, class_map, where)
+    new = {i: class_map[n] for n, i in found.items()}
+    holder = ds.reader if hasattr(getattr(ds, "reader", None), "samples") else ds
+    holder.samples = [(f, new[int(t)]) for f, t in holder.samples]
+    holder.class_to_idx = dict(class_map)
+    if hasattr(holder, "targets"):  # torchvision ImageFolder keeps targets/imgs/classes beside samples
+        holder.targets = [t for _, t in holder.samples]
+    if hasattr(holder, "imgs"):
+        holder.imgs = holder.samples
+    if hasattr(holder, "classes"):
+        holder.classes = sorted(class_map, key=class_map.__getitem__)
+    return ds
+
+
+def check_class_map(ds, class_map: Mapping[str, int], where: str) -> None:
+    """A dataset with fixed ids (glyphs, torchvision sets) must agree with ``class_map`` on every class."""
+    found = class_map_of(ds)
+    if found is None:
+        return
+    _unknown_classes(found, class_map, where)
+    for name, i in found.items():
+        if class_map[name] != i:
+            raise ValueError(
+                f"{where}: class {name!r} has id {i} in the dataset but {class_map[name]} in the class map "
+                f"of the training split / checkpoint; the dataset does not match the model"
+            )
+
+
+def build_dataset(
+    dataset: str,
+    data_dir: str | os.PathLike,
+    split: str,
+    in_chans: int = 3,
+    class_map: Mapping[str, int] | Sequence[str] | None = None,
+):
     """``glyphs`` (npz set from ``timm_ext.datasets``), ``""``/``folder`` (ImageFolder ``data_dir/split``,
     split names searched like timm, a missing split is an error) or any timm dataset name
-    (e.g. ``torch/cifar100``; never downloads)."""
+    (e.g. ``torch/cifar100``; never downloads).
+
+    ``class_map`` (``{name: id}`` or names in id order): the ids of the training split or of a checkpoint.
+    Folder splits are re-labelled with it (a split may lack classes; unknown folders are an error); other
+    datasets must agree with it. Without it, a folder split numbers only the folders it has.
+    """
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise FileNotFoundError(f"--data-dir {data_dir} does not exist")
-    if dataset == "glyphs":
-        return GlyphDataset(data_dir, glyph_split(split), mode="L" if in_chans == 1 else "RGB")
+    cmap = as_class_map(class_map)
     mode = "L" if in_chans == 1 else "RGB"
-    if dataset in ("", "folder", "imagefolder"):
-        return StrictImageDataset(str(resolve_split_dir(data_dir, split)), input_img_mode=mode)
-    if dataset in FOLDER_DATASETS:  # torch/folder: resolve here so timm cannot fall back to data_dir
+    if dataset == "glyphs":
+        ds = GlyphDataset(data_dir, glyph_split(split), mode=mode)
+    elif dataset in ("", "folder", "imagefolder"):
         root = resolve_split_dir(data_dir, split)
-        return create_dataset(dataset, root=str(root), split=split, search_split=False, input_img_mode=mode)
-    return create_dataset(dataset, root=str(data_dir), split=split, download=False, input_img_mode=mode)
+        ds = StrictImageDataset(str(root), input_img_mode=mode)
+        return ds if cmap is None else apply_class_map(ds, cmap, f"split {split!r} ({root})")
+    elif dataset in FOLDER_DATASETS:  # torch/folder: resolve here so timm cannot fall back to data_dir
+        root = resolve_split_dir(data_dir, split)
+        ds = create_dataset(dataset, root=str(root), split=split, search_split=False, input_img_mode=mode)
+        return ds if cmap is None else apply_class_map(ds, cmap, f"split {split!r} ({root})")
+    else:
+        ds = create_dataset(dataset, root=str(data_dir), split=split, download=False, input_img_mode=mode)
+    if cmap is not None:
+        check_class_map(ds, cmap, f"split {split!r} of {dataset} ({data_dir})")
+    return ds
+
+
+def stored_class_names(checkpoint: str | os.PathLike, names: Sequence[str] | None) -> list[str] | None:
+    """A run's class names in id order: ``names`` (the checkpoint's ``class_names``) or else the run
+    folder's ``classes.json``; None when neither has them (then a folder split numbers its own folders)."""
+    if names:
+        return [str(n) for n in names]
+    path = Path(checkpoint).parent / "classes.json"
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8")).get("names")
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a classes.json written by mhe-timm-train ({exc})") from exc
+    if stored is not None and not (isinstance(stored, list) and all(isinstance(n, str) for n in stored)):
+        raise ValueError(f"{path}: 'names' must be a list of strings, got {stored!r:.80}")
+    return stored or None
 
 
 def class_names(ds, num_classes: int) -> list[str] | None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mhe_plugins.lines import read_name_list
 from mhe_plugins.training import atomic_write_json, load_checkpoint
 
 from .train import EVAL_CROP_PCT, EVAL_INTERPOLATION
@@ -52,12 +53,11 @@ def preprocess_config(cfg: dict, top_k: int) -> dict:
 def read_class_names(path: str | Path, num_classes: int) -> list[str]:
     """One name per line (line i = class i), or a JSON list / ``{"names": [...]}``."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        obj = json.loads(text)
+        obj = json.loads(path.read_text(encoding="utf-8"))
         names = obj["names"] if isinstance(obj, dict) else obj
     else:
-        names = text.splitlines()
+        names = read_name_list(path)  # blank / repeated lines are errors naming file:line
     if not isinstance(names, list) or len(names) != num_classes:
         got = len(names) if isinstance(names, list) else type(names).__name__
         raise ValueError(f"--classes {path}: expected {num_classes} class names, got {got}")

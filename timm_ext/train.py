@@ -3,10 +3,12 @@
 timm's own pieces do the work (``create_dataset``/``create_loader``, ``create_optimizer_v2``,
 ``create_scheduler_v2``, ``Mixup``); the loss goes through the core head's ``compute_loss`` so no B x N
 score matrix is built for MHE heads. Per epoch: a row in ``log.jsonl``, then ``last.pt`` (+ ``best.pt`` on
-the best validation top-1) committed together (``LastBestCheckpoint``), then ``summary.csv`` and
-``summary.json``; a kill at any point leaves best, last and the summaries consistent, and ``--resume``
-continues exactly where the last commit stopped. A folder that holds a run is never written over unless
-``--resume`` or ``--overwrite`` says so.
+the best validation top-1) committed by the core's ``TrainState`` (``last.pt`` is the commit point; a
+``best.pt`` a kill left behind is rolled forward from it), then ``summary.csv`` and ``summary.json``
+(rewritten from the checkpoint on resume); ``--resume`` continues exactly where the last commit stopped,
+and refuses (saying what is intact) when there is nothing or something unreadable to resume. A folder that
+holds a run is never written over unless ``--resume`` or ``--overwrite`` says so; a second trainer on the
+same folder is refused by its lock.
 Multi-process: ``torchrun --nproc_per_node=K -m timm_ext.train ...`` (DDP; gloo on CPU, nccl on CUDA).
 """
 
@@ -41,19 +43,19 @@ from mhe_plugins.heads import MHSHead
 from mhe_plugins.training import (
     Amp,
     JsonlLogger,
-    LastBestCheckpoint,
     RunExistsError,
+    TrainState,
     atomic_write_json,
     atomic_write_text,
     check_finite_loss,
-    load_checkpoint,
     prepare_output_dir,
+    release_run_locks,
     rng_state,
     seed_everything,
     set_rng_state,
 )
 
-from .data import build_dataset, build_loader, check_targets, class_names, infer_num_classes
+from .data import build_dataset, build_loader, check_targets, class_map_of, class_names, infer_num_classes
 from .mixup import DigitMixup, check_mixup_support
 from .model import HEADS, MHEClassifier, create_model, head_parameters
 
@@ -233,6 +235,7 @@ RUN_FILES = (
     "last.pt",
     "best.pt",
     "best.pt.prev",
+    "best.pt.uncommitted",
     "log.jsonl",
     "summary.csv",
     "summary.json",
@@ -265,25 +268,41 @@ def _summary(config: dict, head_params: int, best: float, history: list[dict], e
     }
 
 
-def resolve_head_neck(args: argparse.Namespace) -> int | None:
+def resolve_head_neck(args: argparse.Namespace, resumed: dict | None = None) -> int | None:
     """``--head-neck`` as given (0 = none); else the neck of the run being resumed; else the head's default."""
     if args.head_neck is not None:
         if args.head_neck < 0:
             raise ValueError(f"--head-neck must be >= 0 (0 = no neck), got {args.head_neck}")
         return args.head_neck or None
-    if args.resume:
-        return load_checkpoint(args.resume, map_location="cpu").get("config", {}).get("neck_dim")
+    if resumed is not None:
+        return resumed.get("config", {}).get("neck_dim")
     return NECK_DEFAULTS.get(args.head)
+
+
+def resume_path(resume: str) -> Path:
+    """``--resume`` takes a checkpoint file or a run folder (its ``last.pt``)."""
+    path = Path(resume)
+    return path / "last.pt" if path.is_dir() else path
 
 
 def train(args: argparse.Namespace) -> dict:
     """Run a training job described by parsed CLI ``args``; returns the summary dict (also summary.json)."""
+    try:
+        return _train(args)
+    finally:
+        release_run_locks()
+
+
+def _train(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = init_distributed_from_env(timeout_s=args.dist_timeout)
     main = is_main_process()
+    ckpts = TrainState(args.output)
+    resumed = None
+    if args.resume:  # before anything is written: nothing to resume / a damaged checkpoint is an error
+        resumed = ckpts.load_resume(resume_path(args.resume), map_location=device)
     out = _prepare_output(args, main)
-    ckpts = LastBestCheckpoint(out)
     if main:
         for note in ckpts.recover():
             print(f"recovered after an interrupted run: {note}", flush=True)
@@ -301,11 +320,12 @@ def train(args: argparse.Namespace) -> dict:
             f"{args.data_dir} ({args.train_split}) has {num_classes} classes"
         )
     check_targets(train_ds, num_classes, args.train_split)
-    val_ds = build_dataset(args.dataset, args.data_dir, args.val_split, in_chans)
+    train_classes = class_map_of(train_ds)  # eval splits keep the training ids even if they lack a class
+    val_ds = build_dataset(args.dataset, args.data_dir, args.val_split, in_chans, train_classes)
     check_targets(val_ds, num_classes, args.val_split)
     extra_ds = None
     if args.extra_eval_split:
-        extra_ds = build_dataset(args.dataset, args.data_dir, args.extra_eval_split, in_chans)
+        extra_ds = build_dataset(args.dataset, args.data_dir, args.extra_eval_split, in_chans, train_classes)
         check_targets(extra_ds, num_classes, args.extra_eval_split)
 
     # ---------------------------------------------------------------- model
@@ -320,7 +340,7 @@ def train(args: argparse.Namespace) -> dict:
         small_stem=args.small_stem,
         head_kwargs=head_kwargs_from_args(args),
         in_chans=in_chans,
-        neck_dim=resolve_head_neck(args),
+        neck_dim=resolve_head_neck(args, resumed),
         **model_kwargs,
     ).to(device)
     pcfg = model.pretrained_cfg
@@ -389,8 +409,8 @@ def train(args: argparse.Namespace) -> dict:
 
     logger = JsonlLogger(out / "log.jsonl", enabled=main)
     start_epoch, best, history = 0, -1.0, []
-    if args.resume:
-        ckpt = load_checkpoint(args.resume, map_location=device)
+    if resumed is not None:
+        ckpt = resumed
         old = ckpt.get("config", {})
         if any(old.get(k) != config[k] for k in ("head", "head_sizes", "neck_dim", "num_classes")):
             raise ValueError(f"--resume {args.resume} was trained with a different head: {old}")
@@ -494,7 +514,7 @@ def train(args: argparse.Namespace) -> dict:
                     if is_best
                     else None
                 )  # fmt: skip
-                ckpts.save(state, best_state)  # best first, then last.pt = the commit point
+                ckpts.commit(state, best_state)  # last.pt = the commit point, then best.pt
                 _write_csv(history, out / "summary.csv")
                 atomic_write_json(
                     _summary(config, head_params, best, history, num_epochs), out / "summary.json"

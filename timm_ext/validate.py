@@ -9,27 +9,31 @@ from pathlib import Path
 
 import torch
 
-from mhe_plugins.training import LastBestCheckpoint, atomic_write_json, load_checkpoint
+from mhe_plugins.training import TrainState, atomic_write_json, load_checkpoint
 
-from .data import build_dataset, build_loader, check_targets
+from .data import build_dataset, build_loader, check_targets, stored_class_names
 from .train import EVAL_CROP_PCT, EVAL_INTERPOLATION, build_model_from_config, evaluate
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, config) from a checkpoint written by ``mhe-timm-train``.
 
-    A ``best.pt`` beside a ``last.pt`` is first repaired if a kill left it newer than the last commit, so it
-    always matches the run's ``summary.json``.
+    Read-only: nothing in the run folder is written or deleted. A ``best.pt`` that a kill left older than
+    the run's last commit is not evaluated as is: the committed best stored in ``last.pt`` is used instead
+    (with a note on stderr), so the result matches the run's ``summary.json``.
     """
     path = Path(checkpoint)
-    if path.name == "best.pt" and (path.parent / "last.pt").is_file():
-        for note in LastBestCheckpoint(path.parent).recover():
+    if path.name == "best.pt" and (path.parent / "last.pt").exists():
+        ckpt, note = TrainState(path.parent).load_best(map_location=device)
+        if note:
             print(f"{path}: {note}", file=sys.stderr)
-    ckpt = load_checkpoint(checkpoint, map_location=device)
+    else:
+        ckpt = load_checkpoint(checkpoint, map_location=device)
     if "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{checkpoint} is not a mhe-timm-train checkpoint (needs 'model' and 'config')")
     model = build_model_from_config(ckpt["config"])
     model.load_state_dict(ckpt["model"])
+    model.class_names = ckpt.get("class_names")  # validate numbers folder splits by these
     return model.to(device).eval(), ckpt["config"]
 
 
@@ -46,7 +50,10 @@ def validate(
     model, cfg = load_model(checkpoint, device)
     if beam is not None and hasattr(model.head, "beam"):
         model.head.beam = beam
-    ds = build_dataset(cfg["dataset"] if dataset is None else dataset, data_dir, split, cfg["input_size"][0])
+    names = stored_class_names(checkpoint, model.class_names)  # the training ids, not this split's folders
+    ds = build_dataset(
+        cfg["dataset"] if dataset is None else dataset, data_dir, split, cfg["input_size"][0], names
+    )
     check_targets(ds, cfg["num_classes"], split)
     loader = build_loader(
         ds,

@@ -97,7 +97,9 @@ def run_neural(method: str, data_dir: str, work: Path, args) -> dict:
     else:
         summary = train(cfg)
     t0 = time.time()
-    res = evaluate_model_dir(cfg.output, data_dir, "test", device="cpu")
+    res = evaluate_model_dir(
+        cfg.output, data_dir, "test", device="cpu", out=Path(cfg.output) / "metrics.json"
+    )
     predict_s = time.time() - t0
     return {
         **res,

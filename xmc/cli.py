@@ -2,7 +2,7 @@
 
 mhe-xmc train --data-dir DIR --output OUT                       # every other option has a default
 torchrun --nproc_per_node 2 -m xmc.cli train --data-dir DIR --output OUT
-mhe-xmc eval --model OUT --data-dir DIR [--split test]          # prints + writes OUT/metrics.json
+mhe-xmc eval --model OUT --data-dir DIR [--split test] [--out M.json]   # prints (read-only on OUT)
 mhe-xmc predict --model OUT --top-k 5 < texts.txt               # "label:score ..." per line
 """
 
@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+from mhe_plugins.distributed import add_dist_timeout_arg
 from xmc.train import TrainConfig
 
 
@@ -133,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_train_args(sub.add_parser("train", help="train a model (flat or MHC head)"))
-    ev = sub.add_parser("eval", help="evaluate a trained model; writes MODEL/metrics.json")
+    ev = sub.add_parser("eval", help="evaluate a trained model (prints; writes nothing in MODEL)")
     ev.add_argument("--model", required=True)
     ev.add_argument("--data-dir", required=True)
     ev.add_argument("--split", default="test")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", default=None, help="also write the metrics (JSON, percent) to this file")
+    add_dist_timeout_arg(ev)
     pr = sub.add_parser("predict", help="top-k labels for each stdin line")
     pr.add_argument("--model", required=True)
     pr.add_argument("--top-k", type=int, default=5)
@@ -153,21 +156,36 @@ def main(argv: list[str] | None = None) -> None:
         summary = train_cli(args)
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     elif args.cmd == "eval":
-        from mhe_plugins.distributed import cleanup_distributed, get_rank, init_distributed_from_env
+        from mhe_plugins.distributed import (
+            cleanup_distributed,
+            collective_timeout_guard,
+            get_rank,
+            init_distributed_from_env,
+        )
         from xmc.evaluate import evaluate_model_dir
 
-        init_distributed_from_env()  # under torchrun the batches are sharded over ranks
+        init_distributed_from_env(
+            timeout_s=args.dist_timeout
+        )  # under torchrun batches are sharded over ranks
         rank = get_rank()
         try:
-            res = evaluate_model_dir(args.model, args.data_dir, args.split, args.batch_size, args.device)
+            with collective_timeout_guard(lambda: f"evaluating {args.model} on {args.split}"):
+                res = evaluate_model_dir(
+                    args.model, args.data_dir, args.split, args.batch_size, args.device, out=args.out
+                )
         finally:
             cleanup_distributed()
         if rank == 0:
             print(json.dumps({**res, "world_size": int(os.environ.get("WORLD_SIZE", 1))}, indent=1))
     else:
+        from mhe_plugins.lines import split_lines
         from xmc.evaluate import predict_lines
+        from xmc.io import InputFileError
 
-        lines = [line.rstrip("\r\n") for line in sys.stdin]
+        # bytes where there are any: text mode would turn a stray \r into a line break
+        buf = getattr(sys.stdin, "buffer", None)
+        raw = buf.read().decode("utf-8") if buf is not None else sys.stdin.read()
+        lines = split_lines(raw, "<stdin>", InputFileError)
         for row in predict_lines(args.model, lines, args.top_k, args.batch_size, args.device):
             print(" ".join(f"{lab}:{score:.4f}" for lab, score in row))
 

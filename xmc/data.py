@@ -1,7 +1,9 @@
 """Readers for the two XMC dataset formats users have, and the label vocabulary.
 
 * ``raw``: AttentionXML/LightXML raw text. ``{split}_texts.txt`` (or ``{split}_raw_texts.txt``) and
-  ``{split}_labels.txt``, one document per line, labels space-separated tokens.
+  ``{split}_labels.txt``, one document per line, labels space-separated tokens. Only ``\n`` (or ``\r\n``)
+  ends a line; a stray ``\r`` or a BOM after the file's start is an error naming file:line
+  (:func:`xmc.io.read_lines`).
 * ``bow``: Extreme Classification Repository BoW. Header ``num_points num_features num_labels``, then
   ``l1,l2 f:v f:v ...`` with 0-based ids; parsed by scikit-learn's svmlight reader.
 

@@ -146,6 +146,15 @@ def build_wordnet_xmc(
     return splits, stats
 
 
+def _one_line(text: str, name: str, row: int) -> str:
+    """``text`` if it is one line by the readers' rules (``xmc.io.read_lines``), else an error: a written
+    ``\\n``, ``\\r`` or BOM would split the document or be refused when the set is read back."""
+    for ch in ("\n", "\r", "\ufeff"):
+        if ch in text:
+            raise ValueError(f"{name}: row {row} contains {ch!r} ({text[:60]!r}); one document per line")
+    return text
+
+
 def write_raw_dataset(
     splits: dict[str, list[tuple[str, list[str]]]],
     out: str | Path,
@@ -162,8 +171,9 @@ def write_raw_dataset(
                 ("texts", (t for t, _ in rows)),
                 ("labels", (" ".join(ls) for _, ls in rows)),
             ):
-                data = "".join(line + "\n" for line in lines).encode("utf-8")
                 name = f"{split}_{kind}.txt"
+                data = "".join(_one_line(line, name, i) + "\n" for i, line in enumerate(lines, 1))
+                data = data.encode("utf-8")
                 if compress == "xz":
                     (tmp / (name + ".xz")).write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
                 else:

@@ -41,7 +41,7 @@ def run_demo(
             max_steps=max_steps,
         )
         summary = train(cfg)
-        res = evaluate_model_dir(cfg.output, data_dir, "test")
+        res = evaluate_model_dir(cfg.output, data_dir, "test", out=Path(cfg.output) / "metrics.json")
         rows[head] = {
             **res,
             "train_s": time.time() - t0,

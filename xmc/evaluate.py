@@ -7,6 +7,7 @@ gathered, so a torchrun evaluation computes the metrics of exactly the same rank
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from mhe_plugins import metrics as M
 from mhe_plugins.distributed import all_gather_variable, get_rank, get_world_size
-from mhe_plugins.training import atomic_write_json, load_checkpoint
+from mhe_plugins.training import TrainState, atomic_write_json, load_checkpoint
 from xmc.batching import Collator, to_device
 from xmc.data import load_dataset
 from xmc.encoders import TfidfFeaturizer, l2_rows, load_tokenizer
@@ -95,7 +96,12 @@ class TrainedModel:
         self.model = XMCModel(
             self.cfg, len(self.label_vocab), self.meta.get("num_features"), hf_config=hf_config
         )
-        state = load_checkpoint(self.dir / which, map_location="cpu")
+        if which == "model.pt" and (self.dir / "checkpoint.pt").exists():  # read-only: never repairs
+            state, note = TrainState(self.dir, last="checkpoint.pt", best="model.pt").load_best("cpu")
+            if note:
+                print(f"[mhe-xmc] {self.dir}: {note}", file=sys.stderr)
+        else:
+            state = load_checkpoint(self.dir / which, map_location="cpu")
         self.model.load_state_dict(state["state_dict"])
         self.model.to(self.device).eval()
         prop = self.dir / "propensities.npy"
@@ -157,9 +163,10 @@ def evaluate_model_dir(
     split: str = "test",
     batch_size: int = 256,
     device: str = "cpu",
-    write: bool = True,
+    out: str | Path | None = None,
 ) -> dict[str, float]:
-    """Metrics of a trained model on a split; written to ``model_dir/metrics.json`` (percent)."""
+    """Metrics of a trained model on a split (percent); also written to ``out`` when given. Read-only on
+    ``model_dir``: evaluating never writes into the run folder unless ``out`` points there."""
     tm = TrainedModel(model_dir, device)
     ds = load_dataset(
         data_dir, tm.meta["format"], label_vocab=tm.label_vocab if tm.meta["format"] == "raw" else None
@@ -172,8 +179,8 @@ def evaluate_model_dir(
     col = tm.collator(texts=part.texts, features=part.features, labels=part.labels)
     ids, _ = rank_documents(tm.model, col, len(part), 5, batch_size, tm.device)
     result = compute_metrics(ids, part.labels, tm.propensities)
-    if write and get_rank() == 0:
-        atomic_write_json(result, Path(model_dir) / "metrics.json")
+    if out is not None and get_rank() == 0:
+        atomic_write_json(result, out)
     return result
 
 

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from mhe_plugins.lines import iter_clean_lines
+
 COMPRESSED_SUFFIXES = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
 
 
@@ -43,13 +45,15 @@ DECOMPRESS_ERRORS = (lzma.LZMAError, EOFError, gzip.BadGzipFile, zlib.error, OSE
 
 def open_text(path: str | Path, mode: str = "rt") -> IO[str]:
     """Open a (possibly compressed) UTF-8 text file; a leading BOM is dropped when reading
-    (``utf-8-sig``): left in place it would glue itself to the first token, e.g. a phantom label."""
+    (``utf-8-sig``): left in place it would glue itself to the first token, e.g. a phantom label.
+    Reading, only ``\n`` ends a line and nothing is translated (``newline="\n"``): universal newlines
+    turned a stray ``\r`` into a line break, splitting one document in two (see :mod:`mhe_plugins.lines`)."""
     path = Path(path)
-    enc = "utf-8-sig" if "r" in mode else "utf-8"
+    enc, newline = ("utf-8-sig", "\n") if "r" in mode else ("utf-8", None)
     opener = COMPRESSED_SUFFIXES.get(path.suffix)
     if opener is not None:
-        return opener(path, mode, encoding=enc)
-    return open(path, mode, encoding=enc)
+        return opener(path, mode, encoding=enc, newline=newline)
+    return open(path, mode, encoding=enc, newline=newline)
 
 
 def open_binary(path: str | Path) -> IO[bytes]:
@@ -71,17 +75,18 @@ def _undecodable_line(path: Path) -> str:
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """All lines of a text file without their trailing newline (``\\r\\n`` tolerated).
-
-    Undecodable bytes and corrupt compressed streams become :class:`InputFileError` naming the file and line.
+    """All lines of a text file without their ``\\n`` / ``\\r\\n``, by the rules of :mod:`mhe_plugins.lines`:
+    only ``\\n`` ends a line, a leading BOM is dropped; a ``\\r`` not before ``\\n`` or a BOM later in the
+    file (two files concatenated) is an :class:`InputFileError` naming file:line, never a silent extra line
+    or a phantom label. Undecodable bytes and corrupt compressed streams are errors naming the file and line.
     """
     path = Path(path)
     lines: list[str] = []
     fh = open_text(path)  # a missing file raises FileNotFoundError here, not a decompression error
     try:
         with fh:
-            for line in fh:
-                lines.append(line.rstrip("\r\n"))
+            for line in iter_clean_lines(fh, str(path), InputFileError):
+                lines.append(line)
     except UnicodeDecodeError as exc:
         raise InputFileError(_undecodable_line(path)) from exc
     except DECOMPRESS_ERRORS as exc:

@@ -37,11 +37,13 @@ from mhe_plugins.distributed import (
 from mhe_plugins.training import (
     Amp,
     JsonlLogger,
-    LastBestCheckpoint,
+    TrainState,
+    atomic_write,
     atomic_write_json,
     atomic_write_text,
     check_finite_loss,
     prepare_output_dir,
+    release_run_locks,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -51,6 +53,7 @@ from xmc.batching import Collator, IndexDataset, to_device
 from xmc.data import XMCDataset, load_dataset
 from xmc.encoders import TfidfFeaturizer, l2_rows, load_tokenizer
 from xmc.evaluate import compute_metrics, rank_documents
+from xmc.io import read_lines
 from xmc.model import XMCModel
 
 
@@ -263,17 +266,54 @@ def _write_static_files(
     if feats.featurizer is not None:
         feats.featurizer.save(out / "tfidf.json")
     atomic_write_text("".join(t + "\n" for t in ds.label_vocab), out / "labels.txt")
-    with open(out / ".propensities.tmp.npy", "wb") as fh:
-        np.save(fh, prop.astype(np.float32))
-    (out / ".propensities.tmp.npy").replace(out / "propensities.npy")
+    atomic_write(out / "propensities.npy", lambda fh: np.save(fh, prop.astype(np.float32)))
     atomic_write_json(meta, out / "config.json")
 
 
-RUN_FILES = ["checkpoint.pt", "model.pt", "model.pt.prev", "log.jsonl", "train_summary.json", "metrics.json"]
+def _check_resume_matches(out: Path, ds: XMCDataset, feats: _Featurised, model: XMCModel) -> None:
+    """On ``--resume``, the data and model must be the run's own: labels by name and order, the feature
+    space and the model config. Checked before any file is written; a mismatch names the first difference."""
+    labels_file = out / "labels.txt"
+    if not labels_file.is_file():
+        raise FileNotFoundError(f"cannot resume: {labels_file} is missing (the run's label names)")
+    saved = read_lines(labels_file)
+    if saved != list(ds.label_vocab):
+        where = next((i for i, (a, b) in enumerate(zip(saved, ds.label_vocab)) if a != b), None)
+        detail = (
+            f"{len(saved)} labels in the run, {len(ds.label_vocab)} in the data"
+            if where is None
+            else f"{labels_file.name}:{where + 1} is {saved[where]!r}, the data's label {where + 1} is "
+            f"{ds.label_vocab[where]!r}"
+        )
+        raise ValueError(f"cannot resume {out} on this dataset: its labels differ ({detail})")
+    meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    for key, now in (("num_features", feats.num_features), ("model", model.cfg), ("format", ds.format)):
+        if meta.get(key) != json.loads(json.dumps(now)):
+            raise ValueError(
+                f"cannot resume {out}: config.json has {key}={meta.get(key)!r}, this run would use {now!r}"
+            )
+
+
+RUN_FILES = [
+    "checkpoint.pt",
+    "model.pt",
+    "model.pt.prev",
+    "model.pt.uncommitted",
+    "log.jsonl",
+    "train_summary.json",
+    "metrics.json",
+]
 
 
 def train(cfg: TrainConfig) -> dict:
     """Train, selecting on validation; returns a summary (best validation metrics, timings, sizes)."""
+    try:
+        return _train(cfg)
+    finally:
+        release_run_locks()
+
+
+def _train(cfg: TrainConfig) -> dict:
     rank, world, device = init_distributed_from_env(timeout_s=cfg.dist_timeout)
     if cfg.device:
         device = torch.device(cfg.device)
@@ -281,7 +321,11 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     out = Path(cfg.output)
-    if (out / "checkpoint.pt").exists() and not (cfg.resume or cfg.overwrite):  # before the slow data load
+    ckpt = TrainState(out, last="checkpoint.pt", best="model.pt")
+    resumed = None
+    if cfg.resume:  # before the slow data load and before any write: nothing / a damaged file is an error
+        resumed = ckpt.load_resume(map_location="cpu")
+    elif (out / "checkpoint.pt").exists() and not cfg.overwrite:
         prepare_output_dir(out, resume=False, overwrite=False, run_files=RUN_FILES, main_process=rank == 0)
     # data is read and validated before anything is written
     ds = load_dataset(cfg.data_dir, cfg.format, valid_size=cfg.valid_size)
@@ -306,10 +350,12 @@ def train(cfg: TrainConfig) -> dict:
     if model.neighbours is not None:
         model.neighbours.set_data(x_tr, y_tr)
     model.to(device)
+    if resumed is not None:
+        _check_resume_matches(out, ds, feats, model)
     prepare_output_dir(
         out, resume=cfg.resume, overwrite=cfg.overwrite, run_files=RUN_FILES, main_process=rank == 0
     )
-    if rank == 0:
+    if rank == 0 and resumed is None:
         _write_static_files(cfg, ds, feats, model, out, prop)
     hf = cfg.encoder != "tfidf"
     lr = cfg.lr if cfg.lr is not None else (1e-4 if hf else 2e-3)
@@ -335,14 +381,14 @@ def train(cfg: TrainConfig) -> dict:
     # HF encoders carry a pooler the loss never uses; buffers (lexical centroids) never change
     ddp = wrap_ddp(model, device, find_unused_parameters=hf, broadcast_buffers=False)
 
-    ckpt = LastBestCheckpoint(out, last="checkpoint.pt", best="model.pt")
     logger = JsonlLogger(out / "log.jsonl", enabled=rank == 0)
     start_epoch, step, best, best_epoch, history = 0, 0, -1.0, -1, []
-    if cfg.resume and (out / "checkpoint.pt").exists():
+    if resumed is not None:
         if rank == 0:
-            ckpt.recover()
+            for note in ckpt.recover():
+                print(f"[mhe-xmc] recovered after an interrupted run: {note}", flush=True)
         barrier()
-        ck = ckpt.load_last(map_location=device)
+        ck = resumed
         model.load_state_dict(ck["model"])
         for o, st in zip(optimizers, ck["optimizers"]):
             o.load_state_dict(st)
@@ -452,7 +498,7 @@ def train(cfg: TrainConfig) -> dict:
                     "best_epoch": best_epoch,
                     "rng": rng_state(),
                 }
-                ckpt.save(last, pending_best)  # model.pt and checkpoint.pt commit together
+                ckpt.commit(last, pending_best)  # checkpoint.pt (the commit point), then model.pt
             pending_best = None
             barrier()
             if stop:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..lines import read_name_list
+
 #: Debian packages rendered by default (issue 4); all "free" CJK fonts of Debian bookworm.
 FONT_PACKAGES: tuple[str, ...] = (
     "fonts-noto-cjk",
@@ -346,7 +348,7 @@ def read_classes(data_dir: str | Path) -> list[str]:
         raise FileNotFoundError(
             f"{path} not found: build the set with `python -m timm_ext.datasets glyphs --out DIR`"
         )
-    return path.read_text(encoding="utf-8").splitlines()
+    return read_name_list(path)  # blank / repeated lines are errors, not extra classes
 
 
 def load_glyph_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

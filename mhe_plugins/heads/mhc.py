@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import as_int
+from ..checks import as_int, check_class_ids
 from ..codec import LabelCodec
+from ..decode import valid_first_topk
 from .base import MHEHead, reduce_loss, upcast
 
 __all__ = ["MHCHead", "MHCOutput", "TiedNodeEmbedding"]
@@ -143,6 +144,7 @@ class MHCHead(MHEHead):
                 f"MHCHead trains on hard label ids (a tensor), got {type(target).__name__}; "
                 "soft/mixed targets need MHPHead"
             )
+        target = check_class_ids(target, self.num_labels)
         if tuple(target.shape) != tuple(lead):
             raise ValueError(f"target shape {tuple(target.shape)} does not match the features {tuple(lead)}")
         digits = self.codec.encode(target.reshape(-1))
@@ -190,9 +192,14 @@ class MHCHead(MHEHead):
         self, x: torch.Tensor, k: int, beam: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # the beam is widened to k so that k leaves always exist (beam=1, k=1 is greedy decoding)
+        # Valid prefixes (every id < N below them) are always ranked above invalid ones, whatever the scores:
+        # NaN/inf features gave NaN scores that outranked the -inf mask, and ids >= N came out. Ranked
+        # valid-first, the beam keeps an invalid prefix only when too few valid ones exist, and since
+        # beam >= k, the last level always has k valid leaves.
         beam = max(self.beam if beam is None else as_int(beam, "beam", minimum=1), k)
         lp = F.log_softmax(upcast(self._root_logits(x)), -1)
-        scores, prefix = lp.topk(min(beam, lp.shape[1]), dim=1)
+        roots = torch.arange(lp.shape[1], device=x.device)
+        scores, prefix = valid_first_topk(lp, (roots > self._limits[0]).expand_as(lp), min(beam, lp.shape[1]))
         for h in range(1, self.codec.num_heads):
             q = self.query(h, x)
             child = self._child_log_probs(h, q, prefix)  # (B, P, C)
@@ -200,7 +207,7 @@ class MHCHead(MHEHead):
             size = self.codec.head_sizes[h]
             ids = (prefix.unsqueeze(-1) * size + torch.arange(size, device=x.device)).flatten(1)
             keep = k if h == self.codec.num_heads - 1 else beam
-            scores, pos = total.topk(min(keep, total.shape[1]), dim=1)
+            scores, pos = valid_first_topk(total, ids > self._limits[h], min(keep, total.shape[1]))
             prefix = ids.gather(1, pos)
         return scores[:, :k], prefix[:, :k]
 
@@ -239,6 +246,7 @@ class MHCHead(MHEHead):
         nothing |V|-wide is formed.
         """
         flat, _ = self._flat(x)
+        target = check_class_ids(target, self.num_labels)
         digits = self.codec.encode(target.reshape(-1))
         logits, prefix = [self._root_logits(flat)], digits[:, 0]
         for h in range(1, self.codec.num_heads):
@@ -277,6 +285,7 @@ class MHCHead(MHEHead):
 
     def target_log_prob(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Exact log p(target) per item, shaped like ``target``: sum over levels of log p(digit | prefix)."""
+        target = check_class_ids(target, self.num_labels)
         digits = self.codec.encode(target.reshape(-1))
         lps = self.level_log_probs(x, target)
         logp = sum(lp.gather(1, digits[:, h : h + 1]).squeeze(1) for h, lp in enumerate(lps))
@@ -303,6 +312,7 @@ class MHCHead(MHEHead):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         eps = float(label_smoothing)
+        target = check_class_ids(target, self.num_labels)
         flat_t = target.reshape(-1)
         digits = self.codec.encode(flat_t)
         lps = self.level_log_probs(x, target)

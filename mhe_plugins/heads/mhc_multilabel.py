@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mhe_plugins.checks import as_int
+from mhe_plugins.checks import as_int, check_class_ids
 from mhe_plugins.codec import LabelCodec, group_split
+from mhe_plugins.decode import valid_first_topk
 
 __all__ = [
     "MHCMultiLabelHead",
@@ -117,10 +118,8 @@ class MHCMultiLabelHead(nn.Module):
 
     # ------------------------------------------------------------------ id helpers
     def _internal(self, target: torch.Tensor) -> torch.Tensor:
+        target = check_class_ids(target, self.num_labels, allow=-1)  # -1 = padding
         valid = target >= 0
-        if bool((target >= self.num_labels).any()):
-            bad = int(target[target >= self.num_labels][0])
-            raise ValueError(f"label id {bad} is out of range [0, {self.num_labels})")
         if self.to_internal is None:
             return torch.where(valid, target, -1)
         return torch.where(valid, self.to_internal[target.clamp_min(0)], -1)
@@ -245,10 +244,12 @@ class MHCMultiLabelHead(nn.Module):
         """:meth:`topk` on an output whose candidate logits the caller adjusted (e.g. a lexical term)."""
         k = as_int(k, "k", minimum=1)
         scores = torch.sigmoid(out.candidate_logits.float()) * out.group_scores.float()
-        scores = torch.where(out.candidate_mask, scores, torch.full_like(scores, -1.0))
         kk = min(k, scores.shape[1])
-        vals, idx = scores.topk(kk, dim=1)
-        ids = self._global(torch.where(vals >= 0, out.candidates.gather(1, idx), -1))
+        # real candidates first whatever the scores (``vals >= 0`` turned NaN scores into -1 ids)
+        vals, idx = valid_first_topk(scores, ~out.candidate_mask, kk)
+        real = out.candidate_mask.gather(1, idx)
+        vals = torch.where(real, vals, torch.full_like(vals, -1.0))
+        ids = self._global(torch.where(real, out.candidates.gather(1, idx), -1))
         if kk < k:
             vals = F.pad(vals, (0, k - kk), value=-1.0)
             ids = F.pad(ids, (0, k - kk), value=-1)

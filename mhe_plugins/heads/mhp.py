@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_soft_target
+from ..checks import check_class_ids, check_soft_target
 from ..codec import LabelCodec
 from ..decode import full_product_scores, log_valid_mass, product_topk
 from .base import MHEHead, reduce_loss, upcast
@@ -56,7 +56,7 @@ class MHPHead(MHEHead):
         summing to 1: a wrong shape would broadcast and a row summing to 2 would silently double a loss.
         """
         if isinstance(target, torch.Tensor):
-            return self.codec.encode(target)
+            return self.codec.encode(check_class_ids(target, self.num_labels))
         soft = list(target)
         if len(soft) != self.codec.num_heads:
             raise ValueError(f"expected {self.codec.num_heads} soft digit targets, got {len(soft)}")
@@ -100,6 +100,7 @@ class MHPHead(MHEHead):
         flat_logits = [z.reshape(rows, z.shape[-1]) for z in logits]
         mask = None
         if isinstance(target, torch.Tensor):
+            target = check_class_ids(target, self.num_labels, allow=ignore_index)
             if target.shape != lead:
                 raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(lead)}")
             tgt = target.reshape(-1)
@@ -190,6 +191,7 @@ class MHPHead(MHEHead):
         every head the full eps, i.e. (1 - eps)^H to the true id).
         """
         eps_h = per_head_smoothing(label_smoothing, self.codec.num_heads)
+        target = check_class_ids(target, self.num_labels, allow=ignore_index)
         lead = logits[0].shape[:-1]
         if target.shape != lead:
             raise ValueError(f"target shape {tuple(target.shape)} does not match logits {tuple(lead)}")

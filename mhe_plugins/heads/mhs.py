@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_class_ids
 from ..codec import LabelCodec
 from ..distributed import all_gather_batch, dist_softmax_cross_entropy, group_world_rank, shard_range
 from ..margins import CombinedMargin
@@ -226,10 +227,9 @@ class MHSHead(MHEHead):
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> MHSOutput:
         """Logits of the sampled classes for the global batch (this rank's columns when sharded)."""
         flat, _ = self._flat(x)
-        target = target.reshape(-1).long()
+        target = check_class_ids(target, self.num_labels).reshape(-1)  # .long() truncated 1.5 to 1
         if target.shape[0] != flat.shape[0]:
             raise ValueError(f"{target.shape[0]} labels for {flat.shape[0]} embeddings")
-        self.codec.check_ids(target)
         s = self.group_size
         negs = self._negatives(target // s) if self.mode == "per_sample" else None
         flat, target, negs = self._gather(flat, target, negs)

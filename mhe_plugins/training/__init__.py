@@ -5,29 +5,38 @@ and call these.
 """
 
 from .amp import Amp
-from .atomic import atomic_copy, atomic_save, atomic_write_json, atomic_write_text, clean_stale_tmp
-from .checkpoint import (
-    CheckpointRef,
-    LastBestCheckpoint,
-    ShardedCheckpoint,
-    latest_checkpoint,
-    load_checkpoint,
+from .atomic import (
+    atomic_copy,
+    atomic_save,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    clean_stale_tmp,
+    write_error,
 )
+from .checkpoint import CheckpointRef, ShardedCheckpoint, latest_checkpoint, load_checkpoint
 from .guards import check_finite_loss
 from .logs import JsonlLogger
 from .rng import rng_state, seed_everything, set_rng_state
-from .rundir import RunExistsError, prepare_output_dir
+from .rundir import RunExistsError, RunLockedError, lock_run_dir, prepare_output_dir, release_run_locks
 from .schedules import poly_warmup, warmup_linear_decay
+from .state import FileStatus, NothingToResumeError, RunDamagedError, RunStatus, TrainState
 
 __all__ = [
     "Amp",
     "atomic_copy",
     "atomic_save",
+    "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
     "clean_stale_tmp",
+    "write_error",
     "CheckpointRef",
-    "LastBestCheckpoint",
+    "TrainState",
+    "RunStatus",
+    "FileStatus",
+    "RunDamagedError",
+    "NothingToResumeError",
     "ShardedCheckpoint",
     "latest_checkpoint",
     "load_checkpoint",
@@ -38,6 +47,9 @@ __all__ = [
     "set_rng_state",
     "RunExistsError",
     "prepare_output_dir",
+    "RunLockedError",
+    "lock_run_dir",
+    "release_run_locks",
     "poly_warmup",
     "warmup_linear_decay",
 ]

@@ -2,6 +2,7 @@
 
 Everything is written to a hidden temporary file in the same directory, fsynced, then ``os.replace``-d.
 A kill can still leave such a temporary file behind; :func:`clean_stale_tmp` removes them on the next start.
+Only files with this module's own suffix (``.mhe-partial``) are ever removed: a user's ``.*.tmp`` is not ours.
 """
 
 from __future__ import annotations
@@ -16,9 +17,18 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_save", "atomic_write_text", "atomic_write_json", "atomic_copy", "clean_stale_tmp"]
+__all__ = [
+    "atomic_save",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_copy",
+    "clean_stale_tmp",
+    "write_error",
+    "atomic_write",
+    "TMP_SUFFIX",
+]
 
-_TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".mhe-partial"
 
 
 def _mode_for(path: Path) -> int:
@@ -32,12 +42,13 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~umask
 
 
-def _atomic_replace(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write(fh)`` on a temporary file beside ``path``, fsync it, then rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
         os.chmod(tmp, _mode_for(path))
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -45,24 +56,61 @@ def _atomic_replace(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         tmp = None
-    except OSError as exc:
-        hint = " (disk full?)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}{hint}") from exc
-    except RuntimeError as exc:  # torch.save wraps the OSError of a full disk in a RuntimeError
-        raise OSError(errno.EIO, f"cannot write {path}: {exc}") from exc
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as exc:  # torch.save wraps the OSError of a full disk in a RuntimeError
+        raise write_error(path, exc) from exc
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (a power cut after ``os.replace`` must not bring the old file back)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. a platform that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _is_disk_full(exc: BaseException, directory: Path) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:  # torch's writer drops the errno: ask the file system how much room is left
+        st = os.statvfs(directory)
+        return st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        return False
+
+
+def write_error(path: str | os.PathLike, exc: BaseException) -> OSError:
+    """An ``OSError`` naming ``path`` that says "disk full" when that is the cause (any writer uses it)."""
+    path = Path(path)
+    if _is_disk_full(exc, path.parent):
+        return OSError(errno.ENOSPC, f"cannot write {path}: disk full (no space left on the device)")
+    code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return OSError(code, f"cannot write {path}: {reason}")
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
-    return _atomic_replace(Path(path), lambda fh: torch.save(obj, fh))
+    return atomic_write(Path(path), lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    return _atomic_replace(Path(path), lambda fh: fh.write(text.encode("utf-8")))
+    return atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> Path:
@@ -77,15 +125,16 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = 1 <
             while block := fin.read(chunk):
                 fh.write(block)
 
-    return _atomic_replace(Path(dst), write)
+    return atomic_write(Path(dst), write)
 
 
 def clean_stale_tmp(directory: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Delete temporary files a killed writer left behind (``.<name>.<random>.tmp``); returns what went."""
+    """Delete temporary files a killed writer of this module left behind (``.<name>.<random>.mhe-partial``);
+    returns what went. A temporary file is never the only copy of anything: its rename never happened."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    pattern = f".*{_TMP_SUFFIX}"
+    pattern = f".*{TMP_SUFFIX}"
     found = directory.rglob(pattern) if recursive else directory.glob(pattern)
     removed = []
     for p in found:

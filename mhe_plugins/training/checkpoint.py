@@ -2,11 +2,8 @@
 
 Two shapes cover the trainers:
 
-* :class:`LastBestCheckpoint` — ``last.pt`` (everything needed to resume) plus ``best.pt`` (the weights that
-  scored best on validation). ``last.pt`` is the commit point: ``best.pt`` is written first, the previous
-  best is kept as ``best.pt.prev`` until ``last.pt`` is replaced, and :meth:`LastBestCheckpoint.recover`
-  rolls an uncommitted ``best.pt`` back after a kill, so ``best.pt`` always matches what ``last.pt`` and the
-  logs say.
+* :class:`~mhe_plugins.training.state.TrainState` — ``last.pt`` (the commit point) plus ``best.pt``, with
+  roll-forward recovery (its own module).
 * :class:`ShardedCheckpoint` — several files per checkpoint (e.g. one head shard per rank) in a
   ``step-<n>/`` folder that counts only once its ``MANIFEST.json``, written last by rank 0, names every
   file with its size. Resume takes the newest complete folder, so a kill between files loses at most the
@@ -27,7 +24,7 @@ import torch
 
 from .atomic import atomic_save, atomic_write_json
 
-__all__ = ["load_checkpoint", "latest_checkpoint", "LastBestCheckpoint", "ShardedCheckpoint", "CheckpointRef"]
+__all__ = ["load_checkpoint", "latest_checkpoint", "ShardedCheckpoint", "CheckpointRef"]
 
 
 def load_checkpoint(
@@ -36,7 +33,8 @@ def load_checkpoint(
     """Load a checkpoint written by :func:`atomic_save` with ``weights_only=True``.
 
     Our checkpoints hold only tensors and plain Python containers, so the safe unpickler suffices; a file
-    that needs arbitrary code to unpickle is refused rather than executed.
+    that needs arbitrary code to unpickle is refused rather than executed. ``weights_only=True`` is passed
+    explicitly, which torch keeps even under ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``.
     """
     path = Path(path)
     if not path.is_file():
@@ -54,60 +52,6 @@ def latest_checkpoint(directory: str | os.PathLike, pattern: str = "checkpoint_*
         return None
     found = sorted(directory.glob(pattern), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
-
-
-class LastBestCheckpoint:
-    """``last.pt`` + ``best.pt`` in ``directory``, kept consistent across kills (see module docstring).
-
-    Both states must carry an integer ``"epoch"`` (or whatever ``key`` names): it is how :meth:`recover`
-    tells a committed ``best.pt`` from one written just before a kill.
-    """
-
-    def __init__(
-        self, directory: str | os.PathLike, last: str = "last.pt", best: str = "best.pt", key: str = "epoch"
-    ):
-        self.dir = Path(directory)
-        self.last, self.best, self.key = self.dir / last, self.dir / best, key
-        self.prev = self.dir / f"{best}.prev"
-
-    def _position(self, path: Path) -> int | None:
-        if not path.is_file():
-            return None
-        try:
-            return int(load_checkpoint(path, mmap=True)[self.key])
-        except Exception:
-            return None  # unreadable: treated as absent
-
-    def recover(self) -> list[str]:
-        """Undo what a kill left half-done; returns a message per repair (empty when nothing was needed)."""
-        notes: list[str] = []
-        committed = self._position(self.last)
-        best_at = self._position(self.best)
-        uncommitted_best = best_at is not None and (committed is None or best_at > committed)
-        if self.prev.exists():
-            if best_at is None or uncommitted_best:
-                os.replace(self.prev, self.best)
-                notes.append(
-                    f"restored {self.best} from {self.prev.name} (the newer best was never committed)"
-                )
-            else:
-                self.prev.unlink()
-        elif uncommitted_best:
-            self.best.unlink()
-            notes.append(f"removed {self.best}: written at {self.key} {best_at} after the last commit")
-        return notes
-
-    def save(self, last_state: Mapping[str, Any], best_state: Mapping[str, Any] | None = None) -> None:
-        """Write ``best_state`` (when given) then ``last_state``; ``last.pt`` is the commit point."""
-        if best_state is not None:
-            if self.best.exists():
-                os.replace(self.best, self.prev)
-            atomic_save(dict(best_state), self.best)
-        atomic_save(dict(last_state), self.last)
-        self.prev.unlink(missing_ok=True)
-
-    def load_last(self, map_location: str | torch.device = "cpu") -> dict | None:
-        return load_checkpoint(self.last, map_location) if self.last.is_file() else None
 
 
 @dataclass(frozen=True)

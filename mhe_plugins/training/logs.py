@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, write_error
 
 __all__ = ["JsonlLogger"]
 
@@ -29,9 +29,12 @@ class JsonlLogger:
         if not self.enabled:
             return
         line = json.dumps({k: _to_jsonable(v) for k, v in record.items()})
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-            fh.flush()
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+                fh.flush()
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
 
     def read(self) -> list[dict]:
         """Every complete row; a last line cut short by a kill is ignored."""

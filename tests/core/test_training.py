@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
@@ -14,91 +13,8 @@ import pytest
 import torch
 
 from mhe_plugins import training as T
-from mhe_plugins.training import atomic as atomic_mod
-from mhe_plugins.training import checkpoint as ckpt_mod
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Killed(BaseException):
-    """Stands in for SIGKILL at a precise point: nothing after it runs, no cleanup beyond what already ran."""
-
-
-def _kill_on_call(monkeypatch, module, name: str, nth: int) -> None:
-    real = getattr(module, name)
-    calls = {"n": 0}
-
-    def wrapper(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == nth:
-            raise Killed
-        return real(*a, **k)
-
-    monkeypatch.setattr(module, name, wrapper)
-
-
-def _epoch(path: Path) -> int:
-    return int(T.load_checkpoint(path)["epoch"])
-
-
-# ---------------------------------------------------------------- last/best
-
-
-def _run_epochs(store: T.LastBestCheckpoint, epochs: range, best_at: set[int]) -> None:
-    for e in epochs:
-        store.save({"epoch": e, "w": torch.full((3,), float(e))}, {"epoch": e} if e in best_at else None)
-
-
-def test_last_best_normal_order(tmp_path):
-    store = T.LastBestCheckpoint(tmp_path)
-    _run_epochs(store, range(4), best_at={0, 2})
-    assert _epoch(tmp_path / "last.pt") == 3 and _epoch(tmp_path / "best.pt") == 2
-    assert store.recover() == [] and not (tmp_path / "best.pt.prev").exists()
-
-
-@pytest.mark.parametrize("kill_at", ["os.replace", "best write", "last write"])
-def test_last_best_kill_during_new_best_rolls_back(tmp_path, monkeypatch, kill_at):
-    store = T.LastBestCheckpoint(tmp_path)
-    _run_epochs(store, range(3), best_at={1})  # committed: last epoch 2, best epoch 1
-    if kill_at == "os.replace":
-        _kill_on_call(monkeypatch, ckpt_mod.os, "replace", 1)
-    else:
-        _kill_on_call(monkeypatch, ckpt_mod, "atomic_save", 1 if kill_at == "best write" else 2)
-    with pytest.raises(Killed):
-        _run_epochs(store, range(3, 4), best_at={3})
-    monkeypatch.undo()
-    T.LastBestCheckpoint(tmp_path).recover()
-    assert _epoch(tmp_path / "last.pt") == 2
-    assert _epoch(tmp_path / "best.pt") == 1, "best.pt must match the committed run"
-    assert not (tmp_path / "best.pt.prev").exists()
-
-
-def test_last_best_first_epoch_killed_before_commit(tmp_path, monkeypatch):
-    store = T.LastBestCheckpoint(tmp_path)
-    _kill_on_call(monkeypatch, ckpt_mod, "atomic_save", 2)
-    with pytest.raises(Killed):
-        _run_epochs(store, range(1), best_at={0})
-    monkeypatch.undo()
-    notes = T.LastBestCheckpoint(tmp_path).recover()
-    assert not (tmp_path / "best.pt").exists() and notes
-
-
-def test_kill_mid_write_leaves_old_file_and_tmp_is_cleaned(tmp_path, monkeypatch):
-    T.atomic_save({"epoch": 1}, tmp_path / "last.pt")
-
-    def half_write(obj, fh):
-        fh.write(b"PK\x03\x04 partial")
-        raise Killed
-
-    monkeypatch.setattr(atomic_mod.torch, "save", half_write)
-    with pytest.raises(Killed):
-        T.atomic_save({"epoch": 2}, tmp_path / "last.pt")
-    monkeypatch.undo()
-    assert _epoch(tmp_path / "last.pt") == 1
-    # a real SIGKILL would not run the cleanup: leave a temp file as it would
-    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"junk")
-    T.prepare_output_dir(tmp_path, resume=True, overwrite=False, run_files=["last.pt"])
-    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_atomic_write_keeps_the_permissions_a_plain_write_would(tmp_path):
@@ -113,16 +29,6 @@ def test_atomic_write_keeps_the_permissions_a_plain_write_would(tmp_path):
         assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "new"
     finally:
         os.umask(old)
-
-
-def test_full_disk_names_the_path(tmp_path, monkeypatch):
-    def no_space(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(atomic_mod.os, "fsync", no_space)
-    with pytest.raises(OSError, match=r"cannot write .*last\.pt: No space left on device \(disk full\?\)"):
-        T.atomic_save({"epoch": 2}, tmp_path / "last.pt")
-    assert not list(tmp_path.iterdir()), "no temp file may stay behind"
 
 
 def test_load_checkpoint_refuses_code(tmp_path):

@@ -276,9 +276,11 @@ def test_run_folder_policy_config_types_and_dist_timeout(setup, tmp_path):
     train_main([str(cfg), "--output", str(out), "--set", "max_steps=2"])
     with pytest.raises(FileExistsError, match=r"already holds a training run .*--overwrite"):
         train_main([str(cfg), "--output", str(out), "--no-resume", "--set", "max_steps=2"])
-    (out / ".model.pt.123.tmp").write_bytes(b"half")  # left by a killed writer
+    (out / ".model.pt.123.mhe-partial").write_bytes(b"half")  # left by a killed writer
+    (out / ".notes.tmp").write_text("the user's")  # not ours: never touched
     res = train_main([str(cfg), "--output", str(out), "--no-resume", "--overwrite", "--set", "max_steps=1"])
-    assert res["steps"] == 1 and not (out / ".model.pt.123.tmp").exists()
+    assert res["steps"] == 1 and not (out / ".model.pt.123.mhe-partial").exists()
+    assert (out / ".notes.tmp").read_text() == "the user's"
     assert ShardedCheckpoint(out / "checkpoints").latest().step == 1  # the old steps 1-2 are gone
     with pytest.raises(ValueError, match=r"--set lr=abc: config key 'lr' must be float, got 'abc'"):
         train_main([str(cfg), "--output", str(out), "--set", "lr=abc"])
@@ -306,3 +308,34 @@ def test_frozen_rank_fails_with_dist_timeout_message(setup, tmp_path):
     assert proc.returncode != 0
     msg = "rank 0/2: a collective did not complete within 3 s at epoch 0 step 2"
     assert msg in proc.stderr, proc.stderr[-3000:]
+
+
+def test_model_pt_is_current_after_a_kill_before_its_write(setup, tmp_path, monkeypatch):
+    """Issue 25: a kill (or Ctrl-C) between the final checkpoint commit and the model.pt write left model.pt
+    stale, and the resume exited at once without writing it. Now the resume makes it current."""
+    import insightface_ext.train as train_mod
+
+    d, cfg = setup
+    out = tmp_path / "k"
+    real = train_mod.atomic_save
+
+    class Killed(BaseException):
+        pass
+
+    def killing(obj, path):
+        if Path(path).name == "model.pt" and ShardedCheckpoint(out / "checkpoints").latest().step == 6:
+            raise Killed
+        return real(obj, path)
+
+    monkeypatch.setattr(train_mod, "atomic_save", killing)
+    with pytest.raises(Killed):
+        train_main([str(cfg), "--output", str(out), "--set", "max_steps=6", "val_targets=()"])
+    monkeypatch.undo()
+    final = ShardedCheckpoint(out / "checkpoints").latest()
+    backbone = final.load("state.pt")["backbone"]
+    model = load_checkpoint(out / "model.pt")
+    assert not all(torch.equal(model[k], backbone[k]) for k in backbone), "model.pt is stale after the kill"
+    res = train_main([str(cfg), "--output", str(out), "--set", "max_steps=6", "val_targets=()"])
+    assert res["steps"] == 6
+    model = load_checkpoint(out / "model.pt")
+    assert all(torch.equal(model[k], backbone[k]) for k in backbone)

@@ -70,3 +70,24 @@ def test_checkpoint_copy_is_atomic(tmp_path, monkeypatch):
     assert dst.read_bytes() == src.read_bytes()
     assert checkpoint_utils.PathManager.copy(str(src), str(dst), overwrite=False) is False
     assert checkpoint_utils.PathManager.exists(str(dst))  # other methods are fairseq's own
+
+
+def test_checkpoint_loading_stays_weights_only_whatever_the_environment(tmp_path, monkeypatch):
+    """Issue 25: with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, fairseq's own torch.load (no weights_only argument)
+    unpickled arbitrary code. Through this project's plugin it stays restricted."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "checkpoint_evil.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "x": Evil()}, bad)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported global|not allowed"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(bad))
+    assert not marker.exists()
+    good = tmp_path / "checkpoint_good.pt"
+    _ckpt(good, 7, 1_000)
+    # what fairseq's loader calls: plain checkpoints still load under the same environment
+    assert float(checkpoint_utils.torch.load(str(good), map_location="cpu")["model"]["w"][0]) == 7.0

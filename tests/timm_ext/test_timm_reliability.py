@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mhe_plugins.training.checkpoint as ckpt_mod
+import mhe_plugins.training.state as state_mod
 import timm_ext.train as train_mod
 from mhe_plugins.datasets.glyphs import GlyphDataset, load_glyph_split, subset_glyph_dataset
 from mhe_plugins.training import RunExistsError, load_checkpoint
@@ -47,7 +47,7 @@ class Killed(BaseException):
 
 def _assert_consistent(out: Path, data: Path) -> dict:
     """best.pt (through mhe-timm-validate), last.pt, summary.json/csv and log.jsonl tell the same story."""
-    res = validate(str(data), str(out / "best.pt"), split="valid")  # repairs best.pt if a kill left it newer
+    res = validate(str(data), str(out / "best.pt"), split="valid")
     summary = json.loads((out / "summary.json").read_text())
     hist = summary["history"]
     epochs = [r["epoch"] for r in hist]
@@ -61,30 +61,38 @@ def _assert_consistent(out: Path, data: Path) -> dict:
     return summary
 
 
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
 @pytest.mark.parametrize("kill_at", ["best.pt", "last.pt"])
 def test_kill_during_checkpoint_write_then_resume(glyphs40, tmp_path, monkeypatch, kill_at):
     out = tmp_path / "run"
-    real_save = ckpt_mod.atomic_save
+    real_save = state_mod.atomic_save
     seen = {}
 
     def killing_save(obj, path):
-        # kill at the first new best after epoch 0: writing best.pt itself, or last.pt right after it
+        # kill at the first new best after epoch 0: writing last.pt (the commit) or best.pt right after it
         name, epoch = Path(path).name, obj["epoch"]
-        if name == "best.pt" and epoch >= 1:
+        if name == "last.pt" and epoch >= 1 and "_best_state" in obj and "best_epoch" not in seen:
             seen["best_epoch"] = epoch
         if name == kill_at and seen.get("best_epoch") == epoch:
             raise Killed(f"killed writing {name} at epoch {epoch}")
         return real_save(obj, path)
 
-    monkeypatch.setattr(ckpt_mod, "atomic_save", killing_save)
+    monkeypatch.setattr(state_mod, "atomic_save", killing_save)
     with pytest.raises(Killed):
         train(_args(glyphs40, out, "--epochs", 4, *FAST))
-    monkeypatch.setattr(ckpt_mod, "atomic_save", real_save)
+    monkeypatch.setattr(state_mod, "atomic_save", real_save)
     killed_epoch = seen["best_epoch"]
-    # right after the kill (no resume): validate repairs best.pt, which matches the committed summary
-    summary = _assert_consistent(out, glyphs40)
-    assert len(summary["history"]) == killed_epoch and not summary["finished"]
-    # the log got the uncommitted epoch's row (logged before the commit); resume drops it and goes on
+    # right after the kill (no resume): validate is read-only and scores the committed best
+    before = _files(out)
+    res = validate(str(glyphs40), str(out / "best.pt"), split="valid")
+    assert _files(out) == before, "mhe-timm-validate must not write in the run folder"
+    committed = load_checkpoint(out / "last.pt")["history"]
+    assert len(committed) == (killed_epoch + 1 if kill_at == "best.pt" else killed_epoch)
+    assert res["top1"] == pytest.approx(max(r["valid_top1"] for r in committed), abs=1e-9)
+    # the log got the killed epoch's row (logged before the commit); resume keeps exactly one per epoch
     assert [r["epoch"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())][
         -1
     ] == killed_epoch
@@ -93,7 +101,6 @@ def test_kill_during_checkpoint_write_then_resume(glyphs40, tmp_path, monkeypatc
     assert summary["finished"] and len(summary["history"]) == 4
     logged = [json.loads(x)["epoch"] for x in (out / "log.jsonl").read_text().splitlines()]
     assert logged == [0, 1, 2, 3]
-    assert not (out / "best.pt.prev").exists()
 
 
 def test_real_sigkill_mid_run_then_resume(glyphs40, tmp_path):
@@ -215,3 +222,33 @@ def test_decompression_bomb_names_the_image(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"class1/big\.png .*too large to decode safely"):
         ds[i]
     assert ds[0][0].size == (32, 32)  # normal images still load
+
+
+def test_damaged_last_pt_never_costs_best_pt(glyphs40, tmp_path):
+    """Issue 25: a truncated last.pt (a half-finished copy of the run folder) made mhe-timm-validate and the
+    next mhe-timm-train start delete best.pt. Now: validate scores best.pt and writes nothing; --resume
+    refuses, naming what is intact; a fresh start without --overwrite refuses too; best.pt is never lost."""
+    out = tmp_path / "run"
+    common = ["--epochs", 2, *FAST]
+    train(_args(glyphs40, out, *common))
+    last = out / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    before = _files(out)
+    res = validate(str(glyphs40), str(out / "best.pt"), split="valid")
+    summary = json.loads((out / "summary.json").read_text())
+    assert res["top1"] == pytest.approx(summary["best_val_top1"], abs=1e-9)
+    with pytest.raises(
+        RuntimeError, match=r"cannot resume .*last\.pt is damaged .*best\.pt from epoch \d is intact"
+    ):
+        train(_args(glyphs40, out, *common, "--resume", last))
+    with pytest.raises(RunExistsError):
+        train(_args(glyphs40, out, *common))
+    assert _files(out) == before, "nothing in the run folder may change"
+
+
+def test_resume_with_nothing_to_resume_is_an_error(glyphs40, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(
+            _args(glyphs40, tmp_path / "run", "--epochs", 1, *FAST, "--resume", tmp_path / "run" / "last.pt")
+        )
+    assert not (tmp_path / "run").exists(), "a refused resume creates nothing"

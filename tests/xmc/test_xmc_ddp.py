@@ -39,12 +39,13 @@ def test_two_process_training_and_eval_match_one_process(wordnet_small, tmp_path
     two_eval.mkdir()
     for f in one.iterdir():
         (two_eval / f.name).write_bytes(f.read_bytes())
-    (two_eval / "metrics.json").unlink()
+    metrics = tmp_path / "metrics.json"
     stdout = _torchrun(
-        "eval", "--model", str(two_eval), "--data-dir", str(wordnet_small), "--batch-size", "37"
-    )
+        "eval", "--model", str(two_eval), "--data-dir", str(wordnet_small), "--batch-size", "37",
+        "--out", str(metrics), "--dist-timeout", "120",
+    )  # fmt: skip
     assert stdout.count('"world_size": 2') == 1  # a real 2-rank group; only rank 0 reports
-    assert json.loads((two_eval / "metrics.json").read_text()) == ref
+    assert json.loads(metrics.read_text()) == ref
 
     # training on 2 ranks x 32 docs = the same global batches of 64: same weights and metrics
     two = tmp_path / "two"

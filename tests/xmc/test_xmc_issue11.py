@@ -129,7 +129,7 @@ def test_lexical_softmax_deep_bigram_model_trains_and_reloads(wordnet_small, tmp
         and float(best["state_dict"]["lexical.weight"]) != cfg.lexical_weight
     )
     # the saved folder ranks exactly as the trainer's validation did (centroids travel in model.pt)
-    res = evaluate_model_dir(out, wordnet_small, "valid", write=False)
+    res = evaluate_model_dir(out, wordnet_small, "valid")
     row = summary["history"][summary["best_epoch"]]
     assert res["P@5"] == pytest.approx(row["P@5"], abs=1e-6)
     ds = load_dataset(wordnet_small)
@@ -144,11 +144,9 @@ def test_resume_after_kill_logs_each_epoch_once_and_best_matches(wordnet_small, 
     train(TrainConfig(data_dir=str(wordnet_small), output=str(part), max_steps=19, **kw))
     with open(part / "log.jsonl", "a") as fh:  # a row of epoch 1 logged just before a kill
         fh.write(json.dumps({"epoch": 1, "split": "valid", "P@5": 0.0}) + "\n")
-    (part / "model.pt.prev").write_bytes((part / "model.pt").read_bytes())
     resumed = train(TrainConfig(data_dir=str(wordnet_small), output=str(part), resume=True, **kw))
     log = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and log[1]["P@5"] > 0
-    assert not (part / "model.pt.prev").exists()
     ck, best = load_checkpoint(part / "checkpoint.pt"), load_checkpoint(part / "model.pt")
     assert best["epoch"] == ck["best_epoch"] == resumed["best_epoch"]
 

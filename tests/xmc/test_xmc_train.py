@@ -33,7 +33,7 @@ def mhc_run(wordnet_small, tmp_path_factory):
 def test_mhc_converges_well_above_popularity_baseline(mhc_run, wordnet_small):
     out, summary = mhc_run
     ds = load_dataset(wordnet_small)
-    res = evaluate_model_dir(out, wordnet_small, "test")
+    res = evaluate_model_dir(out, wordnet_small, "test", out=out / "metrics.json")
     assert json.loads((out / "metrics.json").read_text()) == res
     assert set(res) == {f"{m}@{k}" for m in ("P", "nDCG", "PSP") for k in (1, 3, 5)}
     # baseline: always predict the 5 most frequent training labels
@@ -122,8 +122,8 @@ def test_cli_defaults_work_on_bow_format(tmp_path, capsys, monkeypatch):
             "1",
         ]
     )
-    main(["eval", "--model", str(out), "--data-dir", str(data)])
-    res = json.loads((out / "metrics.json").read_text())
+    main(["eval", "--model", str(out), "--data-dir", str(data), "--out", str(out / "m.json")])
+    res = json.loads((out / "m.json").read_text())
     assert res["P@1"] > 70  # features identify the labels
     meta = json.loads((out / "config.json").read_text())
     assert meta["format"] == "bow" and meta["model"]["head"] == "mhc"
