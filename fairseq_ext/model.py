@@ -1,15 +1,13 @@
 """``transformer_mhe``: fairseq's transformer with an MHE output layer over the target dictionary.
 
-``--mhe-method mhp`` (product, :class:`MHPHead`): ``output_layer`` returns the concatenated digit logits
-(..., sum C_h); ``get_normalized_probs`` turns them into full-vocabulary log-probabilities by an outer sum
-of per-head log-softmaxes (no d x |V| matmul), renormalised over ids < |V|.
-
-``--mhe-method mhc`` (cascade, :class:`MHCHead`; class-based softmax over frequency bins, since fairseq's
-dictionary is frequency-sorted): log p(v) = log p(group(v)) + log p(v | group(v)), exact. Training never
-calls ``output_layer``: the criterion asks the model for features (``features_only=True``) and scores only
-the C_0 groups and the C_1 siblings of each target. ``output_layer`` returns exact full-vocabulary
-log-probs (one matmul per level), and ``get_normalized_probs`` log-softmaxes them again: the identity at
-temperature 1, exact tempering p^(1/T) after the generator's ``decoder_out / temperature``.
+The output layer is a core head built by ``mhe_plugins.heads.build_head``: ``--mhe-method mhp`` (product,
+:class:`MHPHead`) or ``mhc`` (cascade, :class:`MHCHead`; class-based softmax over frequency bins, since
+fairseq's dictionary is frequency-sorted: log p(v) = log p(group(v)) + log p(v | group(v)), exact).
+Training never calls ``output_layer``: the criterion asks the model for features (``features_only=True``)
+and calls the head (``head(features, target)``), which for MHC scores only the C_0 groups and the C_1
+siblings of each target. ``output_layer`` returns the head's exact full-vocabulary log-probs, and
+``get_normalized_probs`` log-softmaxes them again: the identity at temperature 1, exact tempering
+p^(1/T) after the generator's ``decoder_out / temperature``.
 
 Everything that consumes log-probs - ``SequenceGenerator`` beam search, ``--sampling``,
 ``--score-reference``, ``fairseq-interactive`` - works unchanged for both methods.
@@ -24,9 +22,8 @@ import torch.nn.functional as F
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerModel
 from fairseq.models.transformer.transformer_legacy import base_architecture, transformer_iwslt_de_en
-from torch import nn
 
-from mhe_plugins import LabelCodec, MHCHead, MHPHead
+from mhe_plugins import LabelCodec, MHEHead, build_head
 
 logger = logging.getLogger(__name__)
 
@@ -42,51 +39,44 @@ __all__ = [
     "TransformerMHEModel",
     "TransformerMHEDecoder",
     "codec_from_args",
-    "digit_log_probs",
     "output_layer_params",
 ]
 
 
 def codec_from_args(args, vocab_size: int) -> LabelCodec:
     """``--mhe-head-sizes C1,C2,..`` if given; else for MHC with ``--mhe-groups G`` > 0 two levels
-    ``[G, ceil(|V|/G)]`` (G frequency bins); else ``LabelCodec.balanced(|V|, --mhe-heads)``."""
+    ``[G, ceil(|V|/G)]`` (G frequency bins); else the balanced split into ``--mhe-heads`` (the core's
+    ``LabelCodec.from_spec``)."""
     sizes = getattr(args, "mhe_head_sizes", None)
     heads = getattr(args, "mhe_heads", None)
     groups = getattr(args, "mhe_groups", None)
     if groups is not None and int(groups) < 0:
         raise ValueError(f"--mhe-groups must be >= 0 (0 = balanced --mhe-heads levels), got {groups}")
+    parsed = None
     if sizes:
         try:
             parsed = [int(s) for s in str(sizes).split(",") if s.strip()]
         except ValueError:
             raise ValueError(f"--mhe-head-sizes must be comma-separated ints, got {sizes!r}") from None
-        if heads and int(heads) != len(parsed):
-            raise ValueError(
-                f"--mhe-heads {heads} disagrees with --mhe-head-sizes {sizes} ({len(parsed)} sizes)"
-            )
-        try:
-            return LabelCodec(parsed, num_labels=vocab_size)
-        except ValueError as e:
-            raise ValueError(
-                f"--mhe-head-sizes {sizes}: {e} (target dictionary has {vocab_size} types)"
-            ) from None
-    if (getattr(args, "mhe_method", None) or "mhp") == "mhc" and groups:
-        if heads and int(heads) != 2:
-            raise ValueError(
-                f"--mhe-heads {heads} with --mhe-method mhc: --mhe-groups {groups} makes two levels; pass "
-                f"--mhe-groups 0 for {heads} balanced levels, or --mhe-head-sizes"
-            )
-        return LabelCodec.for_groups(vocab_size, int(groups))
-    return LabelCodec.balanced(vocab_size, int(heads or 2))
-
-
-def digit_log_probs(codec: LabelCodec, digit_logits: torch.Tensor) -> list[torch.Tensor]:
-    """Per-head log-softmax (float32) of concatenated digit logits (..., sum C_h)."""
-    return [F.log_softmax(z.float(), dim=-1) for z in digit_logits.split(list(codec.head_sizes), dim=-1)]
+    mhc_groups = int(groups) if (getattr(args, "mhe_method", None) or "mhp") == "mhc" and groups else None
+    try:
+        return LabelCodec.from_spec(
+            vocab_size, parsed, int(heads) if heads else None, None if parsed else mhc_groups
+        )
+    except ValueError as e:
+        flag = (
+            f"--mhe-head-sizes {sizes}"
+            if parsed
+            else (f"--mhe-groups {groups}" if mhc_groups else f"--mhe-heads {heads}")
+        )
+        raise ValueError(
+            f"{flag}: {e} (target dictionary has {vocab_size} types; --mhe-groups 0 gives balanced "
+            f"--mhe-heads levels)"
+        ) from None
 
 
 class TransformerMHEDecoder(TransformerDecoderBase):
-    """Transformer decoder whose ``output_projection`` is an :class:`MHPHead` or an :class:`MHCHead`."""
+    """Transformer decoder whose ``output_projection`` is a core head (:class:`MHPHead` or :class:`MHCHead`)."""
 
     def __init__(
         self,
@@ -128,33 +118,30 @@ class TransformerMHEDecoder(TransformerDecoderBase):
             )
         if getattr(cfg, "base_layers", 0):
             raise ValueError("transformer_mhe: --base-layers is not supported")
-        if self.method == "mhc":
-            self.output_projection = self._build_mhc(cfg, embed_tokens)
-            return
-        head = MHPHead(self.output_embed_dim, self.codec, bias=False)
-        # same init as fairseq's untied output projection
-        nn.init.normal_(head.proj.weight, mean=0.0, std=self.output_embed_dim**-0.5)
-        self.output_projection = head
-
-    def _build_mhc(self, cfg, embed_tokens) -> MHCHead:
-        """Cascade head; its leaf (token) embeddings are the decoder input embeddings when tied."""
         width = embed_tokens.weight.shape[1]
-        hidden = int(self.mhc_hidden_dim or width)
-        tie = bool(getattr(cfg, "share_decoder_input_output_embed", False))
-        if tie and hidden != width:
-            raise ValueError(
-                f"--share-decoder-input-output-embed (or --share-all-embeddings) with --mhe-method mhc ties the "
-                f"cascade's token embeddings to the decoder input embeddings, which needs --mhe-hidden-dim "
-                f"({hidden}) == --decoder-embed-dim ({width}); drop --mhe-hidden-dim or the sharing flag"
-            )
-        head = MHCHead(self.output_embed_dim, self.codec, hidden_dim=hidden, group_mlp_dim=self.group_mlp_dim)
-        nn.init.normal_(head.group.weight, mean=0.0, std=self.output_embed_dim**-0.5)
-        nn.init.zeros_(head.group.bias)
-        for emb in head.node_embed:
-            nn.init.normal_(emb.weight, mean=0.0, std=hidden**-0.5)
-        if tie:
+        tie = self.method == "mhc" and bool(getattr(cfg, "share_decoder_input_output_embed", False))
+        options = {"bias": False}  # MHP: same init as fairseq's untied output projection (no bias)
+        if self.method == "mhc":
+            hidden = int(self.mhc_hidden_dim or width)
+            if tie and hidden != width:
+                raise ValueError(
+                    f"--share-decoder-input-output-embed (or --share-all-embeddings) with --mhe-method mhc ties "
+                    f"the cascade's token embeddings to the decoder input embeddings, which needs "
+                    f"--mhe-hidden-dim ({hidden}) == --decoder-embed-dim ({width}); drop --mhe-hidden-dim or "
+                    f"the sharing flag"
+                )
+            options = {"hidden_dim": hidden, "group_mlp_dim": self.group_mlp_dim}
+        head = build_head(
+            self.method,
+            self.output_embed_dim,
+            self.codec.num_labels,
+            head_sizes=self.codec.head_sizes,
+            **options,
+        )
+        head.init_as_output_embedding()
+        if tie:  # the cascade's leaf (token) embeddings are the decoder input embeddings
             head.tie_leaf_embedding(embed_tokens.weight)
-        return head
+        self.output_projection: MHEHead = head
 
     def upgrade_state_dict_named(self, state_dict, name):
         """Refuse, with the fix, an MHC checkpoint whose output layer has another shape than this model's
@@ -181,19 +168,13 @@ class TransformerMHEDecoder(TransformerDecoderBase):
         return state_dict
 
     def output_layer(self, features: torch.Tensor) -> torch.Tensor:
-        """MHP: features (..., d) -> concatenated digit logits (..., sum C_h).
-        MHC: features -> exact full-vocabulary log-probs (..., |V|) (inference / other criteria only)."""
-        if self.method == "mhc":
-            return self.output_projection.log_prob_batched(features)
-        return torch.cat(self.output_projection(features), dim=-1)
+        """Features (..., d) -> the head's exact full-vocabulary log-probs (..., |V|) (inference only)."""
+        return self.output_projection.log_prob(features)
 
     def get_normalized_probs_scriptable(self, net_output, log_probs: bool, sample=None) -> torch.Tensor:
-        """Full-vocabulary (log-)probs; MHP: sum_h log_softmax_h[digit_h(v)] - log P(id < |V|)."""
-        if self.method == "mhc":
-            out = F.log_softmax(net_output[0].float(), dim=-1)  # exact tempering after generator's / T
-        else:
-            head = self.output_projection
-            out = head.log_prob_from_logits(net_output[0].split(list(self.codec.head_sizes), dim=-1))
+        """Full-vocabulary (log-)probs: log-softmax of the output layer's log-probs (the identity at
+        temperature 1, exact tempering after the generator's ``decoder_out / temperature``)."""
+        out = F.log_softmax(net_output[0].float(), dim=-1)
         return out if log_probs else out.exp()
 
 

@@ -1,6 +1,6 @@
 """arcface_torch-style face-recognition training with MHS-ArcFace (the Partial-FC replacement) sharded over ranks.
 
-Public pieces: :class:`MHSArcFace` (``loss = head(local_embeddings, local_labels)``), :class:`LazySGD` (no
+Public pieces: :class:`MHSArcFace` (``loss = head(local_embeddings, local_labels).loss``), :class:`LazySGD` (no
 decay/momentum drift on unsampled class centres), ``insightface_ext.pml.MHSArcFaceLoss`` (pytorch-metric-
 learning loss), the ``mhe-face-train`` / ``mhe-face-eval`` / ``mhe-face-export`` CLIs and
 ``python -m insightface_ext.bench``.

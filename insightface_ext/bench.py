@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import statistics
 import subprocess
@@ -32,6 +31,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from mhe_plugins.bench.env import machine, mem_available_bytes, thread_env
+from mhe_plugins.bench.report import pyplot, save_figure, write_json, write_reports
+from mhe_plugins.bench.store import read_json
 
 __all__ = ["main", "open_set_pairs", "METHODS"]
 
@@ -45,14 +48,6 @@ METHODS = {
 
 def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _mem_available() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _head_args(method: str, n: int, mhs_heads: tuple[int, int]) -> dict:
@@ -193,7 +188,7 @@ def scale_worker(a: argparse.Namespace) -> dict:
         x = torch.randn(b, d, requires_grad=True)
         y = torch.randint(0, n, (b,))
         t = time.perf_counter()
-        loss = head(x, y)
+        loss = head(x, y).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -211,29 +206,22 @@ def scale_worker(a: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------- driver
-def _spawn(kind: str, args: list[str], out: Path) -> subprocess.Popen:
+def _spawn(kind: str, args: list[str], out: Path, threads: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "insightface_ext.bench", kind, "--json", str(out), *args]
     log = open(out.with_suffix(".log"), "w")  # noqa: SIM115 - closed by the child's exit
-    return subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1")
-    )
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=thread_env(threads))
 
 
 def _collect(p: subprocess.Popen, out: Path) -> dict:
     rc = p.wait()
     if rc == 0 and out.is_file():
-        return json.loads(out.read_text())
+        return read_json(out)
     tail = out.with_suffix(".log").read_text()[-600:] if out.with_suffix(".log").is_file() else ""
     return {"error": f"exit code {rc}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"}
 
 
 def _plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 3, figsize=(16, 5.2))
+    fig, ax = pyplot().subplots(1, 3, figsize=(16, 5.2))
     names = [m for m in res["methods"] if "error" not in res["methods"][m]]
     for m in names:
         c = np.asarray(res["methods"][m]["loss_curve"])
@@ -258,7 +246,7 @@ def _plot(res: dict, path: Path) -> None:
     ax[2].set(title="synthetic ids: head step time", xlabel="identities", ylabel="ms / step")
     ax[2].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def _fmt(v, pat="{:.2f}"):
@@ -331,43 +319,21 @@ def _markdown(res: dict) -> str:
 
 
 def run(a: argparse.Namespace) -> dict:
-    from mhe_plugins.training import atomic_write_json, atomic_write_text
-
     t0 = time.perf_counter()
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    common = [
-        "--train-dir",
-        a.train_dir,
-        "--eval-dir",
-        a.eval_dir,
-        "--threads",
-        str(a.threads),
-        "--width",
-        str(a.width),
-        "--epochs",
-        str(a.epochs),
-        "--warmup-epochs",
-        str(a.warmup_epochs),
-        "--batch",
-        str(a.batch),
-        "--work-dir",
-        str(work),
-        "--seed",
-        str(a.seed),
-        "--impostors",
-        str(a.impostors),
-        "--balanced-pairs",
-        str(a.balanced_pairs),
-        "--mhs-heads",
-        *map(str, a.mhs_heads),
-    ]
+    common = ["--train-dir", a.train_dir, "--eval-dir", a.eval_dir, "--threads", str(a.threads),
+              "--width", str(a.width), "--epochs", str(a.epochs), "--warmup-epochs", str(a.warmup_epochs),
+              "--batch", str(a.batch), "--work-dir", str(work), "--seed", str(a.seed),
+              "--impostors", str(a.impostors), "--balanced-pairs", str(a.balanced_pairs),
+              "--mhs-heads", *map(str, a.mhs_heads)]  # fmt: skip
     if a.max_steps:
         common += ["--max-steps", str(a.max_steps)]
     methods = {}
     if not a.skip_glyphs:
         procs = {
-            m: _spawn("glyph-worker", ["--method", m, *common], work / f"glyph_{m}.json") for m in a.methods
+            m: _spawn("glyph-worker", ["--method", m, *common], work / f"glyph_{m}.json", a.threads)
+            for m in a.methods
         }
         methods = {m + a.key_suffix: _collect(p, work / f"glyph_{m}.json") for m, p in procs.items()}
         for m, r in methods.items():
@@ -385,28 +351,11 @@ def run(a: argparse.Namespace) -> dict:
         scaling[str(n)] = {}
         for m in a.methods:
             est = _estimate_bytes(m, n, a.dim, a.scale_batch, _mhs_scale_heads(n, a.scale_batch))
-            budget = int(0.8 * _mem_available())
+            budget = int(0.8 * mem_available_bytes())
             out = work / f"scale_{n}_{m}.json"
-            p = _spawn(
-                "scale-worker",
-                [
-                    "--method",
-                    m,
-                    "--num-ids",
-                    str(n),
-                    "--dim",
-                    str(a.dim),
-                    "--batch",
-                    str(a.scale_batch),
-                    "--steps",
-                    str(a.scale_steps),
-                    "--threads",
-                    str(a.threads),
-                    "--mem-budget",
-                    str(budget),
-                ],
-                out,
-            )
+            args = ["--method", m, "--num-ids", str(n), "--dim", str(a.dim), "--batch", str(a.scale_batch),
+                    "--steps", str(a.scale_steps), "--threads", str(a.threads), "--mem-budget", str(budget)]  # fmt: skip
+            p = _spawn("scale-worker", args, out, a.threads)
             scaling[str(n)][m] = _collect(p, out)
             scaling[str(n)][m].update(estimated_bytes=est, mem_budget_bytes=budget)
             print(f"[bench] scaling {n} {m}: {scaling[str(n)][m]}", flush=True)
@@ -415,7 +364,7 @@ def run(a: argparse.Namespace) -> dict:
     command = "python -m insightface_ext.bench " + " ".join(a.argv)
     wall = time.perf_counter() - t0
     if a.merge and out.with_suffix(".json").is_file():
-        old = json.loads(out.with_suffix(".json").read_text())
+        old = read_json(out.with_suffix(".json"))
         methods = {**old.get("methods", {}), **methods}
         scaling = {
             n: {**old.get("scaling", {}).get(n, {}), **scaling.get(n, {})}
@@ -439,15 +388,12 @@ def run(a: argparse.Namespace) -> dict:
             "mhs_heads": list(a.mhs_heads),
             "train_dir": a.train_dir,
             "eval_dir": a.eval_dir,
+            "machine": machine(),
         },
         "wall_seconds": wall,
         "command": command,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(res, out.with_suffix(".json"))
-    atomic_write_text(_markdown(res), out.with_suffix(".md"))
-    if methods:
-        _plot(res, out.with_suffix(".png"))
+    write_reports(out, res, _markdown(res), _plot if methods else None)
     return res
 
 
@@ -463,8 +409,10 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m insightface_ext.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd")
     g = argparse.ArgumentParser(add_help=False)
-    g.add_argument("--train-dir", default="/work/data/glyphs_gb1")
-    g.add_argument("--eval-dir", default="/work/data/glyphs_gb2")
+    g.add_argument(
+        "--train-dir", default="runs/data/glyphs_gb1", help="built with python -m timm_ext.datasets"
+    )
+    g.add_argument("--eval-dir", default="runs/data/glyphs_gb2", help="the gb2312-2 set, built the same way")
     g.add_argument("--threads", type=int, default=1)
     g.add_argument("--width", type=int, default=8)
     g.add_argument("--epochs", type=float, default=2)
@@ -472,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--max-steps", type=int)
     g.add_argument("--batch", type=int, default=128)
     g.add_argument("--seed", type=int, default=2048)
-    g.add_argument("--work-dir", default="/tmp/mhe_face_bench")
+    g.add_argument("--work-dir", default="runs/face_bench")
     g.add_argument("--impostors", type=int, default=300000)
     g.add_argument("--balanced-pairs", type=int, default=6000)
     g.add_argument("--mhs-heads", type=int, nargs=2, default=(751, 5))
@@ -515,13 +463,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     a.argv = argv
     if a.cmd == "report":
-        from mhe_plugins.training import atomic_write_text
-
-        out = Path(a.out)
-        res = json.loads(out.with_suffix(".json").read_text())
-        atomic_write_text(_markdown(res), out.with_suffix(".md"))
-        if res["methods"]:
-            _plot(res, out.with_suffix(".png"))
+        res = read_json(Path(a.out).with_suffix(".json"))
+        write_reports(a.out, res, _markdown(res), _plot if res["methods"] else None)
         return res
     if a.cmd == "glyph-worker":
         a.mhs_heads = tuple(a.mhs_heads)
@@ -531,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         a.mhs_heads = tuple(a.mhs_heads)
         return run(a)
-    Path(a.json).write_text(json.dumps(res))
+    write_json(res, a.json)
     return res
 
 

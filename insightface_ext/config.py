@@ -27,7 +27,7 @@ def base_config() -> SimpleNamespace:
         dropout=0.0,
         margin_list=(1.0, 0.5, 0.0),  # (m1, m2, m3): ArcFace
         scale=64.0,
-        head_sizes=None,  # e.g. (13, 7187); None -> LabelCodec.balanced(num_classes, 2)
+        head_sizes=None,  # e.g. (13, 7187); None -> the balanced 2-head split (LabelCodec.from_spec)
         sample_rate=None,  # optional extra random negative groups (Partial-FC style)
         fp16=False,  # AMP (float16 autocast + GradScaler) on CUDA only
         momentum=0.9,

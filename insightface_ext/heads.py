@@ -1,8 +1,9 @@
-"""MHS-ArcFace: the Partial-FC replacement with Partial FC's call shape, ``loss = head(local_emb, local_labels)``.
+"""MHS-ArcFace: the Partial-FC replacement, ``loss = head(local_emb, local_labels).loss``.
 
-A thin wrapper of the core :class:`mhe_plugins.MHSHead` (sharding over ranks, sampling, margins, row-sparse
-gradients all live there): it keeps arcface_torch's constructor vocabulary (margin triple + ``scale``,
-``sample_rate``, ``sparse``) and shards over the default process group when one is initialised.
+A thin wrapper of the core :class:`mhe_plugins.MHSHead` (sharding over ranks, sampling, margins, fp32 margin
+maths under autocast, row-sparse gradients all live there; the call is the core contract): it keeps
+arcface_torch's constructor vocabulary (margin triple + ``scale``, ``sample_rate``, ``sparse``) and shards
+over the default process group when one is initialised.
 """
 
 from __future__ import annotations
@@ -45,12 +46,10 @@ class MHSArcFace(MHSHead):
         sampling_correction: bool = False,
         sampled_groups: int | None = None,
     ):
-        if head_sizes is None:
-            if num_classes is None:
-                raise ValueError("MHSArcFace needs num_classes or head_sizes")
-            codec = LabelCodec.balanced(int(num_classes), 2)
-        else:
-            codec = LabelCodec(list(head_sizes), num_labels=num_classes)
+        if head_sizes is None and num_classes is None:
+            raise ValueError("MHSArcFace needs num_classes or head_sizes")
+        n = int(num_classes) if num_classes is not None else None
+        codec = LabelCodec.from_spec(n, head_sizes) if n is not None else LabelCodec(list(head_sizes))
         if codec.num_heads < 2:
             raise ValueError(
                 f"MHSArcFace needs at least 2 heads (group, member), got {list(codec.head_sizes)}"
@@ -74,21 +73,6 @@ class MHSArcFace(MHSHead):
         )
         self.embedding_size, self.num_classes = int(embedding_size), codec.num_labels
         self.margin_triple, self.scale, self.sparse = m, float(scale), bool(sparse)
-
-    def forward(
-        self, local_embeddings: torch.Tensor, local_labels: torch.Tensor, reduction: str = "mean"
-    ) -> torch.Tensor:
-        """ArcFace CE over the *global* batch (same value on every rank), in fp32 even under autocast."""
-        if local_embeddings.dim() != 2:
-            raise ValueError(
-                f"embeddings must be (B, {self.embedding_size}), got {tuple(local_embeddings.shape)}"
-            )
-        with torch.autocast(device_type=local_embeddings.device.type, enabled=False):
-            out = super().forward(local_embeddings.float(), local_labels)
-            return self.loss(out, reduction=reduction)
-
-    def compute_loss(self, x: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self(x, target, **kwargs)
 
     @torch.no_grad()
     def local_centres(self) -> torch.Tensor:

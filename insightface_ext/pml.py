@@ -45,12 +45,10 @@ class MHSArcFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         super().__init__(**kwargs)
         c_f.assert_distance_type(self, CosineSimilarity)
         self.margin, self.scale, self.num_classes = float(margin), float(scale), num_classes
-        if head_sizes is None:
-            if num_classes is None:
-                raise ValueError("MHSArcFaceLoss needs num_classes or head_sizes")
-            codec = LabelCodec.balanced(int(num_classes), 2)
-        else:
-            codec = LabelCodec(list(head_sizes), num_labels=num_classes)
+        if head_sizes is None and num_classes is None:
+            raise ValueError("MHSArcFaceLoss needs num_classes or head_sizes")
+        n = int(num_classes) if num_classes is not None else None
+        codec = LabelCodec.from_spec(n, head_sizes) if n is not None else LabelCodec(list(head_sizes))
         self.head = MHSHead(
             int(embedding_size),
             codec,
@@ -60,13 +58,13 @@ class MHSArcFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             sampling_correction=False,  # Partial FC's loss, as the face wrapper (unmeasured on faces)
         )
         self.num_classes = codec.num_labels
-        self.weight_init_func(self.head.weight)
+        self.head.init_class_weights_(self.weight_init_func)
         self.add_to_recordable_attributes(list_of_names=["num_classes", "margin", "scale"], is_stat=False)
         self.add_to_recordable_attributes(list_of_names=["num_sampled_classes"], is_stat=True)
 
     @property
     def W(self) -> torch.Tensor:  # noqa: N802 - pml's name for the class-centre matrix, (embedding_size, C)
-        return self.head.weight.view(-1, self.head.in_features)[: self.num_classes].t()
+        return self.head.class_weights().t()
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         c_f.labels_required(labels)

@@ -27,14 +27,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from mhe_plugins.distributed import (
-    DEFAULT_TIMEOUT_S,
-    add_dist_timeout_arg,
-    barrier,
-    collective_timeout_guard,
-    init_distributed_from_env,
-    is_main_process,
-)
 from mhe_plugins.training import (
     JsonlLogger,
     ShardedCheckpoint,
@@ -47,6 +39,14 @@ from mhe_plugins.training import (
     rng_state,
     seed_everything,
     set_rng_state,
+)
+from mhe_plugins.training.dist import (
+    DEFAULT_TIMEOUT_S,
+    add_dist_timeout_arg,
+    barrier,
+    collective_timeout_guard,
+    init_distributed_from_env,
+    is_main_process,
 )
 
 from .backbones import get_model
@@ -313,7 +313,7 @@ def _train(cfg: SimpleNamespace, dist_timeout: float) -> dict:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
                     emb = model(x)
-                loss = head(emb, y)
+                loss = head(emb, y).loss
                 opt_b.zero_grad(set_to_none=True)
                 opt_h.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

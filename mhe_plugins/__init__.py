@@ -8,8 +8,23 @@ from . import metrics
 from .checks import check_finite
 from .codec import LabelCodec, group_split
 from .decode import log_valid_mass, product_topk
-from .heads import MHCHead, MHCOutput, MHEHead, MHPHead, MHSHead, MHSOutput
-from .heads.mhc_multilabel import MHCMultiLabelHead, MHCMultiLabelOutput, pad_labels
+from .heads import (
+    HEADS,
+    HeadOutput,
+    LinearHead,
+    LinearMultiLabelHead,
+    MHCHead,
+    MHCMultiLabelHead,
+    MHCMultiLabelOutput,
+    MHCOutput,
+    MHEHead,
+    MHPHead,
+    MHSHead,
+    MHSOutput,
+    MultiLabelHead,
+    build_head,
+    pad_labels,
+)
 from .margins import ArcFaceMargin, CombinedMargin, CosFaceMargin
 
 __version__ = "0.1.0"
@@ -20,6 +35,12 @@ __all__ = [
     "product_topk",
     "log_valid_mass",
     "MHEHead",
+    "HeadOutput",
+    "MultiLabelHead",
+    "LinearHead",
+    "LinearMultiLabelHead",
+    "HEADS",
+    "build_head",
     "MHPHead",
     "MHCHead",
     "MHCOutput",

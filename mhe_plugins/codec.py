@@ -99,6 +99,34 @@ class LabelCodec:
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
+    def from_spec(
+        cls,
+        num_labels: int,
+        head_sizes: Sequence[int] | None = None,
+        num_heads: int | None = None,
+        num_groups: int | None = None,
+    ) -> LabelCodec:
+        """The one home of the sizing rule every toolkit uses.
+
+        ``head_sizes`` given: exactly those (their product must cover ``num_labels``; ``num_heads``, when
+        also given, must agree). Else ``num_groups`` given: two levels ``{G; ceil(N/G)}`` (contiguous id
+        blocks, e.g. frequency bins). Else the balanced split into ``num_heads`` (default 2) sizes with the
+        smallest sum.
+        """
+        if head_sizes:
+            sizes = [int(c) for c in head_sizes]
+            if num_heads is not None and int(num_heads) != len(sizes):
+                raise ValueError(
+                    f"num_heads={num_heads} disagrees with head_sizes {sizes} ({len(sizes)} sizes)"
+                )
+            return cls(sizes, num_labels=num_labels)
+        if num_groups:
+            if num_heads is not None and int(num_heads) != 2:
+                raise ValueError(f"num_groups={num_groups} makes two levels, but num_heads={num_heads}")
+            return cls.for_groups(num_labels, int(num_groups))
+        return cls.balanced(num_labels, 2 if num_heads is None else num_heads)
+
+    @classmethod
     def balanced(cls, num_labels: int, num_heads: int) -> LabelCodec:
         """Head sizes with product >= N and the smallest sum (sizes differ by at most one; larger first).
 

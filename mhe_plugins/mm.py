@@ -25,8 +25,8 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from mmengine.structures import BaseDataElement
 
-from . import LabelCodec, MHCHead, MHPHead, MHSHead
 from .checks import as_int, check_soft_target
+from .heads import build_head
 
 __all__ = ["MHPClsHead", "MHCClsHead", "MHSClsHead", "parse_cls_loss"]
 
@@ -34,12 +34,6 @@ _LOSS_KEYS = {
     "CrossEntropyLoss": {"use_sigmoid", "use_soft", "reduction", "loss_weight", "class_weight", "pos_weight"},
     "LabelSmoothLoss": {"label_smooth_val", "num_classes", "use_sigmoid", "mode", "reduction", "loss_weight"},
 }
-
-
-def _codec(num_classes: int, head_sizes: Sequence[int] | None, num_heads: int) -> LabelCodec:
-    if head_sizes:
-        return LabelCodec(list(head_sizes), num_labels=num_classes)
-    return LabelCodec.balanced(num_classes, num_heads)
 
 
 def parse_cls_loss(loss: dict | None, num_classes: int, head: str) -> dict:
@@ -148,8 +142,10 @@ def _targets(
 
 
 class _MHEClsHead(BaseModule):
-    """Shared mmpretrain-style plumbing around a core head built by ``_build``."""
+    """Shared mmpretrain-style plumbing around the core head of kind ``kind`` (``build_head``)."""
 
+    kind = ""
+    default_head_kwargs: dict = {}
     soft_targets = False  # does the core head train on soft class distributions?
 
     def __init__(
@@ -157,7 +153,7 @@ class _MHEClsHead(BaseModule):
         in_channels: int,
         num_classes: int,
         head_sizes: Sequence[int] | None = None,
-        num_heads: int = 2,
+        num_heads: int | None = None,
         label_smoothing: float = 0.0,
         loss: dict | None = None,
         topk: int | Sequence[int] = (1,),
@@ -185,11 +181,10 @@ class _MHEClsHead(BaseModule):
                 f"{name}: topk must be ints in [1, num_classes={self.num_classes}], got {topk!r}"
             )
         self.cal_acc = bool(cal_acc)
-        codec = _codec(self.num_classes, head_sizes, num_heads)
-        self.head = self._build(self.in_channels, codec, **head_kwargs)
-
-    def _build(self, in_channels: int, codec: LabelCodec, **kw):  # pragma: no cover - abstract
-        raise NotImplementedError
+        kw = {**self.default_head_kwargs, **head_kwargs}
+        self.head = build_head(
+            self.kind, self.in_channels, self.num_classes, head_sizes=head_sizes, num_heads=num_heads, **kw
+        )
 
     def _use_sigmoid(self, flag: bool) -> None:
         if flag:
@@ -264,6 +259,7 @@ class MHPClsHead(_MHEClsHead):
     cross-entropy of the product model exactly.
     """
 
+    kind = "mhp"
     soft_targets = True
 
     def __init__(self, *args, loss_variant: str | None = None, **kwargs):
@@ -280,9 +276,6 @@ class MHPClsHead(_MHEClsHead):
                 )
             self.loss_variant = "bce"
 
-    def _build(self, in_channels: int, codec: LabelCodec, **kw):
-        return MHPHead(in_channels, codec, **kw)
-
     def _soft_target(self, soft: torch.Tensor) -> list[torch.Tensor]:
         return self.head.codec.digit_marginals(soft)
 
@@ -294,14 +287,12 @@ class MHPClsHead(_MHEClsHead):
 class MHCClsHead(_MHEClsHead):
     """Multi-head cascade (``hidden_dim``, ``beam``); hard labels only."""
 
-    def _build(self, in_channels: int, codec: LabelCodec, **kw):
-        return MHCHead(in_channels, codec, **kw)
+    kind = "mhc"
 
 
 @MODELS.register_module()
 class MHSClsHead(_MHEClsHead):
     """Multi-head sampling (``mode`` per_sample | batch_union, ``sampled_groups``, optional ``margin``)."""
 
-    def _build(self, in_channels: int, codec: LabelCodec, **kw):
-        kw.setdefault("mode", "per_sample")
-        return MHSHead(in_channels, codec, **kw)
+    kind = "mhs"
+    default_head_kwargs = {"mode": "per_sample"}

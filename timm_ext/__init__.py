@@ -5,24 +5,14 @@ Importing this package registers the MHE model names with timm.
 """
 
 from . import registry  # noqa: F401  (registers resnet50_mhp & co. with timm)
-from .model import (
-    HEADS,
-    LinearHead,
-    MHEClassifier,
-    build_head,
-    create_model,
-    make_codec,
-    use_small_input_stem,
-)
+from .model import HEADS, MHEClassifier, build_head, create_model, use_small_input_stem
 from .registry import register_mhe_variant
 
 __all__ = [
     "HEADS",
-    "LinearHead",
     "MHEClassifier",
     "build_head",
     "create_model",
-    "make_codec",
     "register_mhe_variant",
     "use_small_input_stem",
 ]

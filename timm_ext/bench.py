@@ -22,17 +22,21 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
-
+from mhe_plugins.bench.env import machine
+from mhe_plugins.bench.report import (
+    mark_partial,
+    partial_banner,
+    pyplot,
+    save_figure,
+    say_partial,
+    write_reports,
+)
+from mhe_plugins.bench.store import RunStore, read_json
 from mhe_plugins.heads import MHSHead
-from mhe_plugins.training import atomic_copy, atomic_write_json, atomic_write_text
 
 from .train import RUN_FILES, build_parser, train
 
@@ -97,32 +101,33 @@ def run_args(a: argparse.Namespace, variant: str, seed: int, work: Path) -> argp
     return build_parser().parse_args(argv)
 
 
-def stored_run(store: Path, variant: str, seed: int) -> Path:
-    """Where a finished run's summary is kept in the repository (``--out-dir``/runs/glyphs), so that a rerun
-    on a fresh machine, whose work dir is gone, skips it."""
-    return store / f"{variant}_seed{seed}.json"
+def run_name(variant: str, seed: int) -> str:
+    """The run's name in the committed store: ``OUT/runs/glyphs/<variant>_seed<k>.json``."""
+    return f"{variant}_seed{seed}"
 
 
-def load_run(work: Path, variant: str, seed: int, epochs: int, store: Path | None = None) -> dict | None:
-    """The run's summary when it finished all ``epochs``, else None; a run of another length is an error.
+def run_store(a: argparse.Namespace) -> RunStore:
+    """Finished runs' summaries kept in the repository (``--out-dir``/runs/glyphs), so that a rerun on a fresh
+    machine, whose work dir is gone, skips them."""
+    return RunStore(Path(a.out_dir) / "runs" / "glyphs")
 
-    Looks in the work dir first, then in the committed ``store`` of finished runs."""
-    path = run_dir(work, variant, seed) / "summary.json"
-    if not path.is_file() and store is not None:
-        path = stored_run(store, variant, seed)
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text(encoding="utf-8"))
+
+def finished(summary: dict, epochs: int, what: str) -> bool:
+    """Whether a run's summary covers all ``epochs``; a run planned for another length is an error."""
     planned = summary.get("epochs", len(summary["history"]))
     if planned != epochs:
         raise ValueError(
-            f"{path}: run planned for {planned} epochs but --epochs is {epochs}; use another --work-dir"
+            f"{what}: run planned for {planned} epochs but --epochs is {epochs}; use another --work-dir"
         )
-    return summary if len(summary["history"]) >= epochs else None
+    return len(summary["history"]) >= epochs
 
 
-def run_store(a: argparse.Namespace) -> Path:
-    return Path(a.out_dir) / "runs" / "glyphs"
+def load_run(work: Path, variant: str, seed: int, epochs: int, store: RunStore) -> dict | None:
+    """The run's summary when it finished all ``epochs``, else None; a run of another length is an error.
+
+    Looks in the work dir first, then in the committed ``store`` of finished runs."""
+    summary = store.find(run_name(variant, seed), local=run_dir(work, variant, seed) / "summary.json")
+    return summary if summary is not None and finished(summary, epochs, f"{variant} seed {seed}") else None
 
 
 def summarise(summary: dict) -> dict:
@@ -249,12 +254,9 @@ def gaps(methods: dict) -> dict[str, dict]:
 
 
 def write_results(res: dict, meta: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    res = {"partial": res["partial"], "meta": meta, **{k: v for k, v in res.items() if k != "partial"}}
+    res = mark_partial({"meta": meta, **res}, res["partial"])
     res["gaps"] = gaps(res["methods"])
-    atomic_write_json(res, out_dir / "glyphs.json")
-    atomic_write_text(markdown(res, meta), out_dir / "glyphs.md")
-    plot_curves(res, out_dir / "glyphs.png")
+    write_reports(out_dir / "glyphs", res, markdown(res, meta), plot_curves)
 
 
 def markdown(res: dict, meta: dict) -> str:
@@ -262,7 +264,7 @@ def markdown(res: dict, meta: dict) -> str:
     lines = [
         f"# CJK glyphs, {meta['num_classes']:,} classes: linear (OHE) vs MHP / MHC / MHS at convergence",
         "",
-        *(["**PARTIAL RESULTS: some planned runs have not finished.**", ""] if res["partial"] else []),
+        *partial_banner(res["partial"]),
         f"Data: GB2312 level-1 hanzi rendered at 32x32 from Debian fonts; train {meta['train_images']} images "
         f"({meta['train_faces']} faces), test {meta['test_images']} images from the held-out fonts "
         f"{', '.join(meta['test_packages'])} (unseen writers).",
@@ -318,12 +320,7 @@ def markdown(res: dict, meta: dict) -> str:
 
 
 def plot_curves(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2))
     for m, r in res["methods"].items():
         ep = list(range(1, len(r["curve_test_top1"]) + 1))
         (line,) = axes[0].plot(
@@ -344,10 +341,7 @@ def plot_curves(res: dict, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def build_bench_parser() -> argparse.ArgumentParser:
@@ -393,7 +387,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--work-dir", default="/tmp/mhe_glyph_bench", help="checkpoints and logs (not committed)")
+    p.add_argument("--work-dir", default="runs/glyph_bench", help="checkpoints and logs (not committed)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -450,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         "mhc_beam": a.beam,
         "threads": a.threads,
         "max_steps_per_epoch": a.max_steps_per_epoch,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": machine(),
         "notes": notes,
     }
     work, out_dir = Path(a.work_dir), Path(a.out_dir)
@@ -460,14 +454,20 @@ def main(argv: list[str] | None = None) -> int:
     store = run_store(a)
 
     def do_run(variant: str, seed: int) -> None:
-        if variant not in mine or load_run(work, variant, seed, a.epochs, store) is not None:
-            return
-        print(f"== {variant} seed {seed}", flush=True)
-        train(run_args(a, variant, seed, work))
-        if load_run(work, variant, seed, a.epochs) is not None:  # keep it where a fresh machine finds it
-            atomic_copy(run_dir(work, variant, seed) / "summary.json", stored_run(store, variant, seed))
-        meta["wall_s"] = round(time.time() - t0, 1)
-        write_results(collect(a, work, variants, fixed), meta, out_dir)
+        local = run_dir(work, variant, seed) / "summary.json"  # copied into the store once finished
+
+        def run() -> dict:
+            print(f"== {variant} seed {seed}", flush=True)
+            train(run_args(a, variant, seed, work))
+            return read_json(local)
+
+        def report() -> None:
+            meta["wall_s"] = round(time.time() - t0, 1)
+            write_results(collect(a, work, variants, fixed), meta, out_dir)
+
+        done = lambda s: finished(s, a.epochs, f"{variant} seed {seed}")  # noqa: E731
+        store.run_or_reuse(run_name(variant, seed), run, local=local, done=done, may_run=variant in mine,
+                           on_stored=report)  # fmt: skip
 
     for v in variants:  # 1. explore at the first seed
         do_run(v, a.seeds[0])
@@ -485,8 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{m} ({r['variant']}): {r['top1']:.2f} ± {r['top1_std']:.2f} top-1, seeds {r['seeds']}",
             flush=True,
         )
-    if res["partial"]:
-        print("results are PARTIAL: rerun the same command to continue", flush=True)
+    say_partial(res["partial"], lambda msg: print(msg, flush=True))
     return 0
 
 

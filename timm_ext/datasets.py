@@ -8,6 +8,8 @@ import sys
 
 from mhe_plugins.datasets.glyphs import build_glyph_dataset, subset_glyph_dataset
 
+from .glyph_builder import FONT_PACKAGES, ensure_fonts
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m timm_ext.datasets", description=__doc__)
@@ -17,8 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument(
         "--fonts-dir",
         default=None,
-        help="unpacked fonts (<pkg>/usr/share/fonts/...); default: "
-        "/work/cache/fonts or $MHE_FONTS_DIR, filled with apt-get download + dpkg -x",
+        help="unpacked fonts (<pkg>/usr/share/fonts/...), all of them used; default: the 17 Debian packages "
+        "in the user's font cache ($MHE_FONTS_DIR, else $XDG_CACHE_HOME/mhe-plugins/fonts, else "
+        "~/.cache/mhe-plugins/fonts), fetched there first if missing (python -m timm_ext.glyph_builder)",
     )
     g.add_argument("--charset", default="gb2312-1", choices=["gb2312-1", "gb2312-2"])
     g.add_argument("--size", type=int, default=32)
@@ -32,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--num-classes", type=int, required=True)
     a = p.parse_args(argv)
     if a.cmd == "glyphs":
+        packages = None if a.fonts_dir else FONT_PACKAGES  # the cache may hold more than the default set
         meta = build_glyph_dataset(
             a.out,
-            fonts_dir=a.fonts_dir,
+            fonts_dir=a.fonts_dir or ensure_fonts(None, FONT_PACKAGES),
+            packages=packages,
             charset=a.charset,
             size=a.size,
             num_classes=a.num_classes,

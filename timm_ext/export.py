@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mhe_plugins.lines import read_name_list
+from mhe_plugins.datasets.lines import read_name_list
 from mhe_plugins.training import atomic_write_json, load_checkpoint
 
 from .train import EVAL_CROP_PCT, EVAL_INTERPOLATION

@@ -14,49 +14,12 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mhe_plugins import LabelCodec, MHCHead, MHPHead, MHSHead
+from mhe_plugins.heads import MHEHead
+from mhe_plugins.heads import build_head as core_build_head
 
 HEADS = ("linear", "mhp", "mhc", "mhs")
-
-
-class LinearHead(nn.Module):
-    """The one-hot-encoding (OHE) baseline with the same interface as the core heads."""
-
-    def __init__(self, in_features: int, num_classes: int, bias: bool = True):
-        super().__init__()
-        self.in_features, self.num_labels = int(in_features), int(num_classes)
-        self.fc = nn.Linear(in_features, num_classes, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
-
-    def compute_loss(self, x: torch.Tensor, target, label_smoothing: float = 0.0, **_: Any) -> torch.Tensor:
-        """``target``: ids (B,) or a soft (B, N) distribution (timm's Mixup output)."""
-        logits = self.fc(x).float()
-        if target.dtype.is_floating_point:
-            return -(target * F.log_softmax(logits, -1)).sum(-1).mean()
-        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.fc(x).float(), -1)
-
-    @torch.no_grad()
-    def topk(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.log_prob(x).topk(k, dim=-1)
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x).argmax(-1)
-
-
-def make_codec(num_classes: int, head_sizes: Sequence[int] | None = None, num_heads: int = 2) -> LabelCodec:
-    """Explicit ``head_sizes`` (product must cover ``num_classes``) or the balanced split into ``num_heads``."""
-    if head_sizes:
-        return LabelCodec([int(c) for c in head_sizes], num_labels=num_classes)
-    return LabelCodec.balanced(num_classes, num_heads)
 
 
 def build_head(
@@ -64,21 +27,22 @@ def build_head(
     in_features: int,
     num_classes: int,
     head_sizes: Sequence[int] | None = None,
-    num_heads: int = 2,
+    num_heads: int | None = None,
     **head_kwargs: Any,
-) -> nn.Module:
-    """One of ``HEADS`` on ``in_features``-dim pooled features; extra kwargs go to the core head."""
+) -> MHEHead:
+    """One of ``HEADS`` through the core's ``build_head``; timm's only default of its own: MHS samples per
+    sample (the reference's image-classification MHS)."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if head == "linear":
         if head_sizes:
             raise ValueError("head_sizes is meaningless for the linear (one-hot) head")
-        return LinearHead(in_features, num_classes, **head_kwargs)
-    codec = make_codec(num_classes, head_sizes, num_heads)
-    cls = {"mhp": MHPHead, "mhc": MHCHead, "mhs": MHSHead}[head]
+        return core_build_head("linear", in_features, num_classes, **head_kwargs)
     if head == "mhs":
-        head_kwargs.setdefault("mode", "per_sample")  # the reference's image-classification MHS
-    return cls(in_features, codec, **head_kwargs)
+        head_kwargs.setdefault("mode", "per_sample")
+    return core_build_head(
+        head, in_features, num_classes, head_sizes=head_sizes, num_heads=num_heads, **head_kwargs
+    )
 
 
 def build_neck(in_features: int, neck_dim: int | None) -> nn.Module:
@@ -124,7 +88,7 @@ class MHEClassifier(nn.Module):
         head: str = "mhp",
         num_classes: int = 1000,
         head_sizes: Sequence[int] | None = None,
-        num_heads: int = 2,
+        num_heads: int | None = None,
         head_kwargs: dict | None = None,
         neck_dim: int | None = None,
     ):
@@ -156,8 +120,9 @@ class MHEClassifier(nn.Module):
 
     @property
     def head_sizes(self) -> list[int] | None:
+        """The MHE head sizes (None for the linear head and the identity head)."""
         codec = getattr(self.head, "codec", None)
-        return list(codec.head_sizes) if codec is not None else None
+        return list(codec.head_sizes) if codec is not None and self.head_type != "linear" else None
 
     def mhe_config(self) -> dict:
         """Everything needed to rebuild this model (stored in checkpoints)."""
@@ -269,7 +234,7 @@ def create_model(
     head: str = "mhp",
     num_classes: int = 1000,
     head_sizes: Sequence[int] | None = None,
-    num_heads: int = 2,
+    num_heads: int | None = None,
     pretrained: bool = False,
     small_stem: bool = False,
     head_kwargs: dict | None = None,

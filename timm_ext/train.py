@@ -29,16 +29,6 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ParseKwargs
 from tqdm import tqdm
 
-from mhe_plugins.distributed import (
-    add_dist_timeout_arg,
-    all_reduce_sum,
-    barrier,
-    cleanup_distributed,
-    collective_timeout_guard,
-    init_distributed_from_env,
-    is_main_process,
-    wrap_ddp,
-)
 from mhe_plugins.heads import MHSHead
 from mhe_plugins.training import (
     Amp,
@@ -53,6 +43,16 @@ from mhe_plugins.training import (
     rng_state,
     seed_everything,
     set_rng_state,
+)
+from mhe_plugins.training.dist import (
+    add_dist_timeout_arg,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    collective_timeout_guard,
+    init_distributed_from_env,
+    is_main_process,
+    wrap_ddp,
 )
 
 from .data import build_dataset, build_loader, check_targets, class_map_of, class_names, infer_num_classes
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--small-stem", action="store_true", help="drop a ResNet stem's max-pool (32x32 inputs)")
     m.add_argument("--head", default="mhp", choices=HEADS)
     m.add_argument("--head-sizes", type=int, nargs="+", default=None)
-    m.add_argument("--num-heads", type=int, default=2, help="MHE heads for the balanced split")
+    m.add_argument("--num-heads", type=int, default=None, help="MHE heads for the balanced split (default 2)")
     m.add_argument("--loss-variant", default="ce_sum", choices=["ce_sum", "joint_softmax", "bce"], help="MHP")
     m.add_argument("--hidden-dim", type=int, default=256, help="MHC")
     m.add_argument("--beam", type=int, default=8, help="MHC")
@@ -274,6 +274,8 @@ def resolve_head_neck(args: argparse.Namespace, resumed: dict | None = None) -> 
         if args.head_neck < 0:
             raise ValueError(f"--head-neck must be >= 0 (0 = no neck), got {args.head_neck}")
         return args.head_neck or None
+    if resumed is None and args.resume:
+        resumed = TrainState(Path(args.resume).parent).load_resume(resume_path(args.resume))
     if resumed is not None:
         return resumed.get("config", {}).get("neck_dim")
     return NECK_DEFAULTS.get(args.head)

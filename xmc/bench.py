@@ -14,17 +14,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from mhe_plugins import metrics as M
-from mhe_plugins.training import atomic_write_json, atomic_write_text
+from mhe_plugins.bench.env import machine, set_threads
+from mhe_plugins.bench.report import pyplot, save_figure, write_reports
+from mhe_plugins.bench.store import RunStore
 from xmc.data import load_dataset
 from xmc.encoders import TfidfFeaturizer
 from xmc.evaluate import TrainedModel, compute_metrics, evaluate_model_dir
@@ -162,7 +162,27 @@ def run_napkinxc(x_tr, y_tr, x_te, threads: int, work: Path) -> tuple[np.ndarray
     return pred, train_s, _dir_bytes(work / "napkinxc_model")
 
 
-def write_reports(result: dict, md: Path, js: Path, png: Path) -> None:
+def notes(result: dict) -> str:
+    """The sentences under the table (MHC shape, targets); kept in the JSON as ``notes``."""
+    out = []
+    if "mhc" in result["methods"]:
+        c = result["methods"]["mhc"]["config"]
+        out.append(
+            f"MHC head: groups {c['groups']} ({{G; per}}), {c['candidates_topk']} candidate groups per document, "
+            f"label-embedding width {c['hidden_dim']}, permutation seed {c['permutation_seed']}."
+        )
+    if "targets" in result:
+        t = result["targets"]
+        out.append(
+            f"Targets: MHC P@1 - flat P@1 = {t['mhc_P@1_minus_flat_P@1']:+.2f} (target >= -1); "
+            f"MHC P@1 - omikuji P@1 = {t['mhc_vs_omikuji_P@1']:+.2f} (target >= 0); "
+            f"MHC P@5 - omikuji P@5 = {t.get('mhc_vs_omikuji_P@5', float('nan')):+.2f} (target >= 0); "
+            f"flat / MHC classifier parameters = {t['classifier_params_ratio_flat_over_mhc']:.2f}x (target > 1)."
+        )
+    return "\n\n".join(out)
+
+
+def markdown(result: dict) -> str:
     rows = [
         "| method | " + " | ".join(COLUMNS) + " | train s | predict s | classifier params | model MB |",
         "|---" * (len(COLUMNS) + 5) + "|",
@@ -176,24 +196,7 @@ def write_reports(result: dict, md: Path, js: Path, png: Path) -> None:
             + f" | {m['model_bytes'] / 1e6:.1f} |"
         )
     s = result["setup"]
-    notes = []
-    if "mhc" in result["methods"]:
-        c = result["methods"]["mhc"]["config"]
-        notes.append(
-            f"MHC head: groups {c['groups']} ({{G; per}}), {c['candidates_topk']} candidate groups per document, "
-            f"label-embedding width {c['hidden_dim']}, permutation seed {c['permutation_seed']}."
-        )
-    if "targets" in result:
-        t = result["targets"]
-        notes.append(
-            f"Targets: MHC P@1 - flat P@1 = {t['mhc_P@1_minus_flat_P@1']:+.2f} (target >= -1); "
-            f"MHC P@1 - omikuji P@1 = {t['mhc_vs_omikuji_P@1']:+.2f} (target >= 0); "
-            f"MHC P@5 - omikuji P@5 = {t.get('mhc_vs_omikuji_P@5', float('nan')):+.2f} (target >= 0); "
-            f"flat / MHC classifier parameters = {t['classifier_params_ratio_flat_over_mhc']:.2f}x (target > 1)."
-        )
-    result["notes"] = "\n\n".join(notes)
-    atomic_write_json(result, js)
-    text = (
+    return (
         f"# XMC benchmark: {s['dataset']}\n\n"
         f"Test split ({s['n_test']:,} docs), {s['num_labels']:,} labels, {s['n_train']:,} train docs; "
         f"all methods on the same TF-IDF features ({s['num_features']:,} unigrams). "
@@ -207,14 +210,12 @@ def write_reports(result: dict, md: Path, js: Path, png: Path) -> None:
         + result.get("notes", "")
         + "\n"
     )
-    atomic_write_text(text, md)
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot(result: dict, png: Path) -> None:
+    s = result["setup"]
     names = list(result["methods"])
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = pyplot().subplots(figsize=(8, 4))
     w = 0.8 / len(names)
     for j, name in enumerate(names):
         vals = [result["methods"][name][c] for c in COLUMNS]
@@ -224,9 +225,7 @@ def write_reports(result: dict, md: Path, js: Path, png: Path) -> None:
     ax.set_title(f"{s['dataset']} test: MHC vs flat vs tree baselines")
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, png)
+    save_figure(fig, png)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     ap.add_argument("--reuse", action="store_true", help="(always on now; kept for old command lines)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     name = Path(args.data_dir).name.removesuffix("_xmc")
     work = Path(args.work_dir or f"runs/xmc_bench/{name}")
     args.results = args.results or f"benchmarks/results/xmc_{name}"
@@ -269,27 +268,27 @@ def main(argv: list[str] | None = None) -> dict:
         num_features = feat.num_features
     else:
         x_tr, x_te, num_features = tr.features, te.features, ds.num_features
+    store = RunStore(work, suffix=".result.json")  # WORK/<method>.result.json: a rerun reuses it
+
+    def run_method(m: str) -> dict:
+        if m in NEURAL:
+            return run_neural(m, args.data_dir, work, args)
+        if m not in ("omikuji", "napkinxc"):
+            raise ValueError(f"unknown method {m!r} (mhc, flat, mhc-perm, omikuji, napkinxc)")
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            runner = run_omikuji if m == "omikuji" else run_napkinxc
+            pred, train_s, nbytes = runner(x_tr, tr.labels, x_te, args.threads, Path(tmp))
+        return {
+            **compute_metrics(pred, te.labels, prop),
+            "train_s": round(train_s, 2),
+            "predict_s": round(runner.predict_s, 2),
+            "classifier_params": None,
+            "model_bytes": nbytes,
+        }
+
     for m in methods:
         print(f"== {m}", flush=True)
-        saved = work / f"{m}.result.json"
-        if saved.exists() and not args.force:
-            result["methods"][m] = json.loads(saved.read_text())
-        elif m in NEURAL:
-            result["methods"][m] = run_neural(m, args.data_dir, work, args)
-        elif m in ("omikuji", "napkinxc"):
-            with tempfile.TemporaryDirectory(dir=work) as tmp:
-                runner = run_omikuji if m == "omikuji" else run_napkinxc
-                pred, train_s, nbytes = runner(x_tr, tr.labels, x_te, args.threads, Path(tmp))
-            result["methods"][m] = {
-                **compute_metrics(pred, te.labels, prop),
-                "train_s": round(train_s, 2),
-                "predict_s": round(runner.predict_s, 2),
-                "classifier_params": None,
-                "model_bytes": nbytes,
-            }
-        else:
-            raise ValueError(f"unknown method {m!r} (mhc, flat, mhc-perm, omikuji, napkinxc)")
-        atomic_write_json(result["methods"][m], saved)
+        result["methods"][m] = store.run_or_reuse(m, lambda m=m: run_method(m), force=args.force)
         print(json.dumps(result["methods"][m]), flush=True)
     result["setup"] = {
         "dataset": Path(args.data_dir).name,
@@ -300,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "propensity_a": 0.55,
         "propensity_b": 1.5,
-        "machine": f"{os.cpu_count()}-core CPU shared with other jobs, torch {torch.__version__}",
+        "machine": f"{machine()}, shared with other jobs",
     }
     if "mhc" in result["methods"] and "flat" in result["methods"]:
         mh, fl = result["methods"]["mhc"], result["methods"]["flat"]
@@ -316,10 +315,9 @@ def main(argv: list[str] | None = None) -> dict:
                 fl["classifier_params"] / mh["classifier_params"], 3
             ),
         }
-    prefix = Path(args.results)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    write_reports(result, prefix.with_suffix(".md"), prefix.with_suffix(".json"), prefix.with_suffix(".png"))
-    print(prefix.with_suffix(".md").read_text())
+    result["notes"] = notes(result)
+    paths = write_reports(args.results, result, markdown(result), plot)
+    print(paths["md"].read_text())
     return result
 
 

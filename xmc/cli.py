@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from mhe_plugins.distributed import add_dist_timeout_arg
+from mhe_plugins.training.dist import add_dist_timeout_arg
 from xmc.train import TrainConfig
 
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = train_cli(args)
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
     elif args.cmd == "eval":
-        from mhe_plugins.distributed import (
+        from mhe_plugins.training.dist import (
             cleanup_distributed,
             collective_timeout_guard,
             get_rank,
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         if rank == 0:
             print(json.dumps({**res, "world_size": int(os.environ.get("WORLD_SIZE", 1))}, indent=1))
     else:
-        from mhe_plugins.lines import split_lines
+        from mhe_plugins.datasets.lines import split_lines
         from xmc.evaluate import predict_lines
         from xmc.io import InputFileError
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train_cli(args: argparse.Namespace) -> dict:
-    from mhe_plugins.distributed import cleanup_distributed
+    from mhe_plugins.training.dist import cleanup_distributed
     from xmc.train import train
 
     try:

@@ -6,8 +6,8 @@ WikiSeeAlso in the XC repository). The linked words are deleted from the text (o
 spelled out in its document and the task is a string match). Labels need ``min_docs`` documents; documents
 left without a label are dropped; seeded 80/10/10 split. Deterministic for a given package version.
 
-    apt-get download dict-foldoc && dpkg -x dict-foldoc_*.deb /tmp/foldoc
-    python -m xmc.datasets foldoc --dict-dir /tmp/foldoc/usr/share/dictd --out data/foldoc_xmc
+    mkdir -p runs && apt-get download dict-foldoc && dpkg -x dict-foldoc_*.deb runs/dict-foldoc
+    python -m xmc.datasets foldoc --dict-dir runs/dict-foldoc/usr/share/dictd --out data/foldoc_xmc
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from mhe_plugins.lines import iter_clean_lines
+from mhe_plugins.datasets.lines import iter_clean_lines
 
 COMPRESSED_SUFFIXES = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}
 
@@ -47,7 +47,7 @@ def open_text(path: str | Path, mode: str = "rt") -> IO[str]:
     """Open a (possibly compressed) UTF-8 text file; a leading BOM is dropped when reading
     (``utf-8-sig``): left in place it would glue itself to the first token, e.g. a phantom label.
     Reading, only ``\n`` ends a line and nothing is translated (``newline="\n"``): universal newlines
-    turned a stray ``\r`` into a line break, splitting one document in two (see :mod:`mhe_plugins.lines`)."""
+    turned a stray ``\r`` into a line break, splitting one document in two (see :mod:`mhe_plugins.datasets.lines`)."""
     path = Path(path)
     enc, newline = ("utf-8-sig", "\n") if "r" in mode else ("utf-8", None)
     opener = COMPRESSED_SUFFIXES.get(path.suffix)
@@ -75,7 +75,7 @@ def _undecodable_line(path: Path) -> str:
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """All lines of a text file without their ``\\n`` / ``\\r\\n``, by the rules of :mod:`mhe_plugins.lines`:
+    """All lines of a text file without their ``\\n`` / ``\\r\\n``, by the rules of :mod:`mhe_plugins.datasets.lines`:
     only ``\\n`` ends a line, a leading BOM is dropped; a ``\\r`` not before ``\\n`` or a BOM later in the
     file (two files concatenated) is an :class:`InputFileError` naming file:line, never a silent extra line
     or a phantom label. Undecodable bytes and corrupt compressed streams are errors naming the file and line.

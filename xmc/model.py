@@ -1,7 +1,8 @@
-"""XMC model = encoder (tfidf | hf) + head (flat BCE | MHC cascade from the core).
+"""XMC model = encoder (tfidf | hf) + a core multi-label head (``flat`` = ``linear_multilabel`` BCE,
+``mhc`` = ``mhc_multilabel`` cascade), built by ``mhe_plugins.heads.build_head``.
 
-Both heads take the padded label tensor (B, L; -1 = padding) and expose ``compute_loss`` and
-``topk(x, k) -> (scores, ids)``, so the trainer never branches on the head type.
+Both heads take the padded label tensor (B, L; -1 = padding) through the one contract (``head(x, labels,
+...)``, ``topk``, ``candidate_scores``), so nothing here branches on the head type for training or ranking.
 """
 
 from __future__ import annotations
@@ -13,44 +14,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 from sklearn.preprocessing import normalize
 from torch import nn
 
-from mhe_plugins.heads.mhc_multilabel import MHCMultiLabelHead
+from mhe_plugins.heads import build_head
+from mhe_plugins.heads.linear import ranked_candidates
 from xmc.encoders import HFEncoder, SparseEncoder
-
-
-class FlatHead(nn.Module):
-    """Dense one-vs-all BCE over all N labels (LightXML's small-dataset baseline)."""
-
-    def __init__(self, in_features: int, num_labels: int):
-        super().__init__()
-        self.num_labels = num_labels
-        self.fc = nn.Linear(in_features, num_labels)
-
-    def multi_hot(self, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if bool((target >= self.num_labels).any()):
-            bad = int(target[target >= self.num_labels][0])
-            raise ValueError(f"label id {bad} is out of range [0, {self.num_labels})")
-        hot = torch.zeros(target.shape[0], self.num_labels + 1, device=target.device, dtype=dtype)
-        hot.scatter_(1, torch.where(target >= 0, target, self.num_labels), 1.0)
-        return hot[:, : self.num_labels]
-
-    def compute_loss(
-        self, x: torch.Tensor, target: torch.Tensor, extra: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        logits = self.fc(x) if extra is None else self.fc(x) + extra
-        return F.binary_cross_entropy_with_logits(logits, self.multi_hot(target, logits.dtype))
-
-    def topk(
-        self, x: torch.Tensor, k: int = 5, extra: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.fc(x) if extra is None else self.fc(x) + extra
-        return torch.sigmoid(logits.float()).topk(min(k, self.num_labels), dim=1)
-
-    def classifier_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def label_centroids(features: sp.csr_matrix, labels: sp.csr_matrix) -> sp.csr_matrix:
@@ -277,9 +246,10 @@ class XMCModel(nn.Module):
             )
         d = self.encoder.out_features
         if cfg["head"] == "flat":
-            self.head = FlatHead(d, num_labels)
+            self.head = build_head("linear_multilabel", d, num_labels)
         elif cfg["head"] == "mhc":
-            self.head = MHCMultiLabelHead(
+            self.head = build_head(
+                "mhc_multilabel",
                 d,
                 num_labels,
                 num_groups=cfg.get("num_groups"),
@@ -310,7 +280,7 @@ class XMCModel(nn.Module):
     def lexical_centroids(self, features: sp.csr_matrix, labels: sp.csr_matrix) -> sp.csr_matrix:
         """(N [+ G], F) label (and group) centroids of the training documents, for :class:`LexicalScorer`."""
         c = label_centroids(features, labels)
-        if isinstance(self.head, FlatHead):
+        if self.cfg["head"] == "flat":
             return c
         group_of = self.head.group_of_global().cpu().numpy()
         return sp.vstack([c, group_centroids(features, labels, group_of, self.head.num_groups)]).tocsr()
@@ -318,56 +288,34 @@ class XMCModel(nn.Module):
     def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**inputs)
 
-    def _lexical_on_candidates(self, out, lex: torch.Tensor):
-        ids = self.head.candidate_global_ids(out)
-        extra = lex.gather(1, ids.clamp_min(0)).masked_fill(ids < 0, 0.0)
-        return out._replace(candidate_logits=out.candidate_logits + extra.to(out.candidate_logits.dtype))
+    def _bias(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The lexical term as the head's external logits: per label, and per group for the cascade."""
+        if self.lexical is None:
+            return {}
+        lex, lex_groups = self.lexical(**inputs)
+        bias = {"label_bias": lex}
+        if lex_groups is not None:
+            bias["group_bias"] = lex_groups
+        return bias
 
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Training loss (forward is the loss so DDP sees one call per step)."""
         x = self.features(inputs)
-        lex, lex_groups = self.lexical(**inputs) if self.lexical is not None else (None, None)
-        if isinstance(self.head, FlatHead):
-            return self.head.compute_loss(x, labels, lex)
-        if lex is None and self.candidate_loss == "bce":
-            return self.head.compute_loss(x, labels)
-        out = self.head(x, labels, group_bias=lex_groups)
-        if lex is not None:
-            out = self._lexical_on_candidates(out, lex)
-        return self.head.loss(out, labels, self.candidate_loss)
+        return self.head(x, labels, candidate_loss=self.candidate_loss, **self._bias(inputs)).loss
 
     @torch.no_grad()
     def topk(self, inputs: dict[str, torch.Tensor], k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores in [0, 1], label ids) of the head, mixed with the neighbour votes when they are on:
+        ((head score, 0 for labels the head did not rank) + weight * votes) / (1 + weight)."""
         x = self.features(inputs)
-        lex, lex_groups = self.lexical(**inputs) if self.lexical is not None else (None, None)
+        bias = self._bias(inputs)
         near = (
             self.neighbours(**inputs) if self.neighbours is not None and self.neighbours.weight > 0 else None
         )
-        if isinstance(self.head, FlatHead):
-            if near is None:
-                return self.head.topk(x, k, lex)
-            logits = self.head.fc(x) if lex is None else self.head.fc(x) + lex
-            total = (torch.sigmoid(logits.float()) + near) / (1.0 + self.neighbours.weight)
-            return total.topk(min(k, self.head.num_labels), dim=1)
-        out = self.head(x, group_bias=lex_groups)
-        if lex is not None:
-            out = self._lexical_on_candidates(out, lex)
         if near is None:
-            return self.head.topk_from_output(out, k)
-        return self._with_neighbours(out, near, k)
-
-    def _with_neighbours(self, out, near: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k of ((MHC candidate score, 0 for non-candidates) + weight * votes) / (1 + weight), over all N
-        labels: both terms are in [0, 1], so the score is too."""
-        ids = self.head.candidate_global_ids(out)
-        cand = torch.sigmoid(out.candidate_logits.float()) * out.group_scores.float()
-        cand = torch.where(out.candidate_mask & (ids >= 0), cand, torch.zeros_like(cand))
+            return self.head.topk(x, k, **bias)
+        scores, ids = self.head.candidate_scores(x, **bias)
         total = near.float().clone()
-        total.scatter_add_(1, ids.clamp_min(0), cand)
+        total.scatter_add_(1, ids.clamp_min(0), torch.where(ids >= 0, scores, torch.zeros_like(scores)))
         total = total / (1.0 + self.neighbours.weight)  # scores stay in [0, 1]; the ranking is unchanged
-        kk = min(k, total.shape[1])
-        vals, top = total.topk(kk, dim=1)
-        if kk < k:
-            vals = F.pad(vals, (0, k - kk), value=-1.0)
-            top = F.pad(top, (0, k - kk), value=-1)
-        return vals, top
+        return ranked_candidates(total, torch.arange(total.shape[1], device=total.device).expand_as(total), k)

@@ -27,13 +27,6 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from mhe_plugins import metrics as M
-from mhe_plugins.distributed import (
-    DEFAULT_TIMEOUT_S,
-    barrier,
-    collective_timeout_guard,
-    init_distributed_from_env,
-    wrap_ddp,
-)
 from mhe_plugins.training import (
     Amp,
     JsonlLogger,
@@ -48,6 +41,13 @@ from mhe_plugins.training import (
     seed_everything,
     set_rng_state,
     warmup_linear_decay,
+)
+from mhe_plugins.training.dist import (
+    DEFAULT_TIMEOUT_S,
+    barrier,
+    collective_timeout_guard,
+    init_distributed_from_env,
+    wrap_ddp,
 )
 from xmc.batching import Collator, IndexDataset, to_device
 from xmc.data import XMCDataset, load_dataset

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .heads import format_table, run_heads_benchmark
+from .report import write_markdown
 from .worker import METHODS
 
 
@@ -59,9 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(table)
     if a.markdown:
-        from ..training import atomic_write_text
-
-        atomic_write_text(
+        write_markdown(
             f"N={c['num_classes']:,}, D={c['dim']}, B={c['batch']}, H={c['heads']}\n\n{table}\n", a.markdown
         )
 

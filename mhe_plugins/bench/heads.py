@@ -14,19 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-from ..codec import LabelCodec
-from ..training import atomic_write_json
+from ..heads import codec_for
+from .env import environment, mem_available_bytes
+from .report import write_json
 from .worker import METHODS
 
-
-def mem_available_bytes() -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+__all__ = ["run_heads_benchmark", "format_table", "estimate_bytes", "mem_available_bytes"]
 
 
 def estimate_bytes(method: str, n: int, d: int, b: int) -> int:
@@ -102,14 +95,12 @@ def run_heads_benchmark(
 ) -> dict:
     from tqdm import tqdm
 
-    codec = LabelCodec.balanced(num_classes, heads)
+    codec = codec_for("mhp", num_classes, num_heads=heads)
     result = {
         "config": {
             "num_classes": num_classes, "dim": dim, "batch": batch, "heads": heads,
-            "mhp_head_sizes": list(codec.head_sizes), "mhs_head_sizes": list(LabelCodec.balanced(num_classes, 2).head_sizes),
-            "steps": steps, "warmup": warmup, "topk": k, "optimizer": "SGD(lr=0.01)",
-            "threads": threads or torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "load_avg_at_start": os.getloadavg()[0],
+            "mhp_head_sizes": list(codec.head_sizes), "mhs_head_sizes": list(codec_for("mhs", num_classes).head_sizes),
+            "steps": steps, "warmup": warmup, "topk": k, "optimizer": "SGD(lr=0.01)", **environment(threads),
         },
         "methods": {},
     }  # fmt: skip
@@ -140,5 +131,5 @@ def run_heads_benchmark(
             result["methods"][m].update(times.get(m, {"error": times.get("error", "no timing")}))
     result["methods"] = {m: result["methods"][m] for m in methods}
     if json_path:
-        atomic_write_json(result, json_path)
+        write_json(result, json_path)
     return result

@@ -18,10 +18,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mhe_plugins import LabelCodec, MHPHead, MHSHead
+from mhe_plugins.heads import build_head
 
 METHODS = ("dense", "adaptive", "mhp", "mhs")
 
@@ -51,19 +50,6 @@ def _malloc_trim() -> None:
         pass
 
 
-class Dense(nn.Module):
-    def __init__(self, d: int, n: int):
-        super().__init__()
-        self.fc = nn.Linear(d, n)
-
-    def compute_loss(self, x, t):
-        return F.cross_entropy(self.fc(x), t)
-
-    @torch.no_grad()
-    def topk(self, x, k):
-        return self.fc(x).topk(k, dim=1)
-
-
 class Adaptive(nn.Module):
     """torch's AdaptiveLogSoftmaxWithLoss with cutoffs at 2 %, 10 %, 50 % of the classes (Zipf-style)."""
 
@@ -83,13 +69,13 @@ class Adaptive(nn.Module):
 
 def build(method: str, n: int, d: int, heads: int) -> nn.Module:
     if method == "dense":
-        return Dense(d, n)
+        return build_head("linear", d, n)
     if method == "adaptive":
         return Adaptive(d, n)
     if method == "mhp":
-        return MHPHead(d, LabelCodec.balanced(n, heads))
+        return build_head("mhp", d, n, num_heads=heads)
     if method == "mhs":
-        return MHSHead(d, LabelCodec.balanced(n, 2), mode="batch_union", sparse_grad=True)
+        return build_head("mhs", d, n, mode="batch_union", sparse_grad=True)
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 

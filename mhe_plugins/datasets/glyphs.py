@@ -1,4 +1,4 @@
-"""CJK glyph classification data: one class per GB2312 hanzi, rendered from Debian font packages.
+"""CJK glyph classification data: one class per GB2312 hanzi, rendered from CJK fonts (Debian font packages).
 
 Why: no image set with thousands of classes is reachable offline, but every CJK font is a "writer"
 of the same few thousand characters.  Splitting by font gives a real generalisation test (unseen
@@ -10,7 +10,10 @@ Layout written by :func:`build_glyph_dataset` (``out_dir``)::
 
     train.npz valid.npz test.npz   # images uint8 (n, S, S), labels int64 (n,), fonts str (n,)
     classes.txt                    # one character per line, line i = class i
-    meta.json                      # charset, size, faces per split, counts
+    meta.json                      # charset, size, font packages, faces per split, counts
+
+The fonts come from a directory the caller names (``<package>/.../*.ttf``); this module never fetches
+anything. ``python -m timm_ext.glyph_builder`` fetches the Debian packages into a per-user font cache.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
-import subprocess
 import tempfile
 import zipfile
 import zlib
@@ -30,31 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..lines import read_name_list
+from .lines import read_name_list
 
-#: Debian packages rendered by default (issue 4); all "free" CJK fonts of Debian bookworm.
-FONT_PACKAGES: tuple[str, ...] = (
-    "fonts-noto-cjk",
-    "fonts-wqy-zenhei",
-    "fonts-wqy-microhei",
-    "fonts-arphic-ukai",
-    "fonts-arphic-uming",
-    "fonts-droid-fallback",
-    "fonts-babelstone-han",
-    "fonts-hanazono",
-    "fonts-ipamj-mincho",
-    "fonts-cwtex-ming",
-    "fonts-cwtex-kai",
-    "fonts-cwtex-heib",
-    "fonts-cwtex-yen",
-    "fonts-cwtex-fs",
-    "fonts-seto",
-    "fonts-ipaexfont-gothic",
-    "fonts-ipaexfont-mincho",
-)
 #: Packages whose faces form the test split (unseen writers).
 TEST_PACKAGES: tuple[str, ...] = ("fonts-cwtex-kai", "fonts-wqy-microhei", "fonts-ipaexfont-mincho")
-DEFAULT_FONTS_DIR = Path(os.environ.get("MHE_FONTS_DIR", "/work/cache/fonts"))
 SPLITS = ("train", "valid", "test")
 _FONT_EXT = (".ttf", ".ttc", ".otf", ".otc")
 
@@ -86,27 +66,6 @@ class FontFace:
     @property
     def id(self) -> str:
         return f"{self.package}:{Path(self.path).name}#{self.index}"
-
-
-def ensure_fonts(fonts_dir: str | Path = DEFAULT_FONTS_DIR, packages: Sequence[str] = FONT_PACKAGES) -> Path:
-    """Unpack missing packages into ``fonts_dir/<package>/`` via ``apt-get download`` + ``dpkg -x``."""
-    fonts_dir = Path(fonts_dir)
-    missing = [p for p in packages if not (fonts_dir / p).is_dir()]
-    if not missing:
-        return fonts_dir
-    debs = fonts_dir / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise RuntimeError(f"fonts {missing} are not in {fonts_dir} and apt-get/dpkg are unavailable")
-    subprocess.run(["apt-get", "download", *missing], cwd=debs, check=True)
-    for pkg in missing:
-        deb = sorted(debs.glob(f"{pkg}_*.deb"))
-        if not deb:
-            raise RuntimeError(f"apt-get download produced no .deb for {pkg} in {debs}")
-        tmp = Path(tempfile.mkdtemp(dir=fonts_dir, prefix=f".{pkg}."))
-        subprocess.run(["dpkg", "-x", str(deb[-1]), str(tmp)], check=True)
-        os.replace(tmp, fonts_dir / pkg)
-    return fonts_dir
 
 
 def discover_faces(fonts_dir: str | Path, packages: Sequence[str] | None = None) -> list[FontFace]:
@@ -198,7 +157,7 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def build_glyph_dataset(
     out_dir: str | Path,
-    fonts_dir: str | Path | None = None,
+    fonts_dir: str | Path,
     charset: str = "gb2312-1",
     size: int = 32,
     test_packages: Sequence[str] = TEST_PACKAGES,
@@ -212,8 +171,7 @@ def build_glyph_dataset(
 ) -> dict:
     """Render, deduplicate and split the glyph set; returns the statistics also written to meta.json.
 
-    ``packages`` restricts which package dirs below ``fonts_dir`` are used (default: all of them; with
-    ``fonts_dir=None`` the 17 ``FONT_PACKAGES``, fetched into the cache if missing).
+    ``packages`` restricts which package dirs below ``fonts_dir`` are used (default: all of them).
     ``num_classes`` keeps only the first K characters of the charset (the committed test subset).
     ``valid`` is a random ``valid_fraction`` of the train-font renderings (seeded). ``codepoints``
     replaces the charset by an explicit class list (tests, other scripts).
@@ -228,9 +186,6 @@ def build_glyph_dataset(
         if not 0 < num_classes <= len(codepoints):
             raise ValueError(f"num_classes must be in 1..{len(codepoints)} for {charset}, got {num_classes}")
         codepoints = codepoints[:num_classes]
-    if fonts_dir is None:  # the Debian packages, downloaded into the shared cache on first use
-        packages = FONT_PACKAGES if packages is None else packages
-        fonts_dir = ensure_fonts(DEFAULT_FONTS_DIR, packages)
     fonts_dir = Path(fonts_dir)
     if not fonts_dir.is_dir():
         raise FileNotFoundError(f"fonts dir {fonts_dir} does not exist")
@@ -295,7 +250,7 @@ def build_glyph_dataset(
         "charset": "custom" if custom else charset,
         "size": size,
         "num_classes": len(codepoints),
-        "fonts_dir": str(fonts_dir),
+        "font_packages": sorted({f.package for f in faces}),  # not the fonts dir: a path of one machine
         "test_packages": sorted(test_set),
         "valid_fraction": valid_fraction,
         "seed": seed,
@@ -335,7 +290,8 @@ def subset_glyph_dataset(src_dir: str | Path, out_dir: str | Path, num_classes: 
         if (src_dir / "meta.json").exists()
         else {}
     )
-    meta.update({"num_classes": num_classes, "subset_of": str(src_dir), "split_images": counts})
+    # the source set by name only: meta.json ships with the data, a path would name one machine's folders
+    meta.update({"num_classes": num_classes, "subset_of": src_dir.resolve().name, "split_images": counts})
     meta.pop("splits", None)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
     return meta

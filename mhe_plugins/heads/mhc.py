@@ -25,7 +25,7 @@ from torch import nn
 from ..checks import as_int, check_class_ids
 from ..codec import LabelCodec
 from ..decode import valid_first_topk
-from .base import MHEHead, reduce_loss, upcast
+from .base import HeadOutput, MHEHead, check_smoothing, reduce_loss, upcast
 
 __all__ = ["MHCHead", "MHCOutput", "TiedNodeEmbedding"]
 
@@ -59,6 +59,11 @@ class MHCOutput(NamedTuple):
 
 
 class MHCHead(MHEHead):
+    """Loss keywords: ``label_smoothing``, ``smoothing`` (``"head"``: every level's sibling CE smoothed by
+    eps; ``"label"``: the true label keeps 1 - eps, :meth:`smoothed_nll`), ``reduction``."""
+
+    kind = "mhc"
+
     def __init__(
         self,
         in_features: int,
@@ -132,12 +137,34 @@ class MHCHead(MHEHead):
             )
         return logits
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> MHCOutput:
-        """Teacher-forced per-level sibling logits for ``target`` (required in training)."""
-        if target is None:
-            raise ValueError(
-                "MHCHead.forward needs the target (teacher forcing); use topk/predict at test time"
-            )
+    def init_as_output_embedding(self) -> None:
+        """fairseq's output-projection init: the group layer ~ N(0, d^-0.5) with zero bias, the node (token)
+        embeddings ~ N(0, hidden^-0.5); queries and the zero-initialised group MLPs keep their init."""
+        nn.init.normal_(self.group.weight, mean=0.0, std=self.in_features**-0.5)
+        nn.init.zeros_(self.group.bias)
+        for emb in self.node_embed:
+            if isinstance(emb, nn.Embedding):
+                nn.init.normal_(emb.weight, mean=0.0, std=self.hidden_dim**-0.5)
+
+    def _forward(
+        self, x: torch.Tensor, target, label_smoothing: float = 0.0, smoothing: str = "head", reduction="mean"
+    ) -> HeadOutput:
+        eps = check_smoothing(label_smoothing, smoothing)
+        if smoothing == "label":
+            loss, nll = self.smoothed_nll(x, target, eps)
+            return HeadOutput(reduce_loss(loss, None, reduction), -nll)
+        out = self.teacher_forced(x, target)
+        lp = sum(
+            F.log_softmax(upcast(z), -1).gather(1, t[:, None]).squeeze(1)
+            for z, t in zip(out.logits, out.targets)
+        )
+        loss = self.loss_from_levels(out, reduction=reduction, label_smoothing=eps)
+        if reduction == "none":
+            loss = loss.reshape(target.shape)
+        return HeadOutput(loss, lp.reshape(target.shape))
+
+    def teacher_forced(self, x: torch.Tensor, target: torch.Tensor) -> MHCOutput:
+        """Teacher-forced per-level sibling logits for ``target`` (the training fast path)."""
         flat, lead = self._flat(x)
         if not isinstance(target, torch.Tensor):
             raise ValueError(
@@ -157,7 +184,9 @@ class MHCHead(MHEHead):
             prefix = prefix * self.codec.head_sizes[h] + digits[:, h]
         return MHCOutput(logits, targets)
 
-    def loss(self, output: MHCOutput, reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    def loss_from_levels(
+        self, output: MHCOutput, reduction: str = "mean", label_smoothing: float = 0.0
+    ) -> torch.Tensor:
         """Sum over levels of the CE among siblings (masked siblings get no smoothing mass)."""
         per = 0.0
         for z, t in zip(output.logits, output.targets):
@@ -172,22 +201,7 @@ class MHCHead(MHEHead):
                 per = per + F.cross_entropy(z, t, reduction="none")
         return reduce_loss(per, None, reduction)
 
-    def compute_loss(self, x: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.loss(self(x, target), **kwargs)
-
     # ------------------------------------------------------------------ inference
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact (..., N) log-probabilities by expanding every node (materialises N)."""
-        flat, lead = self._flat(x)
-        lp = F.log_softmax(upcast(self._root_logits(flat)), -1)  # (B, C0)
-        parents = torch.arange(self.codec.head_sizes[0], device=flat.device).expand(flat.shape[0], -1)
-        for h in range(1, self.codec.num_heads):
-            q = self.query(h, flat)
-            child = self._child_log_probs(h, q, parents)  # (B, P, C)
-            lp = (lp.unsqueeze(-1) + child).flatten(1)
-            parents = torch.arange(lp.shape[1], device=flat.device).expand(flat.shape[0], -1)
-        return lp[:, : self.num_labels].reshape(*lead, self.num_labels)
-
     def _topk_flat(
         self, x: torch.Tensor, k: int, beam: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,12 +358,9 @@ class MHCHead(MHEHead):
             z = z.masked_fill(torch.arange(nodes, device=z.device) > self._limits[level], float("-inf"))
         return z
 
-    def log_prob_batched(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact (..., N) log-probabilities like :meth:`log_prob`, but one matmul per level.
-
-        :meth:`log_prob` gathers a (B, N, hidden) tensor of node embeddings; this multiplies the queries
-        by the node tables directly (the cost of a dense d x N output layer, what beam search needs).
-        """
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact (..., N) log-probabilities (materialises N), one matmul per level: the queries times the
+        node tables directly, the cost of a dense d x N output layer (what beam search needs)."""
         flat, lead = self._flat(x)
         lp = F.log_softmax(upcast(self._root_logits(flat)), -1)
         for h in range(1, self.codec.num_heads):

@@ -14,7 +14,10 @@ Differences to the reference code, on purpose:
   semantic order.
 
 Targets are a padded ``LongTensor (B, L)`` of global label ids with ``-1`` as padding (any L, no
-truncation); :func:`pad_labels` builds one from lists.
+truncation); :func:`pad_labels` builds one from lists. It is a :class:`~.linear.MultiLabelHead`: the one
+contract (``head(x, target) -> HeadOutput``, ``topk``, ``predict`` = top-1, ``log_prob``); loss keywords
+``candidate_loss`` (``bce``/``softmax``), ``group_bias`` (B, G) and ``label_bias`` (B, N) (external
+logits added to the groups / the labels, e.g. a lexical score).
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mhe_plugins.checks import as_int, check_class_ids
-from mhe_plugins.codec import LabelCodec, group_split
-from mhe_plugins.decode import valid_first_topk
+from ..checks import as_int
+from ..codec import LabelCodec
+from .base import HeadOutput
+from .linear import MultiLabelHead
 
 __all__ = [
     "MHCMultiLabelHead",
@@ -41,8 +45,8 @@ __all__ = [
 
 
 def default_num_groups(num_labels: int) -> int:
-    """About sqrt(N) groups: the balanced two-head split (smallest G + per)."""
-    return LabelCodec.balanced(num_labels, 2).head_sizes[0]
+    """About sqrt(N) groups: the first size of :meth:`LabelCodec.from_spec`'s default (balanced) split."""
+    return LabelCodec.from_spec(num_labels).head_sizes[0]
 
 
 def default_candidates_topk(num_groups: int) -> int:
@@ -70,30 +74,30 @@ class MHCMultiLabelOutput(NamedTuple):
     group_scores: torch.Tensor  # (B, M) sigmoid score of each candidate's group
 
 
-class MHCMultiLabelHead(nn.Module):
-    """Group head (``Linear(d, G)``) + candidate ranker (``Linear(d, hidden)`` query vs label embedding)."""
+class MHCMultiLabelHead(MultiLabelHead):
+    """Group head (``Linear(d, G)``) + candidate ranker (``Linear(d, hidden)`` query vs label embedding)
+    over a two-level codec ``[G, per]`` (contiguous id blocks; :meth:`LabelCodec.from_spec`)."""
+
+    kind = "mhc_multilabel"
 
     def __init__(
         self,
         in_features: int,
-        num_labels: int,
-        num_groups: int | None = None,
+        codec: LabelCodec,
         hidden_dim: int = 256,
         candidates_topk: int | None = None,
         permutation_seed: int | None = None,
     ):
-        super().__init__()
-        num_labels = as_int(num_labels, "num_labels", minimum=2)
-        in_features, hidden_dim = as_int(in_features, "in_features", 1), as_int(hidden_dim, "hidden_dim", 1)
+        super().__init__(in_features, codec)
+        if codec.num_heads != 2:
+            raise ValueError(f"the multi-label cascade has two levels [G, per], got {list(codec.head_sizes)}")
+        num_labels = as_int(codec.num_labels, "num_labels", minimum=2)
+        hidden_dim = as_int(hidden_dim, "hidden_dim", 1)
         if candidates_topk is not None:
             candidates_topk = as_int(candidates_topk, "candidates_topk", minimum=1)
-        g, per = group_split(num_labels, num_groups or default_num_groups(num_labels))
-        self.codec = LabelCodec([g, per], num_labels=num_labels)
-        self.num_labels, self.num_groups, self.group_size = num_labels, g, per
-        k = candidates_topk or default_candidates_topk(g)
-        if not 1 <= k:
-            raise ValueError(f"candidates_topk must be >= 1, got {k}")
-        self.candidates_topk = min(k, g)
+        g, per = codec.head_sizes
+        self.num_groups, self.group_size = g, per
+        self.candidates_topk = min(candidates_topk or default_candidates_topk(g), g)
         self.hidden_dim = hidden_dim
         self.permutation_seed = permutation_seed
         self.group = nn.Linear(in_features, g)
@@ -118,7 +122,7 @@ class MHCMultiLabelHead(nn.Module):
 
     # ------------------------------------------------------------------ id helpers
     def _internal(self, target: torch.Tensor) -> torch.Tensor:
-        target = check_class_ids(target, self.num_labels, allow=-1)  # -1 = padding
+        target = self._labels(target)  # -1 = padding
         valid = target >= 0
         if self.to_internal is None:
             return torch.where(valid, target, -1)
@@ -164,19 +168,23 @@ class MHCMultiLabelHead(nn.Module):
             gs.reshape(b, -1),
         )
 
-    def forward(
-        self, x: torch.Tensor, target: torch.Tensor | None = None, group_bias: torch.Tensor | None = None
+    def candidates(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor | None = None,
+        group_bias: torch.Tensor | None = None,
+        label_bias: torch.Tensor | None = None,
     ) -> MHCMultiLabelOutput:
-        """Training (target given): teacher-forced groups. Inference: the top-K groups by score.
+        """The cascade's candidates (the fast path). Training (target given): teacher-forced groups;
+        inference: the top-K groups by score.
 
         ``group_bias`` (B, G), optional: added to the group logits before the groups are chosen (an
-        external signal such as a lexical score); the group loss then trains the sum.
+        external signal such as a lexical score); the group loss then trains the sum. ``label_bias``
+        (B, N): added to each candidate's logit.
         """
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(
-                f"features must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}"
-            )
-        x = x.to(self.group.weight.dtype)  # fp16/bf16 features into an fp32 head without autocast
+        x = self._cast(x)  # fp16/bf16 features into an fp32 head without autocast
+        if x.dim() != 2:
+            raise ValueError(f"features must be (B, {self.in_features}), got {tuple(x.shape)}")
         group_logits = self.group(x)
         if group_bias is not None:
             group_logits = group_logits + group_bias.to(group_logits.dtype)
@@ -188,12 +196,32 @@ class MHCMultiLabelHead(nn.Module):
             k = min(self.num_groups, max(k, int(hot.sum(1).max().item()) if hot.numel() else k))
             scores = scores + hot  # ground-truth groups (score >= 1) always win the top-k
         top, groups = scores.topk(k, dim=1)
-        return self._expand(q, groups, top, group_logits)
+        out = self._expand(q, groups, top, group_logits)
+        if label_bias is not None:
+            ids = self._global(out.candidates)
+            extra = label_bias.gather(1, ids.clamp_min(0)).masked_fill(ids < 0, 0.0)
+            out = out._replace(candidate_logits=out.candidate_logits + extra.to(out.candidate_logits.dtype))
+        return out
 
     # ------------------------------------------------------------------ loss
     CANDIDATE_LOSSES = ("bce", "softmax")
 
-    def loss(
+    def _forward(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        candidate_loss: str = "bce",
+        group_bias: torch.Tensor | None = None,
+        label_bias: torch.Tensor | None = None,
+    ) -> HeadOutput:
+        out = self.candidates(x, target, group_bias, label_bias)
+        bias = {"group_bias": group_bias, "label_bias": label_bias}
+        return HeadOutput(
+            self.loss_from_candidates(out, target, candidate_loss),
+            compute=lambda: self.target_log_prob(x, target, **bias),
+        )
+
+    def loss_from_candidates(
         self, out: MHCMultiLabelOutput, target: torch.Tensor, candidate_loss: str = "bce"
     ) -> torch.Tensor:
         """Candidate loss + BCE on all groups (mean-reduced).
@@ -225,11 +253,6 @@ class MHCMultiLabelHead(nn.Module):
         )
         return cand_loss + group_loss
 
-    def compute_loss(
-        self, x: torch.Tensor, target: torch.Tensor, candidate_loss: str = "bce"
-    ) -> torch.Tensor:
-        return self.loss(self(x, target), target, candidate_loss)
-
     def group_of_global(self) -> torch.Tensor:
         """(N,) group index of every global label id (for group-level statistics of the labels)."""
         ids = torch.arange(self.num_labels, device=self.group.weight.device)
@@ -237,42 +260,45 @@ class MHCMultiLabelHead(nn.Module):
         return internal // self.group_size
 
     def candidate_global_ids(self, out: MHCMultiLabelOutput) -> torch.Tensor:
-        """Global label ids (B, M) of the candidates, -1 on dummy slots (for per-candidate extra scores)."""
+        """Global label ids (B, M) of the candidates, -1 on dummy slots."""
         return self._global(out.candidates)
 
-    def topk_from_output(self, out: MHCMultiLabelOutput, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`topk` on an output whose candidate logits the caller adjusted (e.g. a lexical term)."""
-        k = as_int(k, "k", minimum=1)
+    def candidate_scores(
+        self,
+        x: torch.Tensor,
+        group_bias: torch.Tensor | None = None,
+        label_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score = sigmoid(label) * sigmoid(group), global id) of every candidate; -1 ids on dummies."""
+        out = self.candidates(x, None, group_bias, label_bias)
         scores = torch.sigmoid(out.candidate_logits.float()) * out.group_scores.float()
-        kk = min(k, scores.shape[1])
-        # real candidates first whatever the scores (``vals >= 0`` turned NaN scores into -1 ids)
-        vals, idx = valid_first_topk(scores, ~out.candidate_mask, kk)
-        real = out.candidate_mask.gather(1, idx)
-        vals = torch.where(real, vals, torch.full_like(vals, -1.0))
-        ids = self._global(torch.where(real, out.candidates.gather(1, idx), -1))
-        if kk < k:
-            vals = F.pad(vals, (0, k - kk), value=-1.0)
-            ids = F.pad(ids, (0, k - kk), value=-1)
-        return vals, ids
+        ids = torch.where(out.candidate_mask, self._global(out.candidates), -1)
+        return scores, ids
 
     # ------------------------------------------------------------------ inference
-    def topk(self, x: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores, global ids) with score = sigmoid(label) * sigmoid(group); -1 ids if fewer exist."""
-        return self.topk_from_output(self(x), k)
-
-    def predict(self, x: torch.Tensor, k: int = 5) -> torch.Tensor:
-        return self.topk(x, k)[1]
+    def log_prob(
+        self,
+        x: torch.Tensor,
+        group_bias: torch.Tensor | None = None,
+        label_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log of all N product scores (B, N) in global id order; for checks and small N only."""
+        n = self.num_labels
+        x = self._cast(x)
+        gl = self.group(x).float()
+        if group_bias is not None:
+            gl = gl + group_bias.float()
+        ll = (self.query(x) @ self.embed.weight[:n].T).float()  # internal id order
+        gl = gl.repeat_interleave(self.group_size, dim=1)[:, :n]
+        if self.to_internal is not None:  # to global id order
+            ll, gl = ll[:, self.to_internal], gl[:, self.to_internal]
+        if label_bias is not None:
+            ll = ll + label_bias.float()
+        return F.logsigmoid(ll) + F.logsigmoid(gl)
 
     def full_scores(self, x: torch.Tensor) -> torch.Tensor:
         """All N product scores (B, N) in global id order; for checks and small N only."""
-        n = self.num_labels
-        x = x.to(self.group.weight.dtype)
-        gs = torch.sigmoid(self.group(x).float())
-        ls = torch.sigmoid((self.query(x) @ self.embed.weight[:n].T).float())
-        internal = ls * gs.repeat_interleave(self.group_size, dim=1)[:, :n]
-        if self.to_internal is None:
-            return internal
-        return internal[:, self.to_internal]
+        return self.log_prob(x).exp()
 
     def classifier_parameters(self) -> int:
         """Label-side parameters (group head + query + embedding rows of real labels)."""

@@ -17,7 +17,7 @@ from torch import nn
 from ..checks import check_class_ids, check_soft_target
 from ..codec import LabelCodec
 from ..decode import full_product_scores, log_valid_mass, product_topk
-from .base import MHEHead, reduce_loss, upcast
+from .base import HeadOutput, MHEHead, check_smoothing, reduce_loss, upcast
 
 __all__ = ["MHPHead", "LOSS_VARIANTS", "per_head_smoothing"]
 
@@ -32,6 +32,12 @@ def per_head_smoothing(label_smoothing: float, num_heads: int) -> float:
 
 
 class MHPHead(MHEHead):
+    """Loss keywords: ``label_smoothing``, ``smoothing`` (see :mod:`.base`), ``variant`` (one of
+    ``LOSS_VARIANTS``), ``ignore_index``, ``reduction``, ``head_weights``; ``target`` is ids or H soft
+    per-head distributions (mixup/cutmix)."""
+
+    kind = "mhp"
+
     def __init__(self, in_features: int, codec: LabelCodec, bias: bool = True):
         super().__init__(in_features, codec)
         self.proj = nn.Linear(in_features, sum(codec.head_sizes), bias=bias)
@@ -39,9 +45,49 @@ class MHPHead(MHEHead):
     def extra_repr(self) -> str:
         return f"head_sizes={list(self.codec.head_sizes)}, num_labels={self.num_labels}"
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per-head logits, a tuple of H tensors (..., C_h)."""
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-head logits, a tuple of H tensors (..., C_h): the fast path (decoders, exports)."""
         return tuple(self.proj(self._cast(x)).split(list(self.codec.head_sizes), dim=-1))
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        target,
+        label_smoothing: float = 0.0,
+        smoothing: str = "head",
+        variant: str = "ce_sum",
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+        head_weights: Sequence[float] | None = None,
+    ) -> HeadOutput:
+        eps = check_smoothing(label_smoothing, smoothing)
+        logits = self.logits(x)
+        hard = isinstance(target, torch.Tensor)
+        if smoothing == "label" and hard and variant == "ce_sum" and head_weights is None:
+            loss = self.token_smoothed_loss(logits, target, eps, ignore_index, reduction)
+        else:
+            if smoothing == "label":  # H heads each keeping 1 - eps_h leave the true id 1 - eps
+                eps = per_head_smoothing(eps, self.codec.num_heads)
+            loss = self.loss_from_logits(logits, target, variant, eps, ignore_index, reduction, head_weights)
+        lp = self.target_log_prob_from_logits(logits, target, ignore_index) if hard else None
+        return HeadOutput(loss, lp)
+
+    def target_log_prob_from_logits(
+        self, logits: Sequence[torch.Tensor], target: torch.Tensor, ignore_index: int | None = None
+    ) -> torch.Tensor:
+        """Exact log p(target) under the renormalised product (0 where ``target == ignore_index``)."""
+        target = check_class_ids(target, self.num_labels, allow=ignore_index)
+        keep = None if ignore_index is None else target != ignore_index
+        tgt = target if keep is None else target.masked_fill(~keep, 0)
+        lps = [F.log_softmax(upcast(z), -1) for z in logits]
+        digits = self.codec.encode(tgt)
+        lp = sum(q.gather(-1, digits[..., h : h + 1]).squeeze(-1) for h, q in enumerate(lps))
+        if self.codec.capacity > self.num_labels:
+            lp = lp - log_valid_mass(lps, self.codec)
+        return lp if keep is None else lp * keep
+
+    def target_log_prob(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.target_log_prob_from_logits(self.logits(x), target)
 
     # ------------------------------------------------------------------ loss
     def digit_targets(
@@ -68,7 +114,7 @@ class MHPHead(MHEHead):
             soft = [(1 - label_smoothing) * q + label_smoothing / q.shape[-1] for q in soft]
         return soft
 
-    def loss(
+    def loss_from_logits(
         self,
         logits: Sequence[torch.Tensor],
         target: torch.Tensor | Sequence[torch.Tensor],
@@ -78,7 +124,7 @@ class MHPHead(MHEHead):
         reduction: str = "mean",
         head_weights: Sequence[float] | None = None,
     ) -> torch.Tensor:
-        """Training loss from per-head ``logits`` (``forward``'s output).
+        """Training loss from per-head ``logits`` (:meth:`logits`' output), each head smoothed by eps.
 
         ``target``: LongTensor (...) of global ids, or H soft digit distributions (..., C_h) (mixup/cutmix:
         mixing one-hot digits is exact for the product loss). Variants: ``ce_sum`` = sum_h CE_h (the paper),
@@ -140,12 +186,9 @@ class MHPHead(MHEHead):
         out = reduce_loss(per, mask, reduction)
         return out.reshape(lead) if reduction == "none" else out
 
-    def compute_loss(self, x: torch.Tensor, target, **kwargs) -> torch.Tensor:
-        return self.loss(self(x), target, **kwargs)
-
     # ------------------------------------------------------------------ inference
     def head_log_probs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [F.log_softmax(upcast(z), -1) for z in self(x)]
+        return [F.log_softmax(upcast(z), -1) for z in self.logits(x)]
 
     def log_prob_from_logits(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """Full (..., N) log-probabilities from per-head logits (e.g. a decoder that returns logits)."""
@@ -170,10 +213,10 @@ class MHPHead(MHEHead):
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Full (..., N) log-probabilities: outer sum of the per-head log-softmaxes (materialises N)."""
-        return self.log_prob_from_logits(self(x))
+        return self.log_prob_from_logits(self.logits(x))
 
     def _topk_flat(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.topk_from_logits(self(x), k)
+        return self.topk_from_logits(self.logits(x), k)
 
     def token_smoothed_loss(
         self,
@@ -187,8 +230,8 @@ class MHPHead(MHEHead):
 
         Head h's target keeps 1 - eps_h on the true digit and spreads eps_h evenly over the other C_h - 1
         digits (fairseq's ``label_smoothed_nll_loss`` per head), with eps_h = :func:`per_head_smoothing`;
-        the product target then gives the true id exactly 1 - eps (``loss(label_smoothing=eps)`` gives
-        every head the full eps, i.e. (1 - eps)^H to the true id).
+        the product target then gives the true id exactly 1 - eps (``smoothing="head"`` gives every head
+        the full eps, i.e. (1 - eps)^H to the true id). ``head(x, y, smoothing="label")`` calls this.
         """
         eps_h = per_head_smoothing(label_smoothing, self.codec.num_heads)
         target = check_class_ids(target, self.num_labels, allow=ignore_index)

@@ -43,7 +43,7 @@ from ..checks import check_class_ids
 from ..codec import LabelCodec
 from ..distributed import all_gather_batch, dist_softmax_cross_entropy, group_world_rank, shard_range
 from ..margins import CombinedMargin
-from .base import MHEHead, upcast
+from .base import HeadOutput, MHEHead, check_smoothing, upcast
 
 __all__ = ["MHSHead", "MHSOutput"]
 
@@ -77,6 +77,12 @@ class MHSOutput(NamedTuple):
 
 
 class MHSHead(MHEHead):
+    """Loss keywords: ``label_smoothing`` (over the sampled real classes; ``smoothing`` "head" and "label"
+    are the same for one softmax), ``reduction``. ``target_log_prob`` of the output is computed only when
+    read (it needs every class: a chunked pass over the full classifier)."""
+
+    kind = "mhs"
+
     def __init__(
         self,
         in_features: int,
@@ -224,7 +230,38 @@ class MHSHead(MHEHead):
         return xg, ids[:, 0], (None if extra is None else ids[:, 1:])
 
     # ------------------------------------------------------------------ training
-    def forward(self, x: torch.Tensor, target: torch.Tensor) -> MHSOutput:
+    def _forward(
+        self, x: torch.Tensor, target, label_smoothing: float = 0.0, smoothing: str = "head", reduction="mean"
+    ) -> HeadOutput:
+        eps = check_smoothing(label_smoothing, smoothing)
+        if self.margin is not None:  # angular margins need fp32 cosines, even under autocast
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                loss = self.loss_from_sampled(self.sampled_logits(x.float(), target), reduction, eps)
+        else:
+            loss = self.loss_from_sampled(self.sampled_logits(x, target), reduction, eps)
+        return HeadOutput(loss, compute=lambda: self.target_log_prob(x, target))
+
+    def target_log_prob(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Exact log p(target) under the full classifier, chunked over classes (no B x N tensor)."""
+        target = check_class_ids(target, self.num_labels)
+        flat, lead = self._flat(x)
+        w = self.class_weights()
+        scale = self.margin.s if self.margin is not None else 1.0
+        lse = None
+        for start in range(0, self.num_labels, self.chunk_size):
+            part = torch.logsumexp(upcast(self._scores(flat, w[start : start + self.chunk_size])) * scale, -1)
+            lse = part if lse is None else torch.logaddexp(lse, part)
+        t = target.reshape(-1)
+        own = upcast(self._rowwise(flat, w[t])) * scale
+        return (own - lse).reshape(target.shape)
+
+    def _rowwise(self, flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Score of each item against its own class row (B,)."""
+        if self.margin is not None:
+            return (F.normalize(flat, dim=-1) * F.normalize(rows, dim=-1)).sum(-1)
+        return (flat * rows).sum(-1)
+
+    def sampled_logits(self, x: torch.Tensor, target: torch.Tensor) -> MHSOutput:
         """Logits of the sampled classes for the global batch (this rank's columns when sharded)."""
         flat, _ = self._flat(x)
         target = check_class_ids(target, self.num_labels).reshape(-1)  # .long() truncated 1.5 to 1
@@ -312,7 +349,9 @@ class MHSHead(MHEHead):
         """Classes scored in the last step, summed over ranks (for logging)."""
         return int(self._last_sampled)
 
-    def loss(self, output: MHSOutput, reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    def loss_from_sampled(
+        self, output: MHSOutput, reduction: str = "mean", label_smoothing: float = 0.0
+    ) -> torch.Tensor:
         """Cross-entropy of the sampled softmax (across ranks when sharded); 0 connected to the graph for B=0."""
         logits = upcast(output.logits)
         if logits.shape[0] == 0:
@@ -332,9 +371,6 @@ class MHSHead(MHEHead):
             smooth = -(logp.masked_fill(~finite, 0).sum(-1)) / finite.sum(-1)
             return _reduce((1 - label_smoothing) * nll + label_smoothing * smooth, reduction)
         return F.cross_entropy(logits, output.target, reduction=reduction)
-
-    def compute_loss(self, x: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.loss(self(x, target), **kwargs)
 
     # ------------------------------------------------------------------ sharded state
     def shard_state(self) -> dict:
@@ -387,6 +423,12 @@ class MHSHead(MHEHead):
                 "inference needs the full classifier: load every rank's shard_state() into an unsharded "
                 "MHSHead with load_shards() (each rank holds only its groups)"
             )
+
+    @torch.no_grad()
+    def init_class_weights_(self, init_fn) -> None:
+        """Re-initialise the class rows in place with ``init_fn(weight)`` (e.g. a pml ``weight_init_func``),
+        the named hook adapters use instead of reaching into the head."""
+        init_fn(self.weight)
 
     def class_weights(self) -> torch.Tensor:
         """(N, d) view of the real classes."""

@@ -8,7 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from mhe_plugins.distributed import collective_timeout_guard, init_distributed_from_env
+from mhe_plugins.training.dist import collective_timeout_guard, init_distributed_from_env
 
 rank, world, _ = init_distributed_from_env(timeout_s=float(sys.argv[1]))
 step = 0

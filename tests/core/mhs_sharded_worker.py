@@ -14,7 +14,7 @@ import torch
 
 from insightface_ext.heads import MHSArcFace
 from mhe_plugins import CombinedMargin, LabelCodec, MHSHead
-from mhe_plugins.distributed import get_rank, get_world_size, init_distributed_from_env
+from mhe_plugins.training.dist import get_rank, get_world_size, init_distributed_from_env
 
 HEAD_SIZES, NUM_CLASSES, DIM, BATCH, M2, SCALE = (7, 6), 40, 8, 12, 0.3, 16.0
 
@@ -71,7 +71,7 @@ def run(world: int, rank: int) -> dict:
                 ]
             )
             xi = xs.clone().requires_grad_(True)
-            loss = head(xi, ys) if kind == "face" else head.compute_loss(xi, ys)
+            loss = head(xi, ys).loss
             loss.backward()
             g = head.weight.grad
             out[f"{name}/{kind}"] = {

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mhe_plugins import LabelCodec, MHCHead, MHCMultiLabelHead, MHPHead, MHSHead, check_finite, product_topk
+from mhe_plugins import LabelCodec, MHCHead, MHPHead, MHSHead, build_head, check_finite, product_topk
 from mhe_plugins.decode import full_product_scores
 
 SPECIAL = [float("nan"), float("inf"), float("-inf"), 1e38, -1e38, 3e38]
@@ -132,12 +132,12 @@ def test_half_features_are_cast_to_the_head_dtype(dtype):
         rv, ri = head.topk(ref, 3)
         assert v.dtype == torch.float32 and torch.equal(i, ri) and torch.equal(v, rv)
         torch.testing.assert_close(head.compute_loss(x, y), head.compute_loss(ref, y), rtol=0, atol=0)
-    ml = MHCMultiLabelHead(8, 18, num_groups=4, hidden_dim=4)
+    ml = build_head("mhc_multilabel", 8, 18, num_groups=4, hidden_dim=4)
     assert torch.equal(ml.topk(x, 3)[1], ml.topk(ref, 3)[1])
     with pytest.raises(ValueError, match=r"features must be a floating-point tensor, got Tensor torch.int64"):
         heads[0].topk(torch.ones(2, 8, dtype=torch.long), 1)
     with pytest.raises(ValueError, match=r"expected features with last dim 8, got shape \(2, 7\)"):
-        heads[0](torch.randn(2, 7))  # forward too, not only topk
+        heads[0](torch.randn(2, 7), y[:2])  # forward too, not only topk
 
 
 # ---------------------------------------------------------------- item 8: non-integer ids and sizes
@@ -188,14 +188,14 @@ def test_capacity_beyond_int64_names_the_limit():
 
 
 def test_multilabel_topk_k_must_be_a_positive_int():
-    head = MHCMultiLabelHead(8, 30, num_groups=5, hidden_dim=4)
+    head = build_head("mhc_multilabel", 8, 30, num_groups=5, hidden_dim=4)
     x = torch.randn(2, 8)
     for k, match in [(0, r"k must be >= 1, got 0"), (-3, r"got -3"), (2.5, r"k must be an integer, got 2.5")]:
         with pytest.raises(ValueError, match=match):
             head.topk(x, k)
     assert head.topk(x, 2)[1].shape == (2, 2)
-    with pytest.raises(ValueError, match=r"num_labels must be an integer, got 30.5"):
-        MHCMultiLabelHead(8, 30.5)
+    with pytest.raises(ValueError, match=r"num_labels must be a positive int, got 30.5"):
+        build_head("mhc_multilabel", 8, 30.5)
 
 
 # ---------------------------------------------------------------- item 8: soft targets are validated

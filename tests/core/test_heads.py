@@ -73,11 +73,11 @@ def test_mhp_ce_sum_is_sum_of_head_ces_and_matches_log_prob_when_full():
     nll = -head.log_prob(x).gather(1, t[:, None]).mean()
     assert torch.allclose(loss, nll, atol=1e-5)  # prod C == N: sum_h CE_h == -log p(id)
     d = codec.encode(t)
-    z = head(x)
+    z = head.logits(x)
     manual = F.cross_entropy(z[0], d[:, 0], label_smoothing=0.1) + F.cross_entropy(
         z[1], d[:, 1], label_smoothing=0.1
     )
-    assert torch.allclose(head.loss(z, t, label_smoothing=0.1), manual)
+    assert torch.allclose(head.loss_from_logits(z, t, label_smoothing=0.1), manual)
 
 
 def test_mhp_loss_variants_match_reference_formulas_and_soft_targets():
@@ -85,23 +85,29 @@ def test_mhp_loss_variants_match_reference_formulas_and_soft_targets():
     codec = LabelCodec([4, 5])
     head = MHPHead(8, codec)
     x, t = torch.randn(6, 8), torch.randint(0, 20, (6,))
-    z = head(x)
+    z = head.logits(x)
     onehot = torch.cat([F.one_hot(d, c).float() for d, c in zip(codec.encode(t).T, codec.head_sizes)], -1)
     cat = torch.cat(z, -1)
     joint = -(onehot * F.log_softmax(cat, -1)).sum(-1).mean()
-    assert torch.allclose(head.loss(z, t, variant="joint_softmax"), joint)
-    assert torch.allclose(head.loss(z, t, variant="bce"), F.multilabel_soft_margin_loss(cat, onehot))
+    assert torch.allclose(head.loss_from_logits(z, t, variant="joint_softmax"), joint)
+    assert torch.allclose(
+        head.loss_from_logits(z, t, variant="bce"), F.multilabel_soft_margin_loss(cat, onehot)
+    )
     soft = [F.one_hot(d, c).float() for d, c in zip(codec.encode(t).T, codec.head_sizes)]
     for variant in ("ce_sum", "joint_softmax", "bce"):
         assert torch.allclose(
-            head.loss(z, soft, variant=variant), head.loss(z, t, variant=variant), atol=1e-6
+            head.loss_from_logits(z, soft, variant=variant),
+            head.loss_from_logits(z, t, variant=variant),
+            atol=1e-6,
         )
     # mixup: a mix of two one-hot digit targets = the mix of the two losses (the product loss is linear in q)
     t2 = torch.randint(0, 20, (6,))
     soft2 = [F.one_hot(d, c).float() for d, c in zip(codec.encode(t2).T, codec.head_sizes)]
     mixed = [0.3 * a + 0.7 * b for a, b in zip(soft, soft2)]
-    expected = 0.3 * head.loss(z, t, reduction="none") + 0.7 * head.loss(z, t2, reduction="none")
-    assert torch.allclose(head.loss(z, mixed, reduction="none"), expected, atol=1e-6)
+    expected = 0.3 * head.loss_from_logits(z, t, reduction="none") + 0.7 * head.loss_from_logits(
+        z, t2, reduction="none"
+    )
+    assert torch.allclose(head.loss_from_logits(z, mixed, reduction="none"), expected, atol=1e-6)
 
 
 def test_mhp_ignore_index_drops_padding():
@@ -189,7 +195,7 @@ def test_mhs_batch_union_logits_are_the_full_logits_of_the_hit_groups():
     codec = LabelCodec([6, 5], 28)
     head = MHSHead(8, codec)
     x, t = torch.randn(9, 8), torch.tensor([0, 1, 27, 27, 13, 4, 5, 9, 12])
-    out = head(x, t)
+    out = head.sampled_logits(x, t)
     groups = torch.unique(t // 5)
     assert torch.equal(out.groups, groups)
     full = head.full_logits(x)
@@ -209,7 +215,7 @@ def test_mhs_per_sample_has_own_group_first_and_distinct_negatives():
     torch.manual_seed(9)
     head = MHSHead(8, LabelCodec([10, 4]), mode="per_sample", sampled_groups=4)
     t = torch.randint(0, 40, (32,))
-    out = head(torch.randn(32, 8), t)
+    out = head.sampled_logits(torch.randn(32, 8), t)
     assert out.logits.shape == (32, 16)
     assert torch.equal(out.groups[:, 0], t // 4) and torch.equal(out.target, t % 4)
     assert all(len(set(r)) == 4 for r in out.groups.tolist())
@@ -220,7 +226,7 @@ def test_mhs_arcface_margin_matches_formula_and_is_nan_free():
     codec = LabelCodec([4, 4])
     head = MHSHead(8, codec, margin=ArcFaceMargin(m=0.5, s=64), sampled_groups=4)
     x, t = torch.randn(5, 8), torch.randint(0, 16, (5,))
-    out = head(x, t)
+    out = head.sampled_logits(x, t)
     cos = F.normalize(x) @ F.normalize(head.weight.reshape(16, 8)).T
     expect = cos * 64
     theta = torch.acos(cos[torch.arange(5), t].clamp(-1, 1))

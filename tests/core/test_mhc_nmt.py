@@ -50,7 +50,7 @@ def test_batched_and_target_log_probs_equal_brute_force(sizes, n, group_mlp_dim)
     x = torch.randn(9, 12)
     ref = _brute(head, x)
     with torch.no_grad():
-        full = head.log_prob_batched(x).double()
+        full = head.log_prob(x).double()
     torch.testing.assert_close(full, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(full.exp().sum(-1), torch.ones(9, dtype=torch.float64), atol=1e-5, rtol=0)
     torch.testing.assert_close(full, head.log_prob(x).double(), atol=1e-5, rtol=1e-5)
@@ -58,7 +58,7 @@ def test_batched_and_target_log_probs_equal_brute_force(sizes, n, group_mlp_dim)
     tlp = head.target_log_prob(x, y).double()
     torch.testing.assert_close(tlp, ref.gather(1, y[:, None])[:, 0], atol=1e-5, rtol=1e-5)
     # leading dims are kept
-    assert head.log_prob_batched(x.view(3, 3, 12)).shape == (3, 3, n)
+    assert head.log_prob(x.view(3, 3, 12)).shape == (3, 3, n)
     assert head.target_log_prob(x.view(3, 3, 12), y.view(3, 3)).shape == (3, 3)
 
 
@@ -68,7 +68,7 @@ def _implied_target(head: MHCHead, x: torch.Tensor, y: torch.Tensor, eps: float)
     codec, n = head.codec, head.num_labels
     u = eps / (n - 1)
     with torch.no_grad():
-        p = head.log_prob_batched(x).double().exp()
+        p = head.log_prob(x).double().exp()
     q = torch.zeros(x.shape[0], n, dtype=torch.float64)
     for i in range(x.shape[0]):
         yd = codec.encode(y[i : i + 1])[0].tolist()
@@ -112,7 +112,7 @@ def test_smoothed_loss_implies_token_level_target(sizes, n):
     # the loss's gradient is exactly that of the full cross-entropy against q
     loss, nll = head.smoothed_nll(x, y, eps)
     (gx,) = torch.autograd.grad(loss.sum(), x)
-    full = -(q * head.log_prob_batched(x)).sum()
+    full = -(q * head.log_prob(x)).sum()
     (gref,) = torch.autograd.grad(full, x)
     torch.testing.assert_close(gx, gref, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(nll, -head.target_log_prob(x, y))
@@ -144,7 +144,7 @@ def test_tied_leaf_embedding_shares_rows_and_masks_padding_nodes():
     head.tie_leaf_embedding(table)
     assert head.node_embed[-1].weight is table
     x, y = torch.randn(4, 8), torch.tensor([0, 7, 32, 20])
-    full = head.log_prob_batched(x)
+    full = head.log_prob(x)
     torch.testing.assert_close(full.exp().sum(-1), torch.ones(4), atol=1e-5, rtol=0)
     torch.testing.assert_close(full.double(), _brute(head, x), atol=1e-5, rtol=1e-5)
     head.target_log_prob(x, y).sum().backward()
@@ -177,12 +177,12 @@ def test_mhp_token_smoothing_keeps_one_minus_eps_on_true_id():
     # the loss equals the cross-entropy of that product target against the product distribution
     lp_full = head.log_prob(x)
     ref = -(q * lp_full).sum(-1)
-    got = head.token_smoothed_loss(head(x), y, eps, reduction="none")
+    got = head.token_smoothed_loss(head.logits(x), y, eps, reduction="none")
     torch.testing.assert_close(got, ref)
     # padding is ignored; the old per-head-full-eps loss keeps only (1 - eps)^H on the true id
     pad = y.clone()
     pad[1] = 0
-    got_ign = head.token_smoothed_loss(head(x), pad, eps, ignore_index=0, reduction="sum")
+    got_ign = head.token_smoothed_loss(head.logits(x), pad, eps, ignore_index=0, reduction="sum")
     assert float(got_ign) == pytest.approx(float(ref[2:].sum()), rel=1e-9)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         per_head_smoothing(1.0, 2)
@@ -225,13 +225,13 @@ def test_group_mlp_starts_linear_trains_and_keeps_exact_topk():
     with_mlp = MHCHead(10, codec, hidden_dim=6, group_mlp_dim=8)
     with_mlp.load_state_dict(linear.state_dict(), strict=False)
     x, y = torch.randn(16, 10), torch.randint(0, 57, (16,))
-    torch.testing.assert_close(with_mlp.log_prob_batched(x), linear.log_prob_batched(x))
+    torch.testing.assert_close(with_mlp.log_prob(x), linear.log_prob(x))
     loss, _ = with_mlp.smoothed_nll(x, y, 0.1)
     loss.mean().backward()
     assert all(m[2].weight.grad.abs().sum() > 0 for m in with_mlp.group_mlps)
     for mlp in with_mlp.group_mlps:
         nn.init.normal_(mlp[2].weight)
-    full = with_mlp.log_prob_batched(x)
+    full = with_mlp.log_prob(x)
     values, ids = with_mlp.topk(x, 7, beam=57)
     ref_values, ref_ids = full.topk(7, dim=-1)
     torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)

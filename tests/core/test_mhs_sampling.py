@@ -28,16 +28,16 @@ def test_per_sample_correction_is_minus_log_inclusion_probability():
     # Monte Carlo inclusion probability of one fixed other group among a sample's negatives
     hits = trials = 0
     for _ in range(1500):
-        g = plain(torch.randn(16, 4), t).groups
+        g = plain.sampled_logits(torch.randn(16, 4), t).groups
         other = (t // 3 + 1) % 8  # a group that is never the sample's own
         hits += int((g[:, 1:] == other[:, None]).any(1).sum())
         trials += 16
     q_mc = hits / trials
     x = torch.randn(16, 4)
     torch.manual_seed(5)
-    a = plain(x, t)
+    a = plain.sampled_logits(x, t)
     torch.manual_seed(5)
-    b = corr(x, t)
+    b = corr.sampled_logits(x, t)
     assert torch.equal(a.groups, b.groups)
     diff = b.logits - a.logits
     assert torch.equal(diff[:, :3], torch.zeros(16, 3))  # own group (target and siblings): uncorrected
@@ -45,7 +45,7 @@ def test_per_sample_correction_is_minus_log_inclusion_probability():
     assert torch.allclose(offset, offset[0, 0].expand_as(offset))
     assert math.exp(-offset[0, 0].item()) == pytest.approx(q_mc, abs=0.01)  # exact value: 2 / 7
     # the loss really changes, and the target logit is untouched
-    assert corr.loss(b).item() > plain.loss(a).item()
+    assert corr.loss_from_sampled(b).item() > plain.loss_from_sampled(a).item()
 
 
 def test_batch_union_correction_only_on_random_extra_groups():
@@ -60,9 +60,9 @@ def test_batch_union_correction_only_on_random_extra_groups():
     q_mc = counts[[1, 3, 4, 5, 6, 7]].mean().item() / n
     x = torch.randn(4, 4)
     torch.manual_seed(9)
-    a = plain(x, t)
+    a = plain.sampled_logits(x, t)
     torch.manual_seed(9)
-    b = corr(x, t)
+    b = corr.sampled_logits(x, t)
     assert torch.equal(a.groups, b.groups) and a.groups.numel() == 4
     diff = (b.logits - a.logits).view(4, 4, 3)
     positive = torch.isin(a.groups, torch.tensor([0, 2]))
@@ -84,7 +84,7 @@ def test_empty_batch_gives_zero_loss_on_the_graph_and_empty_topk(mode):
     v, i = head.topk(torch.randn(0, 4), 3)
     assert v.shape == (0, 3) and i.shape == (0, 3) and i.dtype == torch.long
     face = MHSArcFace(4, 14, head_sizes=(5, 3))
-    assert face(x, torch.zeros(0, dtype=torch.long)).item() == 0.0
+    assert face(x, torch.zeros(0, dtype=torch.long)).loss.item() == 0.0
 
 
 def test_lazy_sgd_sparse_grads_sorted_or_not_equal_dense_sgd_on_touched_rows():

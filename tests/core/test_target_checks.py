@@ -8,7 +8,7 @@ import torch
 
 from insightface_ext.heads import MHSArcFace
 from mhe_plugins import LabelCodec, MHCHead, MHPHead, MHSHead
-from mhe_plugins.heads.mhc_multilabel import MHCMultiLabelHead
+from mhe_plugins.heads import build_head
 
 D, N = 8, 10
 
@@ -58,7 +58,7 @@ def test_mhp_soft_digit_targets_and_ignore_index_still_work():
     assert torch.isfinite(head.compute_loss(x, soft))
     assert torch.isfinite(head.compute_loss(x, torch.tensor([0, -100, 2, 3]), ignore_index=-100))
     with pytest.raises(ValueError, match=r"integer.*float32"):
-        head.token_smoothed_loss(list(head(x)), torch.tensor([0.0, 1.0, 2.0, 3.0]))
+        head.token_smoothed_loss(list(head.logits(x)), torch.tensor([0.0, 1.0, 2.0, 3.0]))
 
 
 def test_mhc_exact_likelihood_paths_check_targets():
@@ -70,7 +70,7 @@ def test_mhc_exact_likelihood_paths_check_targets():
 
 
 def test_multilabel_head_targets():
-    head = MHCMultiLabelHead(D, N, num_groups=4, hidden_dim=8)
+    head = build_head("mhc_multilabel", D, N, num_groups=4, hidden_dim=8)
     x = torch.randn(2, D)
     assert torch.isfinite(head.compute_loss(x, torch.tensor([[0, 9], [3, -1]])))  # -1 = padding
     with pytest.raises(ValueError, match=r"integer.*float32.*1\.5"):

@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from insightface_ext.heads import MHSArcFace
 from insightface_ext.optim import LazySGD, sum_allreduce_hook
-from mhe_plugins.distributed import get_rank, get_world_size, init_distributed_from_env
+from mhe_plugins.training.dist import get_rank, get_world_size, init_distributed_from_env
 
 HEAD_SIZES, NUM_CLASSES, IN_DIM, EMB, BATCH, STEPS = (7, 6), 40, 12, 8, 16, 3
 
@@ -57,7 +57,7 @@ def run(world: int, rank: int) -> dict:
     losses, sampled = [], []
     for x, y in zip(st["x"], st["y"]):
         xs, ys = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
-        loss = head(model(xs), ys)
+        loss = head(model(xs), ys).loss
         opt_b.zero_grad()
         opt_h.zero_grad()
         loss.backward()

@@ -35,7 +35,7 @@ def test_all_groups_sampled_equals_full_arcface(margin):
     head = MHSArcFace(16, 95, head_sizes=(10, 10), margin=margin, scale=30.0)
     x = torch.randn(40, 16, requires_grad=True)
     y = torch.cat([torch.arange(0, 95, 10), torch.randint(0, 95, (30,))])  # every group hit
-    loss = head(x, y)
+    loss = head(x, y).loss
     w = head.weight.detach().view(100, 16).clone().requires_grad_(True)
     x2 = x.detach().clone().requires_grad_(True)
     ref = brute_force(x2, w, y, list(range(95)), margin, 30.0)  # padded ids 95..99 are not classes
@@ -53,7 +53,7 @@ def test_batch_union_scores_only_hit_groups():
     head = MHSArcFace(8, 100, head_sizes=(10, 10))
     y = torch.tensor([13, 17, 31, 35, 39, 12])  # groups 1 and 3
     x = torch.randn(6, 8)
-    loss = head(x, y)
+    loss = head(x, y).loss
     cols = list(range(10, 20)) + list(range(30, 40))
     assert head.last_num_sampled == 20
     assert loss.item() == pytest.approx(
@@ -65,7 +65,7 @@ def test_sample_rate_is_partial_fc_and_forces_positives():
     torch.manual_seed(2)
     head = MHSArcFace(8, 1000, head_sizes=(1000, 1), sample_rate=0.1)
     y = torch.randint(0, 1000, (64,))
-    loss = head(torch.randn(64, 8), y)
+    loss = head(torch.randn(64, 8), y).loss
     assert head.last_num_sampled == 100 and math.isfinite(loss.item())
     y = torch.arange(0, 1000, 4)  # 250 positives > 10 % -> all positives, nothing else
     head(torch.randn(250, 8), y)
@@ -75,7 +75,7 @@ def test_sample_rate_is_partial_fc_and_forces_positives():
 def test_cosine_one_does_not_nan():
     head = MHSArcFace(4, 6, head_sizes=(2, 3))
     x = head.weight.detach().view(6, 4)[[0, 4]].clone().requires_grad_(True)  # cos(target) = 1 exactly
-    loss = head(x, torch.tensor([0, 4]))
+    loss = head(x, torch.tensor([0, 4])).loss
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
 
@@ -102,7 +102,7 @@ def test_lazy_sgd_leaves_unsampled_rows_and_momentum_untouched():
         x = torch.randn(5, 8)
         y = torch.tensor([21, 25, 27, 51, 55]) if step != 1 else torch.tensor([21, 22, 23, 24, 25])
         opt.zero_grad()
-        head(x, y).backward()
+        head(x, y).loss.backward()
         assert head.weight.grad.is_sparse
         opt.step()
         ref_opt.zero_grad()

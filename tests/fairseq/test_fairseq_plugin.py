@@ -74,6 +74,12 @@ def _sample(d: Dictionary, bsz=3, src_len=6, tgt_len=5) -> dict:
     }
 
 
+def _digit_logits(model, net_input) -> torch.Tensor:
+    """Concatenated per-head logits (..., sum C_h) of the MHP output layer, from decoder features."""
+    feats = model(**net_input, features_only=True)[0]
+    return torch.cat(model.decoder.output_projection.logits(feats), -1)
+
+
 def _brute_log_probs(model, digit_logits):
     codec = model.decoder.codec
     ids = torch.arange(codec.num_labels)
@@ -90,11 +96,13 @@ def test_normalized_probs_match_brute_force_with_masked_ids():
     codec = model.decoder.codec
     assert codec.num_labels == len(task.target_dictionary) == 37
     assert codec.capacity > codec.num_labels  # ids >= |V| exist and must get no mass
-    out = model(**_sample(task.target_dictionary)["net_input"])
-    assert out[0].shape[-1] == sum(codec.head_sizes)
+    net_input = _sample(task.target_dictionary)["net_input"]
+    out = model(**net_input)
+    assert out[0].shape[-1] == 37  # the output layer gives full-vocabulary log-probs
     lp = model.get_normalized_probs(out, log_probs=True)
     assert lp.shape[-1] == 37
-    torch.testing.assert_close(lp.double(), _brute_log_probs(model, out[0]), atol=1e-5, rtol=1e-5)
+    brute = _brute_log_probs(model, _digit_logits(model, net_input))
+    torch.testing.assert_close(lp.double(), brute, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lp.exp().sum(-1), torch.ones(lp.shape[:-1]), atol=1e-5, rtol=0)
     torch.testing.assert_close(model.get_normalized_probs(out, log_probs=False), lp.exp())
     # output layer: d * sum(C) weights, no d x |V| matrix anywhere in the decoder
@@ -107,17 +115,18 @@ def test_criterion_loss_nll_accuracy_exact():
     d = task.target_dictionary
     sample = _sample(d)
     crit = MHECrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1, report_accuracy=True)
+    model.eval()  # accuracy is reported at validation
     loss, sample_size, log = crit(model, sample)
-    net_out = model(**sample["net_input"])
+    digit_logits = _digit_logits(model, sample["net_input"])
     tgt, mask = sample["target"], sample["target"].ne(d.pad())
-    lp = _brute_log_probs(model, net_out[0])
+    lp = _brute_log_probs(model, digit_logits)
     nll = -(lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)[mask]).sum()
     codec = model.decoder.codec
     digits = codec.encode(tgt.masked_fill(~mask, 0))
     # token-level smoothing: head h keeps 1 - eps_h on its digit, eps_h / (C_h - 1) on each other digit
     eps_h = 1 - 0.9 ** (1 / codec.num_heads)
     ref = 0.0
-    for h, z in enumerate(net_out[0].split(list(codec.head_sizes), -1)):
+    for h, z in enumerate(digit_logits.split(list(codec.head_sizes), -1)):
         c = codec.head_sizes[h]
         q = torch.full((int(mask.sum()), c), eps_h / (c - 1), dtype=torch.float64)
         q.scatter_(1, digits[..., h][mask][:, None], 1 - eps_h)
@@ -286,7 +295,7 @@ def test_mhc_criterion_loss_nll_accuracy_exact():
     c0 = MHECrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.0)
     l0, _, log0 = c0(model, sample)
     assert float(l0) == pytest.approx(float(log0["nll_loss"]), rel=1e-6)
-    with pytest.raises(ValueError, match="mhc trains ce_sum only"):
+    with pytest.raises(ValueError, match=r"--mhe-loss bce is not a loss of this output layer \(MHCHead\)"):
         MHECrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.0, mhe_loss="bce")(model, sample)
 
 
@@ -421,7 +430,7 @@ def test_mhc_default_shape_groups_and_old_checkpoint_error():
     assert balanced.decoder.codec.head_sizes == LabelCodec.balanced(37, 2).head_sizes
     assert balanced.decoder.output_projection.group_mlps is not None
     assert len(balanced.decoder.output_projection.group_mlps) == 0
-    with pytest.raises(ValueError, match="--mhe-groups 0 for 3 balanced levels"):
+    with pytest.raises(ValueError, match=r"num_heads=3 .*--mhe-groups 0 gives balanced --mhe-heads levels"):
         _mhc(task, mhe_head_sizes=None, mhe_heads=3)
     with pytest.raises(ValueError, match="--mhe-groups must be >= 0"):
         _mhc(task, mhe_head_sizes=None, mhe_groups=-1)

@@ -48,7 +48,7 @@ def test_mhp_gt_score_is_the_soft_class_cross_entropy_of_the_product_model():
     core = head.head.compute_loss(x, head.head.codec.digit_marginals(score))
     torch.testing.assert_close(got, core)
     # ... and, brute force, -sum_y score_y * sum_h log p_h(digit_h(y)) over the N ids (7 * 8 = 56 > N = 50)
-    lps = [F.log_softmax(z, -1) for z in head.head(x)]
+    lps = [F.log_softmax(z, -1) for z in head.head.logits(x)]
     brute = -(score * full_product_scores(lps, N)).sum(-1).mean()
     torch.testing.assert_close(got, brute, rtol=1e-5, atol=1e-6)
     # mixing is linear: lam * loss(y) + (1 - lam) * loss(flipped y)

@@ -18,10 +18,12 @@ from mhe_plugins.datasets.glyphs import (
     load_glyph_split,
     read_classes,
 )
+from timm_ext.glyph_builder import default_fonts_dir
 
 REPO = Path(__file__).resolve().parents[2]
 SUBSET = REPO / "data" / "glyphs"
 MPL_FONTS = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+FONT_CACHE = default_fonts_dir()  # the user's Debian font cache (python -m timm_ext.glyph_builder)
 
 
 def test_gb2312_levels():
@@ -64,6 +66,7 @@ def test_builder_drops_blanks_duplicates_and_splits_by_font(latin_fonts, tmp_pat
     # pkg-copy renders exactly the test font: all its images are removed from train
     assert set(tr_font) == {"pkg-sans:DejaVuSans.ttf#0"}
     assert meta["removed_train_copies_of_test"] == 4
+    assert meta["font_packages"] == ["pkg-copy", "pkg-sans", "pkg-serif"] and "fonts_dir" not in meta
     assert read_classes(tmp_path / "out") == list("AB CD")
     test_keys = {(int(lab), im.tobytes()) for im, lab in zip(te_im, te_lab)}
     assert not any((int(lab), im.tobytes()) in test_keys for im, lab in zip(tr_im, tr_lab))
@@ -132,13 +135,11 @@ def test_corrupt_split_file_names_the_file(tmp_path):
         load_glyph_split(tmp_path, "test")
 
 
-@pytest.mark.skipif(
-    not Path("/work/cache/fonts/fonts-cwtex-kai").is_dir(), reason="Debian font cache not present"
-)
+@pytest.mark.skipif(not (FONT_CACHE / "fonts-cwtex-kai").is_dir(), reason="Debian font cache not present")
 def test_real_fonts_render_hanzi(tmp_path):
     pkgs = (*TEST_PACKAGES, "fonts-cwtex-ming", "fonts-cwtex-heib", "fonts-droid-fallback")
     meta = build_glyph_dataset(
-        tmp_path / "g", fonts_dir="/work/cache/fonts", packages=pkgs, num_classes=5, workers=1, progress=False
+        tmp_path / "g", fonts_dir=FONT_CACHE, packages=pkgs, num_classes=5, workers=1, progress=False
     )
     assert meta["splits"]["test"]["classes_present"] == 5
     assert {f.split(":")[0] for f in meta["splits"]["test"]["faces"]} == set(TEST_PACKAGES)

@@ -11,7 +11,8 @@ import scipy.sparse as sp
 import torch
 
 from mhe_plugins import metrics as M
-from mhe_plugins.heads.mhc_multilabel import MHCMultiLabelHead, pad_labels
+from mhe_plugins.heads import build_head
+from mhe_plugins.heads.mhc_multilabel import pad_labels
 from mhe_plugins.training import load_checkpoint
 from xmc.data import load_dataset
 from xmc.encoders import csr_to_bag
@@ -82,10 +83,11 @@ def test_lexical_scorer_is_weighted_cosine_to_label_centroids():
 
 def test_softmax_candidate_loss_equals_a_per_document_loop():
     torch.manual_seed(0)
-    head = MHCMultiLabelHead(6, 10, num_groups=3, hidden_dim=4, candidates_topk=2)
+    head = build_head("mhc_multilabel", 6, 10, num_groups=3, hidden_dim=4, candidates_topk=2)
     x, target = torch.randn(4, 6), pad_labels([[0, 9], [4], [], [2, 3, 8]])
-    out = head(x, target)
-    got = head.loss(out, target, "softmax")
+    out = head.candidates(x, target)
+    got = head.loss_from_candidates(out, target, "softmax")
+    assert torch.equal(head(x, target, candidate_loss="softmax").loss, got)
     group = torch.nn.functional.binary_cross_entropy_with_logits(
         out.group_logits, head._group_targets(target)
     )
@@ -98,7 +100,7 @@ def test_softmax_candidate_loss_equals_a_per_document_loop():
             per_doc.append(-logp[pos].mean())
     torch.testing.assert_close(got, torch.stack(per_doc).mean() + group)
     with pytest.raises(ValueError, match="candidate_loss must be one of"):
-        head.loss(out, target, "ce")
+        head.loss_from_candidates(out, target, "ce")
 
 
 def test_lexical_softmax_deep_bigram_model_trains_and_reloads(wordnet_small, tmp_path):
@@ -253,7 +255,7 @@ def test_neighbour_votes_match_brute_force_and_combine_with_mhc():
     inputs = csr_to_bag(x_q)
     scores, ids = model.topk(inputs, k=7)
     with torch.no_grad():
-        out = model.head(model.features(inputs))
+        out = model.head.candidates(model.features(inputs))
     cand = torch.zeros(9, 7)
     gid = model.head.candidate_global_ids(out)
     s = torch.sigmoid(out.candidate_logits) * out.group_scores
@@ -266,4 +268,4 @@ def test_neighbour_votes_match_brute_force_and_combine_with_mhc():
     np.testing.assert_allclose(scores, total.sort(1, descending=True).values, rtol=1e-5, atol=1e-6)
     # weight 0 turns the votes off: plain MHC ranking
     model.neighbours.weight.fill_(0.0)
-    np.testing.assert_array_equal(model.topk(inputs, 3)[1], model.head.topk_from_output(out, 3)[1])
+    np.testing.assert_array_equal(model.topk(inputs, 3)[1], model.head.topk(model.features(inputs), 3)[1])

@@ -3,18 +3,21 @@
 import pytest
 import torch
 
-from mhe_plugins.heads.mhc_multilabel import MHCMultiLabelHead, pad_labels
+from mhe_plugins.heads import build_head
+from mhe_plugins.heads.mhc_multilabel import pad_labels
 
 
 def _head(n=103, g=10, k=None, seed=None, d=16):
     torch.manual_seed(0)
-    return MHCMultiLabelHead(d, n, num_groups=g, hidden_dim=8, candidates_topk=k, permutation_seed=seed)
+    return build_head(
+        "mhc_multilabel", d, n, num_groups=g, hidden_dim=8, candidates_topk=k, permutation_seed=seed
+    )
 
 
 def test_group_split_and_ragged_last_group_is_masked():
     head = _head(n=103, g=10)
     assert (head.num_groups, head.group_size) == (10, 11)  # {G; per} rule: 10*11 = 110 >= 103
-    out = head(torch.randn(4, 16))
+    out = head.candidates(torch.randn(4, 16))
     # 7 dummy slots exist only in the last group and are masked, never real duplicated ids
     last = out.candidates >= 103
     assert torch.equal(last, ~out.candidate_mask)
@@ -53,11 +56,11 @@ def test_topk_with_few_groups_scores_are_product_and_within_top_groups():
 def test_teacher_forcing_keeps_every_truth_group_even_beyond_k():
     head = _head(n=103, g=10, k=1)
     target = pad_labels([[0, 25, 50, 102], [7], []])
-    out = head(torch.randn(3, 16), target)
+    out = head.candidates(torch.randn(3, 16), target)
     groups = (out.candidates // 11).tolist()
     assert {0, 2, 4, 9} <= set(groups[0])  # 4 truth groups although candidates_topk=1
     assert 0 in groups[1]
-    loss = head.loss(out, target)
+    loss = head.loss_from_candidates(out, target)
     assert torch.isfinite(loss)
 
 
@@ -65,8 +68,8 @@ def test_candidate_targets_match_brute_force_bce():
     head = _head(n=103, g=10, k=3, seed=5)
     target = pad_labels([[1, 2, 60], [100, 102], [5]])
     x = torch.randn(3, 16)
-    out = head(x, target)
-    loss = head.loss(out, target)
+    out = head.candidates(x, target)
+    loss = head.loss_from_candidates(out, target)
     # brute force: per sample, loop over candidates
     internal = head.to_internal
     cl, ct = [], []
@@ -98,7 +101,9 @@ def test_learns_a_separable_multilabel_problem():
     protos = torch.randn(n, d)
     labels = [torch.randperm(n)[:3].tolist() for _ in range(400)]
     x = torch.stack([protos[ls].sum(0) for ls in labels]) + 0.1 * torch.randn(400, d)
-    head = MHCMultiLabelHead(d, n, num_groups=14, hidden_dim=32, candidates_topk=6, permutation_seed=0)
+    head = build_head(
+        "mhc_multilabel", d, n, num_groups=14, hidden_dim=32, candidates_topk=6, permutation_seed=0
+    )
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     tgt = pad_labels(labels)
     for _ in range(300):
@@ -106,6 +111,6 @@ def test_learns_a_separable_multilabel_problem():
         head.compute_loss(x, tgt).backward()
         opt.step()
     with torch.no_grad():
-        ids = head.eval().predict(x, 3)
+        ids = head.eval().topk(x, 3)[1]
     p3 = sum(len(set(ids[i].tolist()) & set(labels[i])) for i in range(400)) / (3 * 400)
     assert p3 > 0.75  # chance is 0.015

@@ -1,25 +1,8 @@
-"""Evaluation metrics shared by every integration, vectorised with numpy / torch / scipy.sparse.
+"""Multi-label ranking metrics for XMC: P@k, nDCG@k, PSP@k, PSnDCG@k and Jain et al. propensities.
 
-Why one module: the image, XMC and face plugins must report numbers that mean the same thing
-everywhere (and that match the community's reference implementations, napkinxc / pyxclib for XMC
-and insightface for face verification), so they all call these functions instead of re-deriving them.
-
-Units: the two *report* functions, :func:`topk_accuracy` and :func:`xmc_metrics`, return percent
-(0-100). The building blocks (:func:`precision_at_k`, :func:`ndcg_at_k`, :func:`psp_at_k`,
-:func:`psndcg_at_k`) and the verification functions return fractions in [0, 1], as napkinxc and
-insightface do.
-
-Input conventions
------------------
-* Tensors may live on any device; they are detached and copied to host memory when numpy is needed
-  (:func:`topk_accuracy` on logits stays on the tensor's device).
-* Ranked predictions: an (n, k) integer array (best first). Rows with fewer than k valid ids are
-  padded with ``-1`` (or any negative id); a list of ranked id lists of varying lengths is also
-  accepted. Missing positions count as misses. Duplicate ids within a row are rejected (they would
-  inflate P@k).
-* Multi-label truth: a scipy.sparse matrix (n, L) whose non-zero entries mark relevant labels (it
-  is converted to CSR, explicit zeros are dropped) or a list of n label-id lists. *All* true labels
-  are used (no truncation to a fixed number of labels).
+Why here: they must match napkinxc / pyxclib (tests/core/test_metrics.py cross-checks them), so every
+XMC report (trainer, tuner, benchmark) calls these instead of re-deriving them. The building blocks
+return fractions in [0, 1]; :func:`xmc_metrics` returns percent.
 """
 
 from __future__ import annotations
@@ -32,44 +15,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-__all__ = [
-    "topk_accuracy",
-    "precision_at_k",
-    "ndcg_at_k",
-    "psp_at_k",
-    "psndcg_at_k",
-    "jain_propensity",
-    "xmc_metrics",
-    "pair_scores",
-    "VerificationResult",
-    "verification_accuracy_10fold",
-    "far_thresholds",
-    "tar_at_far",
-]
+from ._common import _check_k, _to_numpy
 
-ArrayLike = np.ndarray | torch.Tensor
+__all__ = ["precision_at_k", "ndcg_at_k", "psp_at_k", "psndcg_at_k", "jain_propensity", "xmc_metrics"]
+
 Truth = sp.spmatrix | sp.sparray | Sequence[Sequence[int]]
-
-
-# ----------------------------------------------------------------------------- input helpers
-
-
-def _to_numpy(x: Any, name: str) -> np.ndarray:
-    """Host numpy copy of a tensor / array / nested list (no copy for numpy input)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    try:
-        return np.asarray(x)
-    except ValueError as err:  # ragged nested lists
-        raise ValueError(f"{name}: cannot convert to an array ({err})") from err
-
-
-def _check_k(k: Any, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"{name} must be a positive integer, got {k!r}")
-    if k < 1:
-        raise ValueError(f"{name} must be >= 1, got {k}")
-    return int(k)
 
 
 def _ranked_ids(pred_ids: Any, k: int) -> np.ndarray:
@@ -202,63 +152,6 @@ def _inverse_propensities(propensities: Any, num_labels: int) -> np.ndarray:
         i = int(np.nonzero(bad)[0][0])
         raise ValueError(f"propensities must be finite and > 0, got {p[i]} at label {i}")
     return 1.0 / p
-
-
-# ----------------------------------------------------------------------------- single-label
-
-
-def topk_accuracy(
-    logits_or_ranked_ids: ArrayLike,
-    targets: ArrayLike,
-    ks: Iterable[int] = (1, 5),
-    ignore_index: int | None = None,
-) -> dict[str, float]:
-    """Top-k accuracy in percent, ``{"top1": .., "top5": ..}``.
-
-    Floating input is treated as (n, C) scores (top-k taken on the input's device, k clipped to C as
-    timm does); integer input as (n, k') ranked ids (best first, ``-1`` padding; k > k' counts the
-    missing ranks as misses). Rows whose target equals ``ignore_index`` are left out.
-    """
-    ks = [_check_k(k, "ks entry") for k in ks]
-    if not ks:
-        raise ValueError("ks must name at least one k")
-    x = (
-        logits_or_ranked_ids
-        if isinstance(logits_or_ranked_ids, torch.Tensor)
-        else torch.as_tensor(np.asarray(logits_or_ranked_ids))
-    )
-    t = targets if isinstance(targets, torch.Tensor) else torch.as_tensor(np.asarray(targets))
-    if x.ndim != 2:
-        raise ValueError(f"logits_or_ranked_ids must be 2-D (n, C) or (n, k), got shape {tuple(x.shape)}")
-    t = t.reshape(-1).to(x.device)
-    if t.numel() != x.shape[0]:
-        raise ValueError(f"targets has {t.numel()} entries but logits_or_ranked_ids has {x.shape[0]} rows")
-    if t.is_floating_point():
-        raise ValueError(f"targets must be integer class ids, got dtype {t.dtype}")
-    if ignore_index is not None:
-        keep = t != ignore_index
-        x, t = x[keep], t[keep]
-    if t.numel() == 0:
-        raise ValueError("topk_accuracy needs at least one (non-ignored) sample")
-    if (t < 0).any():
-        raise ValueError(f"targets must be >= 0 (or ignore_index), got {int(t.min())}")
-    kmax = max(ks)
-    if x.is_floating_point():
-        ranked = x.topk(min(kmax, x.shape[1]), dim=1).indices
-    else:
-        ranked = x[:, :kmax]
-    correct = ranked.eq(t[:, None])  # (n, k'), at most one True per row
-    cum = correct.cumsum(dim=1).clamp_(max=1)
-    n = t.numel()
-    out = {}
-    for k in ks:
-        kk = min(k, cum.shape[1])
-        hit = cum[:, kk - 1].sum().item() if kk > 0 else 0
-        out[f"top{k}"] = 100.0 * hit / n
-    return out
-
-
-# ----------------------------------------------------------------------------- multi-label (XMC)
 
 
 class _Ranked(NamedTuple):
@@ -401,159 +294,3 @@ def xmc_metrics(
         out.update({f"PSP@{k}": 100.0 * _ps(r, k, inv, top, discount=False) for k in ks})
         out.update({f"PSnDCG@{k}": 100.0 * _ps(r, k, inv, top, discount=True) for k in ks})
     return out
-
-
-# ----------------------------------------------------------------------------- face verification
-
-
-def pair_scores(embeddings1: ArrayLike, embeddings2: ArrayLike) -> np.ndarray:
-    """Cosine similarity of paired rows (higher = more similar).
-
-    Equivalent to insightface's squared L2 distance of normalised embeddings (d² = 2 - 2 cos), with
-    the sign flipped so every verification function here thresholds "score >= t means same".
-    """
-    e1 = _to_numpy(embeddings1, "embeddings1").astype(np.float64)
-    e2 = _to_numpy(embeddings2, "embeddings2").astype(np.float64)
-    if e1.ndim != 2 or e1.shape != e2.shape:
-        raise ValueError(
-            f"embeddings must be two (n, d) arrays of one shape, got {tuple(e1.shape)} and {tuple(e2.shape)}"
-        )
-    n1 = np.linalg.norm(e1, axis=1)
-    n2 = np.linalg.norm(e2, axis=1)
-    zero = (n1 == 0) | (n2 == 0)
-    if zero.any():
-        raise ValueError(
-            f"embedding pair {int(np.nonzero(zero)[0][0])} has a zero vector; cosine is undefined"
-        )
-    return np.einsum("nd,nd->n", e1, e2) / (n1 * n2)
-
-
-def _check_pairs(scores: Any, issame: Any) -> tuple[np.ndarray, np.ndarray]:
-    s = _to_numpy(scores, "scores").astype(np.float64).ravel()
-    same = _to_numpy(issame, "issame").ravel()
-    if s.size != same.size:
-        raise ValueError(f"scores has {s.size} entries but issame has {same.size}")
-    if same.dtype != bool:
-        if not np.all(np.isin(same, (0, 1))):
-            raise ValueError(f"issame must be boolean (or 0/1), got values {np.unique(same)[:5]}")
-        same = same.astype(bool)
-    bad = ~np.isfinite(s)
-    if bad.any():
-        i = int(np.nonzero(bad)[0][0])
-        raise ValueError(f"score of pair {i} is not finite: {s[i]}")
-    return s, same
-
-
-class VerificationResult(NamedTuple):
-    """Result of :func:`verification_accuracy_10fold` (fractions, as insightface reports them)."""
-
-    accuracy_mean: float
-    accuracy_std: float
-    thresholds: np.ndarray  # (nfolds,) best threshold chosen on each fold's training part
-    fold_accuracies: np.ndarray  # (nfolds,) held-out accuracy of each fold
-
-
-def _best_threshold(s: np.ndarray, same: np.ndarray) -> float:
-    """Threshold maximising accuracy of 'score >= t' over all distinct cut points (exact, O(n log n)).
-
-    Cut points are mid-points between consecutive distinct scores (plus ±inf), so no score sits on a
-    threshold. Among equally accurate cuts the lowest is taken (as insightface's argmax over its
-    ascending grid does).
-    """
-    order = np.argsort(s, kind="stable")
-    ss, yy = s[order], same[order]
-    n = ss.size
-    # cut i predicts 'same' for ss[i:]; correct = impostors below + genuines at/above
-    imp_below = np.concatenate([[0], np.cumsum(~yy)])
-    gen_above = yy.sum() - np.concatenate([[0], np.cumsum(yy)])
-    correct = imp_below + gen_above
-    valid = np.ones(n + 1, dtype=bool)
-    valid[1:n] = ss[1:] > ss[:-1]
-    i = int(np.argmax(np.where(valid, correct, -1)))
-    if i == 0:
-        return -np.inf
-    if i == n:
-        return np.inf
-    return float((ss[i - 1] + ss[i]) / 2.0)
-
-
-def verification_accuracy_10fold(
-    scores_or_embeddings1: ArrayLike,
-    embeddings2: ArrayLike | None = None,
-    issame: ArrayLike | None = None,
-    nfolds: int = 10,
-) -> VerificationResult:
-    """LFW-protocol 1:1 verification accuracy (insightface ``evaluate``): k contiguous folds, the best
-    threshold is chosen on the other k-1 folds and applied to the held-out one.
-
-    Pass either pair similarity scores and ``issame`` (``f(scores, issame)`` works too), or two (n, d)
-    embedding arrays and ``issame`` (cosine similarity is used). Unlike insightface's fixed 0.01 distance grid, the threshold
-    search is exact over all cut points. Folds are contiguous like ``sklearn.model_selection.KFold``
-    without shuffling (LFW pair files are ordered by fold).
-    """
-    if (
-        issame is None
-        and embeddings2 is not None
-        and np.ndim(_to_numpy(scores_or_embeddings1, "scores")) == 1
-    ):
-        embeddings2, issame = None, embeddings2  # called as (scores, issame)
-    if issame is None:
-        raise ValueError("verification_accuracy_10fold: issame is required")
-    if embeddings2 is None:
-        s = scores_or_embeddings1
-    else:
-        s = pair_scores(scores_or_embeddings1, embeddings2)
-    s, same = _check_pairs(s, issame)
-    nfolds = _check_k(nfolds, "nfolds")
-    if nfolds < 2 or nfolds > s.size:
-        raise ValueError(f"nfolds must be in [2, number of pairs={s.size}], got {nfolds}")
-    folds = np.array_split(np.arange(s.size), nfolds)  # same fold sizes as KFold(shuffle=False)
-    thresholds = np.empty(nfolds)
-    accs = np.empty(nfolds)
-    for f, test in enumerate(folds):  # nfolds iterations, each fully vectorised
-        train = np.ones(s.size, dtype=bool)
-        train[test] = False
-        t = _best_threshold(s[train], same[train])
-        thresholds[f] = t
-        accs[f] = np.mean((s[test] >= t) == same[test])
-    return VerificationResult(float(accs.mean()), float(accs.std()), thresholds, accs)
-
-
-def far_thresholds(
-    scores: ArrayLike, issame: ArrayLike, far_targets: Iterable[float] = (1e-4, 1e-3, 1e-2)
-) -> dict[float, float]:
-    """Per target FAR, the lowest threshold t with FAR(t) = #(impostor > t) / #impostors <= target.
-
-    t is the (m+1)-th largest impostor score with m = floor(far · #impostors); pairs are accepted
-    iff ``score > t``. Ties: impostors tied at t are all rejected, so the achieved FAR never exceeds
-    the target (it can be lower when scores tie). A target below 1/#impostors yields t = the largest
-    impostor score (FAR 0); a target >= 1 yields t = -inf.
-    """
-    s, same = _check_pairs(scores, issame)
-    imp = np.sort(s[~same])[::-1]
-    if imp.size == 0:
-        raise ValueError("far_thresholds needs at least one impostor pair (issame == False)")
-    out = {}
-    for far in far_targets:
-        far = float(far)
-        if not 0.0 < far <= 1.0:
-            raise ValueError(f"far targets must lie in (0, 1], got {far}")
-        m = int(np.floor(far * imp.size * (1.0 + 1e-12)))
-        out[far] = float(imp[m]) if m < imp.size else -np.inf
-    return out
-
-
-def tar_at_far(
-    scores: ArrayLike, issame: ArrayLike, far_targets: Iterable[float] = (1e-4, 1e-3, 1e-2)
-) -> dict[float, float]:
-    """TAR (fraction of genuine pairs with score > t) at the thresholds of :func:`far_thresholds`.
-
-    Unlike insightface's IJB script (which reads the ROC point whose FPR is *nearest* the target),
-    the threshold here guarantees achieved FAR <= target, the conservative convention.
-    """
-    s, same = _check_pairs(scores, issame)
-    gen = s[same]
-    if gen.size == 0:
-        raise ValueError("tar_at_far needs at least one genuine pair (issame == True)")
-    thr = far_thresholds(s, same, far_targets)
-    return {far: float(np.mean(gen > t)) for far, t in thr.items()}

@@ -89,14 +89,15 @@ def read_utf8(path: Path) -> str:
 def read_name_list(path: str | Path, what: str = "class name") -> list[str]:
     """Names, one a line (line i = id i-1), of a ``classes.txt``-style file.
 
-    A blank line (also the blank last line of a file ending in two newlines) or a repeated name is an error
-    naming file:line: either would add or shift a class and move every later id silently.
+    An empty line (also the last line of a file ending in two newlines) or a repeated name is an error
+    naming file:line: either would add or shift a class and move every later id silently. So is a line of
+    several blanks; a single character is always a name (the glyph classes include the space character).
     """
     path = Path(path)
     names = split_lines(read_utf8(path), str(path))
     seen: dict[str, int] = {}
     for lineno, name in enumerate(names, 1):
-        if not name.strip(" \t"):  # not str.strip(): \x1c, \x85, \u3000 ... are valid (glyph) names
+        if not name or (len(name) > 1 and not name.strip()):  # " ", "\u3000", "\x1c": valid glyph names
             raise LineFormatError(
                 f"{path}:{lineno}: blank line ({name!r}) in a list of {what}s; remove it "
                 f"(every line is a {what}, line i is id i-1)"

@@ -1,0 +1,152 @@
+"""What one run of the NMT benchmark is: the four output layers, their fairseq arguments, run dirs and keys.
+
+Why apart: the run dir and the run key decide what a rerun resumes or reuses, so they are written once and
+read by training, timing and reporting alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fairseq_ext.model import codec_from_args
+from mhe_plugins import LabelCodec
+from mhe_plugins.bench.store import settings_key
+
+LS = ["--label-smoothing", "0.1", "--report-accuracy"]
+
+
+MHE = ["--arch", "transformer_mhe", "--criterion", "mhe_cross_entropy", "--mhe-heads", "2", *LS]
+
+
+METHODS = {
+    "ce": ["--arch", "transformer", "--criterion", "label_smoothed_cross_entropy", *LS],
+    # adaptive_loss takes no label smoothing; it refuses torch's DDP, hence legacy_ddp (also on one CPU)
+    "adaptive": ["--arch", "transformer", "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp"],
+    "mhp": [*MHE, "--mhe-method", "mhp"],
+    "mhc": [*MHE, "--mhe-method", "mhc"],
+}
+
+
+NAMES = {
+    "ce": "standard (label_smoothed_cross_entropy)",
+    "adaptive": "fairseq adaptive softmax (adaptive_loss)",
+    "mhp": "MHP (mhe_cross_entropy, --mhe-method mhp)",
+    "mhc": "MHC (mhe_cross_entropy, --mhe-method mhc)",
+}
+
+
+def adaptive_cutoffs(vocab_size: int) -> str:
+    """Head cluster = the most frequent quarter of the dictionary, two tail clusters (fairseq's usual 3)."""
+    return f"{vocab_size // 4},{vocab_size * 3 // 4}"
+
+
+def model_args(dim: int, layers: int, heads: int) -> list[str]:
+    a = []
+    for side in ("encoder", "decoder"):
+        a += [f"--{side}-embed-dim", str(dim), f"--{side}-ffn-embed-dim", str(4 * dim)]
+        a += [f"--{side}-layers", str(layers), f"--{side}-attention-heads", str(heads)]
+    return a
+
+
+def method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str]:
+    if method == "adaptive":
+        return METHODS[method] + [
+            "--adaptive-softmax-cutoff",
+            a.adaptive_cutoffs or adaptive_cutoffs(vocab_size),
+        ]
+    if method == "mhc":
+        shape = (
+            ["--mhe-head-sizes", a.mhc_head_sizes]
+            if a.mhc_head_sizes
+            else ["--mhe-groups", str(a.mhc_groups)]
+        )
+        return METHODS[method] + [*shape, "--mhe-group-mlp-dim", str(a.mhc_group_mlp_dim)]
+    return METHODS[method]
+
+
+def mhc_codec(vocab_size: int, groups: int, head_sizes: str | None = None) -> LabelCodec:
+    """The codec ``transformer_mhe --mhe-method mhc`` builds from the bench's MHC options (the model's own rule)."""
+    shape = argparse.Namespace(mhe_method="mhc", mhe_groups=groups, mhe_head_sizes=head_sizes, mhe_heads=None)
+    return codec_from_args(shape, vocab_size)
+
+
+def method_settings(method: str, a: argparse.Namespace) -> dict:
+    """The bench options that shape only this method's output layer (part of its run key and dir)."""
+    if method == "mhc":
+        return {k: getattr(a, k) for k in ("mhc_groups", "mhc_group_mlp_dim", "mhc_head_sizes")}
+    return {}
+
+
+def method_tag(method: str, a: argparse.Namespace) -> str:
+    """``mhc`` with its shape spelled out (``mhc.g16.mlp512``), so that no run ever resumes a checkpoint of
+    a differently shaped output layer; every other method is its name."""
+    if method != "mhc":
+        return method
+    tag = method + (".h" + a.mhc_head_sizes.replace(",", "x") if a.mhc_head_sizes else "")
+    tag += f".g{a.mhc_groups}" if a.mhc_groups and not a.mhc_head_sizes else ""
+    return tag + (f".mlp{a.mhc_group_mlp_dim}" if a.mhc_group_mlp_dim else "")
+
+
+def run_dir(work: Path, method: str, a: argparse.Namespace) -> Path:
+    """Where one method trains and decodes. inverse_sqrt does not depend on ``--max-update``, so a larger
+    budget continues the same run; the cosine schedule anneals to zero at ``--max-update``, so each budget
+    is its own run (a killed run still resumes: same dir)."""
+    if a.lr_scheduler == "inverse_sqrt":
+        return work / method_tag(method, a)
+    return work / f"{method_tag(method, a)}.{a.lr_scheduler}{a.max_update}"
+
+
+RUN_KEYS = (
+    "langs",
+    "lr_scheduler",
+    "dim",
+    "layers",
+    "heads",
+    "lr",
+    "warmup",
+    "max_tokens",
+    "max_update",
+    "valid_every",
+    "beam",
+    "gen_batch",
+    "adaptive_cutoffs",
+)  # not --threads: it changes the speed of a run, not what it learns (words/s are timed alone anyway)
+
+
+def budgets(spec: str, vocabs: list[int]) -> dict[int, int]:
+    """``--max-update``: one budget for every size, or one per ``--vocabs`` size, in the same order (a
+    larger vocabulary costs more per update, so its converged budget may be set apart)."""
+    try:
+        values = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--max-update must be an int or comma-separated ints, got {spec!r}") from None
+    if len(values) == 1:
+        values *= len(vocabs)
+    if len(values) != len(vocabs) or min(values) < 1:
+        raise ValueError(f"--max-update {spec!r}: give one budget >= 1, or one per --vocabs size {vocabs}")
+    return dict(zip(vocabs, values))
+
+
+def for_vocab(a: argparse.Namespace, vocab: int) -> argparse.Namespace:
+    """``a`` with ``max_update`` set to this vocabulary's budget (everything per run reads it from here)."""
+    return argparse.Namespace(**{**vars(a), "max_update": a.max_updates[vocab]})
+
+
+def run_key(vocab: int, method: str, a: argparse.Namespace, data: dict) -> dict:
+    """Everything that shapes one (vocabulary, method) run; a stored result is reused only on an exact match."""
+    key = settings_key(a, RUN_KEYS, vocab=vocab, method=method, data=data)
+    return {**key, **method_settings(method, a)}
+
+
+def data_fingerprint(data_dir: Path, vocab: int, langs: tuple[str, str]) -> dict:
+    """Line counts of the BPE'd splits: a stored run is only reused on the same corpus and vocabulary."""
+    bpe = data_dir / f"bpe{vocab}"
+    out = {}
+    for split in ("train", "valid", "test"):
+        f = bpe / f"{split}.{langs[1]}"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} missing: build it with python -m fairseq_ext.datasets ddtp")
+        with open(f, "rb") as fh:
+            out[split] = sum(1 for _ in fh)
+    return out

@@ -1,0 +1,243 @@
+"""The NMT benchmark's report: convergence check, the issue's targets, and the .json / .md / .png files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mhe_plugins.bench.report import partial_banner, pyplot, save_figure, write_reports
+
+from .methods import METHODS, NAMES
+from .runs import LOG_INTERVAL
+
+CONVERGED_BITS = 0.05  # CE's valid nll may move less than this over the last fifth of training
+
+
+def convergence(curve: list[dict], final: int) -> dict:
+    """Valid nll change over the last fifth of training: from the first point at >= 80 % of ``final``."""
+    pts = [p for p in curve if p["updates"] <= final]
+    start = next((p for p in pts if p["updates"] >= 0.8 * final), None)
+    if not pts or start is None or start is pts[-1]:
+        return {"from_update": None, "to_update": final, "delta_bits": None, "converged": False}
+    delta = pts[-1]["nll_loss"] - start["nll_loss"]
+    return {
+        "from_update": start["updates"],
+        "to_update": pts[-1]["updates"],
+        "delta_bits": round(delta, 4),
+        "converged": abs(delta) < CONVERGED_BITS,
+    }
+
+
+def targets(by_vocab: dict[str, dict]) -> list[dict]:
+    """The issue's targets, each with the measured figures and whether it is met (``None``: a method it
+    needs has not finished yet)."""
+    out = []
+
+    def row(vocab: str, target: str, need: tuple[str, ...], m: dict, measure) -> dict:
+        if any(k not in m for k in need):
+            return {"vocab": vocab, "target": target, "measured": "pending", "met": None}
+        measured, met = measure(*(m[k] for k in need))
+        return {"vocab": vocab, "target": target, "measured": measured, "met": bool(met)}
+
+    for v, res in by_vocab.items():
+        m = res["methods"]
+        out += [
+            row(
+                v,
+                "MHC BLEU >= CE BLEU - 0.5",
+                ("mhc", "ce"),
+                m,
+                lambda mhc, ce: (
+                    f"{mhc['bleu']:.2f} vs {ce['bleu']:.2f} ({mhc['bleu'] - ce['bleu']:+.2f})",
+                    mhc["bleu"] >= ce["bleu"] - 0.5,
+                ),
+            ),
+            row(
+                v,
+                "MHC valid nll <= CE + 0.2 bits",
+                ("mhc", "ce"),
+                m,
+                lambda mhc, ce: (
+                    f"{mhc['valid_nll_bits']:.3f} vs {ce['valid_nll_bits']:.3f} "
+                    f"({mhc['valid_nll_bits'] - ce['valid_nll_bits']:+.3f})",
+                    mhc["valid_nll_bits"] <= ce["valid_nll_bits"] + 0.2,
+                ),
+            ),
+            row(
+                v,
+                "MHC BLEU >= adaptive softmax BLEU",
+                ("mhc", "adaptive"),
+                m,
+                lambda mhc, ad: (f"{mhc['bleu']:.2f} vs {ad['bleu']:.2f}", mhc["bleu"] >= ad["bleu"]),
+            ),
+        ]
+    big = max(by_vocab, key=int)
+
+    def speed(mhc: dict, ce: dict) -> tuple[str, bool]:
+        ratio = mhc["train_wps"] / ce["train_wps"]
+        how = "timed alone" if "timing" in mhc and "timing" in ce else "whole-run averages"
+        return (
+            f"{ratio:.2f}x ({mhc['train_wps']:,.0f} vs {ce['train_wps']:,.0f} words/s, {how})",
+            ratio >= 1.3,
+        )
+
+    out.append(
+        row(
+            big,
+            "MHC train words/s >= 1.3x CE at the largest vocabulary",
+            ("mhc", "ce"),
+            by_vocab[big]["methods"],
+            speed,
+        )
+    )
+    return out
+
+
+def mhc_shape(c: dict) -> str:
+    """The MHC settings of a report's config, in words (older configs: balanced, linear)."""
+    sizes, groups = c.get("mhc_head_sizes"), c.get("mhc_groups", 0)
+    shape = f"head sizes {sizes}" if sizes else (f"{groups} frequency bins" if groups else "2 balanced heads")
+    mlp = c.get("mhc_group_mlp_dim", 0)
+    return shape + (f", group MLP {mlp} wide" if mlp else ", linear group layer")
+
+
+def run_threads(result: dict) -> str:
+    """Intra-op threads the stored runs trained with (runs made before this was recorded used 1)."""
+    n = sorted({r.get("threads", 1) for res in result["by_vocab"].values() for r in res["methods"].values()})
+    return "/".join(map(str, n)) or str(result["config"]["threads"])
+
+
+def budget_words(c: dict) -> str:
+    """The training budget of a report's config, per vocabulary size when they differ."""
+    per = {int(v): n for v, n in (c.get("max_updates") or {}).items()}
+    if len(set(per.values())) > 1:
+        return "updates " + ", ".join(f"{n:,} at {v:,}" for v, n in sorted(per.items()))
+    return f"{c['max_update']} updates"
+
+
+def write_report(result: dict, out_dir: Path, stem: str) -> None:
+    """``OUT/STEM.{json,md,png}``."""
+    write_reports(Path(out_dir) / stem, result, markdown(result, stem), plot)
+
+
+def markdown(result: dict, stem: str) -> str:
+    c = result["config"]
+    lines = [
+        "# NMT en-de (Debian DDTP + LibreOffice): four output layers, same transformer and budget",
+        "",
+        f"Data: {result['dataset']}. Model: transformer, {c['layers']}+{c['layers']} layers, d={c['dim']}, "
+        f"FFN {4 * c['dim']}, {c['heads']} attention heads, untied output layers, dropout 0.1; "
+        f"{budget_words(c)} x {c['max_tokens']} tokens, adam (0.9, 0.98) lr {c['lr']}, {c.get('lr_scheduler', 'inverse_sqrt')} "
+        f"with {c['warmup']} warm-up updates, clip-norm 1.0, label smoothing 0.1 (not for adaptive_loss, "
+        f"which has none); CPU, {run_threads(result)} thread(s) per training run. MHP: 2 balanced heads; MHC: "
+        f"{mhc_shape(c)}. "
+        f"Test: all {result['test_sentences']} sentences, beam {c['beam']}, "
+        "sacreBLEU / chrF on detokenised output vs the raw references.",
+        "",
+    ]
+    missing = [f"{m} at {int(v):,}" for v, res in result["by_vocab"].items() for m in res["missing"]]
+    lines += partial_banner(bool(result.get("partial")), missing)
+    timed = any("timing" in r for res in result["by_vocab"].values() for r in res["methods"].values())
+
+    def wps(r: dict) -> str:
+        run_avg = r.get("train_wps_run", r["train_wps"])
+        return f"{r['train_wps']:,.0f} ({run_avg:,.0f})" if "timing" in r else f"{run_avg:,.0f}"
+
+    if timed:
+        t = next(
+            r["timing"]
+            for res in result["by_vocab"].values()
+            for r in res["methods"].values()
+            if "timing" in r
+        )
+        loads = [
+            r["timing"]["load_before"]
+            for res in result["by_vocab"].values()
+            for r in res["methods"].values()
+            if "timing" in r
+        ]
+        lines += [
+            f"Train words/s: each method timed alone, one after another, over {t['updates']} updates after "
+            f"{LOG_INTERVAL} start-up updates, {c['threads']} thread(s) (1-min load average before each: "
+            f"{min(loads):.2f}-{max(loads):.2f}; about the thread count is the previous timing itself); "
+            "in brackets the average over the whole run, which shared the machine with the other runs.",
+            "",
+        ]
+    for v, res in result["by_vocab"].items():
+        m = res["methods"]
+        conv = res["convergence"].get("ce") or convergence([], 0)
+        size = f"{res['vocab_size']:,}" if res["vocab_size"] else "?"
+        lines += [
+            f"## Joint BPE {int(v):,} (|V| = {size}; MHP heads {res['head_sizes']}; "
+            f"MHC heads {res.get('mhc_head_sizes', res['head_sizes'])}; "
+            f"adaptive cutoffs {res['adaptive_cutoffs']})",
+            "",
+            "| method | sacreBLEU | chrF | valid nll (bits) | output-layer params | total params "
+            f"| {'train words/s alone (whole run)' if timed else 'train words/s (whole run)'} | gen sent/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for k in METHODS:
+            if k not in m:
+                lines.append(f"| {NAMES[k]} | pending | | | | | | |")
+                continue
+            r = m[k]
+            lines.append(
+                f"| {NAMES[k]} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['valid_nll_bits']:.3f} | "
+                f"{r['output_params']:,} | {r['total_params']:,} | {wps(r)} | "
+                f"{r['gen_sent_per_s']:.1f} |"
+            )
+        moved = "n/a" if conv["delta_bits"] is None else f"{conv['delta_bits']:+.3f} bits"
+        verdict = "converged" if conv["converged"] else "NOT converged - rerun with a larger --max-update"
+        if "ce" not in m:
+            verdict = "pending (CE not finished)"
+        lines += [
+            "",
+            f"Budget check: CE's valid nll moved {moved} from update {conv['from_update']} to "
+            f"{conv['to_update']} (last fifth; converged means |change| < {CONVERGED_BITS}): "
+            f"**{verdict}**.",
+            "",
+        ]
+    lines += ["## Targets", "", "| |V| | target | measured | met |", "|---:|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(
+            f"| {int(t['vocab']):,} | {t['target']} | {t['measured']} | "
+            f"{'pending' if t['met'] is None else 'yes' if t['met'] else '**NO**'} |"
+        )
+    sc = result.get("scaling") or {}
+    if sc:
+        lines += [
+            "",
+            "## Output layers alone",
+            "",
+            f"d={sc['dim']}; train step = projection + label-smoothed loss fwd+bwd on {sc['tokens']} tokens; "
+            f"beam step = full-|V| log-probs for {sc['beam_rows']} rows (64 sentences x beam 5); "
+            f"median of {sc['reps']}; MHC hidden width = d, group MLP {sc['by_vocab'][next(iter(sc['by_vocab']))].get('mhc_group_mlp_dim', 0)} wide.",
+            "",
+            "| |V| | MHP heads | MHC heads | CE params | MHP params | MHC params | CE step ms | MHP step ms | MHC step ms "
+            "| CE beam ms | MHP beam ms | MHC beam ms |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for v, r in sc["by_vocab"].items():
+            lines.append(
+                f"| {int(v):,} | {r['head_sizes']} | {r.get('mhc_head_sizes', r['head_sizes'])} | {r['ce_params']:,} | {r['mhp_params']:,} | {r['mhc_params']:,} "
+                f"| {r['ce_train_step_ms']:.1f} | {r['mhp_train_step_ms']:.1f} | {r['mhc_train_step_ms']:.1f} "
+                f"| {r['ce_beam_logprobs_ms']:.1f} | {r['mhp_beam_logprobs_ms']:.1f} | {r['mhc_beam_logprobs_ms']:.1f} |"
+            )
+    lines += ["", f"![validation nll curves]({stem}.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    vocabs = list(result["by_vocab"])
+    fig, axes = pyplot().subplots(1, len(vocabs), figsize=(5.5 * len(vocabs), 4), squeeze=False)
+    for ax, v in zip(axes[0], vocabs):
+        for k, style in zip(METHODS, ("o-", "^-", "s-", "d-")):
+            if k not in result["by_vocab"][v]["methods"]:
+                continue
+            curve = result["by_vocab"][v]["methods"][k]["valid_curve"]
+            ax.plot([p["updates"] for p in curve], [p["nll_loss"] for p in curve], style, label=k, ms=3)
+        ax.set_xlabel("updates")
+        ax.set_ylabel("valid nll (bits/token)")
+        ax.set_title(f"joint BPE {int(v):,}")
+        ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -1,0 +1,160 @@
+"""Speed measurements of the NMT benchmark: each method's training timed alone, and the output layers alone.
+
+Why apart from the runs: whole runs share the machine for hours, so their words/s are not comparable; these
+timings run one after another once every run is in, and are cached under their run keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mhe_plugins.bench.store import KeyedFile, cached_result
+from mhe_plugins.heads import build_head
+
+from .methods import METHODS, data_fingerprint, for_vocab, method_tag, mhc_codec, run_key
+from .runs import LOG_INTERVAL, parse_log, preprocess, run, train_cmd, train_words_and_wall
+
+
+def time_training(method: str, bin_dir: Path, vwork: Path, a: argparse.Namespace, vocab_size: int) -> dict:
+    """Train words/s of one method timed alone: ``--time-updates`` fresh updates of the run's exact model
+    and batches, nothing saved, no validation, the first logged window (start-up) left out.
+
+    Whole runs share the machine for hours with whatever else runs, so their averages are not comparable;
+    the bench times the methods one after another instead, so every ratio comes from one machine state
+    (the 1-minute load average before each timing is kept, to show what that state was). inverse_sqrt,
+    because cosine needs a budget above the warm-up; the schedule does not change the cost of an update.
+    """
+    save = vwork / "timing" / method_tag(method, a)
+    if save.exists():  # an interrupted timing restarts from scratch: its log would mix two runs
+        shutil.rmtree(save)
+    save.mkdir(parents=True)
+    cmd = train_cmd(method, bin_dir, save, a, vocab_size, a.time_updates, "inverse_sqrt")
+    load_before = os.getloadavg()[0]
+    run([*cmd, "--no-save", "--disable-validation"], save / "train.log")
+    timed = parse_log((save / "train.log").read_text(encoding="utf-8"))["train_inner"][1:]
+    if not timed:
+        raise RuntimeError(f"{save / 'train.log'}: no logged window after the first; raise --time-updates")
+    words, wall = train_words_and_wall(timed, [])
+    return {
+        "train_wps": round(words / wall, 1),
+        "updates": int(timed[-1]["num_updates"]) - int(timed[0]["num_updates"]) + LOG_INTERVAL,
+        "load_before": round(load_before, 2),
+    }
+
+
+def cached_timings(by_vocab: dict[str, dict], a: argparse.Namespace, work: Path) -> dict[str, dict]:
+    """``time_training`` for every finished (vocabulary, method), one after another; each timing is kept in
+    ``WORK/timing.json`` under its run key, so an interrupted rerun times only what is missing."""
+    done = KeyedFile(work / "timing.json")
+    langs = tuple(a.langs.split("-"))
+    out: dict[str, dict] = {}
+    todo = [(v, m) for v, res in by_vocab.items() for m in METHODS if m in res["methods"]]
+    for v, method in tqdm(todo, desc="timing train words/s, one method at a time"):
+        data = data_fingerprint(a.data_dir, int(v), langs)  # type: ignore[arg-type]
+        key = {**run_key(int(v), method, for_vocab(a, int(v)), data), "time_updates": a.time_updates}
+
+        def measure(v: str = v, method: str = method) -> dict:
+            vwork = work / f"v{v}"
+            bin_dir = preprocess(a.data_dir, int(v), vwork, langs)  # type: ignore[arg-type]
+            return time_training(method, bin_dir, vwork, a, by_vocab[v]["vocab_size"])
+
+        out.setdefault(v, {})[method] = done.get_or_compute(f"{v}:{method}", key, measure)
+    return out
+
+
+def _time(fn, reps: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _scaling_one(v: int, dim: int, tokens: int, rows: int, reps: int, mhc_groups: int) -> dict:
+    """MHP balanced, MHC with the runs' shape: ``mhc_groups`` bins and a group MLP 4 x ``dim`` wide."""
+    x = torch.randn(tokens, dim, requires_grad=True)
+    y = torch.randint(0, v, (tokens,))
+    xr = torch.randn(rows, dim)
+    dense = build_head("linear", dim, v, bias=False)
+    mhp = build_head("mhp", dim, v, bias=False)
+    mhc_sizes = mhc_codec(v, mhc_groups)
+    mhc = build_head("mhc", dim, v, head_sizes=mhc_sizes.head_sizes, hidden_dim=dim, group_mlp_dim=4 * dim)
+    loss_kw = {"label_smoothing": 0.1, "smoothing": "label", "reduction": "sum"}
+
+    def dense_step():
+        dense(x, y, **loss_kw).loss.backward()
+
+    def mhp_step():
+        mhp(x, y, **loss_kw).loss.backward()
+
+    def mhc_step():
+        mhc(x, y, **loss_kw).loss.backward()
+
+    @torch.no_grad()
+    def dense_lp():
+        return dense.log_prob(xr)
+
+    @torch.no_grad()
+    def mhp_lp():
+        return mhp.log_prob(xr)
+
+    @torch.no_grad()
+    def mhc_lp():
+        return mhc.log_prob(xr)
+
+    r = {
+        "head_sizes": list(mhp.codec.head_sizes),
+        "mhc_head_sizes": list(mhc_sizes.head_sizes),
+        "mhc_group_mlp_dim": 4 * dim,
+        "ce_params": dense.classifier_parameters(),
+        "mhp_params": mhp.classifier_parameters(),
+        "mhc_params": mhc.classifier_parameters(),
+    }
+    for name, step, lp in (
+        ("ce", dense_step, dense_lp),
+        ("mhp", mhp_step, mhp_lp),
+        ("mhc", mhc_step, mhc_lp),
+    ):
+        r[f"{name}_train_step_ms"] = 1e3 * _time(step, reps)
+        r[f"{name}_beam_logprobs_ms"] = 1e3 * _time(lp, reps)
+    for name in ("mhp", "mhc"):
+        r[f"{name}_train_step_speedup"] = r["ce_train_step_ms"] / r[f"{name}_train_step_ms"]
+        r[f"{name}_beam_logprobs_speedup"] = r["ce_beam_logprobs_ms"] / r[f"{name}_beam_logprobs_ms"]
+    return {k: (round(val, 3) if isinstance(val, float) else val) for k, val in r.items()}
+
+
+def scaling(vocabs: list[int], dim: int, tokens: int, rows: int, reps: int, mhc_groups: int) -> dict:
+    """Output layers alone: params, train step (fwd+bwd of projection + loss), one beam step's log-probs."""
+    torch.manual_seed(0)
+    res = {
+        str(v): _scaling_one(v, dim, tokens, rows, reps, mhc_groups)
+        for v in tqdm(vocabs, desc="output-layer scaling")
+    }
+    return {"dim": dim, "tokens": tokens, "beam_rows": rows, "reps": reps, "by_vocab": res}
+
+
+def cached_scaling(path: Path, a: argparse.Namespace) -> dict:
+    """Scaling numbers are reused when the settings match, so a re-run only re-parses the logs."""
+    key = {
+        "vocabs": a.scaling_vocabs,
+        "dim": a.scaling_dim,
+        "tokens": a.scaling_tokens,
+        "reps": a.scaling_reps,
+        "methods": ["ce", "mhp", "mhc"],
+        "mhc_groups": a.mhc_groups,
+        "mhc_group_mlp_dim": 4 * a.scaling_dim,
+    }
+    vocabs = [int(v) for v in a.scaling_vocabs.split(",")]
+    return cached_result(
+        path, key, lambda: scaling(vocabs, a.scaling_dim, a.scaling_tokens, 320, a.scaling_reps, a.mhc_groups)
+    )
