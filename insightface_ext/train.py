@@ -24,16 +24,17 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mhe_plugins.training import (
+    Amp,
     JsonlLogger,
     ShardedCheckpoint,
     atomic_save,
     atomic_write_json,
     check_finite_loss,
     load_checkpoint,
+    poly_warmup,
     prepare_output_dir,
     release_run_locks,
     rng_state,
@@ -47,6 +48,7 @@ from mhe_plugins.training.dist import (
     collective_timeout_guard,
     init_distributed_from_env,
     is_main_process,
+    wrap_ddp,
 )
 
 from .backbones import get_model
@@ -60,13 +62,6 @@ __all__ = ["train", "build_head", "poly_warmup", "cli", "main", "RUN_FILES", "CH
 CHECKPOINTS = "checkpoints"
 RUN_FILES = (CHECKPOINTS, "checkpoint.pt", "head_shard_*.pt", "model.pt", "train_log.jsonl")
 STATE = "state.pt"
-
-
-def poly_warmup(step: int, total: int, warmup: int, power: float = 2.0) -> float:
-    """LR multiplier: linear warmup from 0, then (1 - progress) ** power (arcface_torch's PolyScheduler)."""
-    if warmup > 0 and step < warmup:
-        return step / warmup
-    return max(0.0, 1.0 - (step - warmup) / max(1, total - warmup)) ** power
 
 
 def build_head(cfg: SimpleNamespace) -> MHSArcFace:
@@ -253,7 +248,7 @@ def _train(cfg: SimpleNamespace, dist_timeout: float) -> dict:
     head = build_head(cfg).to(device)
     model: nn.Module = backbone
     if world > 1:
-        model = DDP(backbone, device_ids=[device.index] if device.type == "cuda" else None)
+        model = wrap_ddp(backbone, device)
         model.register_comm_hook(None, sum_allreduce_hook)
     opt_b = torch.optim.SGD(
         backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -277,8 +272,7 @@ def _train(cfg: SimpleNamespace, dist_timeout: float) -> dict:
 
     sched_b = torch.optim.lr_scheduler.LambdaLR(opt_b, lr_lambda)
     sched_h = torch.optim.lr_scheduler.LambdaLR(opt_h, lr_lambda)
-    amp = bool(cfg.fp16) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp, growth_interval=100)
+    scaler = Amp(device, enabled=bool(cfg.fp16), growth_interval=100)  # fp16 + loss scaling on CUDA only
 
     opts, scheds = (opt_b, opt_h), (sched_b, sched_h)
     step = 0
@@ -311,18 +305,13 @@ def _train(cfg: SimpleNamespace, dist_timeout: float) -> dict:
             )
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                with scaler.autocast():
                     emb = model(x)
                 loss = head(emb, y).loss
                 opt_b.zero_grad(set_to_none=True)
                 opt_h.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt_b)
-                if cfg.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(backbone.parameters(), cfg.clip_grad)
-                scaler.step(opt_b)
-                scaler.step(opt_h)
-                scaler.update()
+                scaler.backward(loss)
+                scaler.step([opt_b, opt_h], clip=(backbone.parameters(), cfg.clip_grad))
                 sched_b.step()
                 sched_h.step()
                 step += 1
