@@ -165,3 +165,28 @@ def test_two_processes_equal_one_process(tmp_path):
     # the head really moved (the test would pass trivially otherwise)
     init = worker.initial_state()["head"]
     assert not torch.allclose(ref["head"]["weight"].reshape(init.shape), init)
+
+
+class _MarginLossLikeArcfaceTorch(torch.nn.Module):
+    """The call shape and attributes of arcface_torch's ``CombinedMarginLoss(s, m1, m2, m3)`` (a stand-in
+    written here: the attributes are what MHSArcFace reads)."""
+
+    def __init__(self, s, m1, m2, m3, interclass_filtering_threshold=0):
+        super().__init__()
+        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        self.interclass_filtering_threshold = interclass_filtering_threshold
+
+
+def test_margin_loss_module_and_partial_fc_argument_order_swap():
+    torch.manual_seed(4)
+    x, y = torch.randn(12, 8), torch.randint(0, 60, (12,))
+    ref = MHSArcFace(8, 60, head_sizes=(6, 10), margin=(1.0, 0.5, 0.0), scale=32.0, sample_rate=1.0)
+    module = _MarginLossLikeArcfaceTorch(32.0, 1.0, 0.5, 0.0)
+    swapped = MHSArcFace.from_partial_fc(module, 8, 60, 1.0, False, head_sizes=(6, 10))
+    swapped.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(swapped(x, y).loss, ref(x, y).loss)
+    assert swapped.margin_triple == (1.0, 0.5, 0.0) and swapped.scale == 32.0
+    with pytest.raises(ValueError, match="interclass_filtering_threshold"):
+        MHSArcFace(8, 60, margin=_MarginLossLikeArcfaceTorch(32.0, 1.0, 0.5, 0.0, 0.1))
+    with pytest.raises(TypeError, match="no m1/m2/m3/s attributes"):
+        MHSArcFace(8, 60, margin=torch.nn.Identity())
