@@ -51,6 +51,10 @@ def base_config() -> SimpleNamespace:
         log_every=50,
         resume=True,  # continue the run in `output` (the default); False needs overwrite=True over a run
         overwrite=False,  # with resume=False: delete the run files in `output` and start over
+        tensorboard=True,  # TensorBoard scalars next to train_log.jsonl (docs/logging.md)
+        log_dir=None,  # their folder; None -> <output>/tensorboard (arcface_torch's place)
+        wandb=False,  # also send them to Weights & Biases (needs wandb installed)
+        wandb_project=None,
     )
 
 

@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from mhe_plugins.training import (
     Amp,
-    JsonlLogger,
     ShardedCheckpoint,
     atomic_save,
     atomic_write_json,
@@ -50,6 +49,12 @@ from mhe_plugins.training.dist import (
     is_main_process,
     wrap_ddp,
 )
+from mhe_plugins.training.metric_log import (
+    MetricLogger,
+    add_metric_log_args,
+    numeric_tags,
+    open_metric_logger,
+)
 
 from .backbones import get_model
 from .config import apply_overrides, load_config
@@ -60,7 +65,7 @@ from .optim import LazySGD, sum_allreduce_hook
 __all__ = ["train", "build_head", "poly_warmup", "cli", "main", "RUN_FILES", "CHECKPOINTS"]
 
 CHECKPOINTS = "checkpoints"
-RUN_FILES = (CHECKPOINTS, "checkpoint.pt", "head_shard_*.pt", "model.pt", "train_log.jsonl")
+RUN_FILES = (CHECKPOINTS, "checkpoint.pt", "head_shard_*.pt", "model.pt", "train_log.jsonl", "tensorboard")
 STATE = "state.pt"
 
 
@@ -179,7 +184,7 @@ def resolve_val_targets(cfg) -> dict[str, Path]:
     return paths
 
 
-def _validate(cfg, backbone, step: int, log: JsonlLogger) -> dict:
+def _validate(cfg, backbone, step: int, log: MetricLogger) -> dict:
     from .verification import evaluate_bin
 
     results = {}
@@ -189,6 +194,14 @@ def _validate(cfg, backbone, step: int, log: JsonlLogger) -> dict:
         log.log({"step": step, "val": name, **m})
         print(f"[mhe-face-train] step {step} {name}: acc {m['acc10fold']:.2f} +- {m['acc10fold_std']:.2f}")
     return results
+
+
+def face_tags(row: dict) -> dict[str, float]:
+    """TensorBoard scalars of a ``train_log.jsonl`` row: a training row's ``train/loss``, ``train/lr``,
+    ``train/img_per_s``, ``train/sampled_classes``; a verification row's ``val/<target>/<metric>``."""
+    if "val" in row:
+        return {f"val/{row['val']}/{k}": v for k, v in numeric_tags(row, skip=("step", "num_pairs")).items()}
+    return {f"train/{k}": v for k, v in numeric_tags(row, skip=("step", "epoch")).items()}
 
 
 def _ensure_model_current(out: Path, backbone: nn.Module) -> bool:
@@ -276,7 +289,17 @@ def _train(cfg: SimpleNamespace, dist_timeout: float) -> dict:
 
     opts, scheds = (opt_b, opt_h), (sched_b, sched_h)
     step = 0
-    log = JsonlLogger(out / "train_log.jsonl", enabled=is_main_process())
+    log = open_metric_logger(
+        out / "train_log.jsonl",
+        out,
+        cfg,
+        step_key="step",
+        enabled=is_main_process(),
+        tags_of=face_tags,
+        config={
+            k: v for k, v in vars(cfg).items() if isinstance(v, str | int | float | bool | tuple | type(None))
+        },
+    )
     found = _find_resume(out, ck) if cfg.resume else None
     if found is not None:
         step, _ = _resume(found, backbone, head, opts, scheds, scaler)
@@ -346,6 +369,7 @@ def _train(cfg: SimpleNamespace, dist_timeout: float) -> dict:
                     break
             epoch += 1
     bar.close()
+    log.close()
     if is_main_process() and (step > 0) and _ensure_model_current(out, backbone):
         print(f"[mhe-face-train] rewrote {out / 'model.pt'} from the checkpoint at step {step}")
     elapsed = time.perf_counter() - t0
@@ -372,6 +396,7 @@ def cli(argv: list[str] | None = None) -> dict:
         "--overwrite", action="store_true", help="with --no-resume: delete the run in OUTPUT first"
     )
     add_dist_timeout_arg(p)
+    add_metric_log_args(p)  # given flags override the config's tensorboard / log_dir / wandb keys
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config entries")
     a = p.parse_args(argv)
     cfg = apply_overrides(load_config(a.config), a.set)
@@ -381,6 +406,12 @@ def cli(argv: list[str] | None = None) -> dict:
         cfg.resume = False
     if a.overwrite:
         cfg.overwrite = True
+    if not a.tensorboard:
+        cfg.tensorboard = False
+    if a.wandb:
+        cfg.wandb = True
+    cfg.log_dir = a.log_dir or cfg.log_dir
+    cfg.wandb_project = a.wandb_project or cfg.wandb_project
     return train(cfg, dist_timeout=a.dist_timeout)
 
 

@@ -82,6 +82,7 @@ def _script(prog: str, extra: str, target: str) -> Callable[[], object]:
 timm_train = _script("mhe-timm-train", "timm", "timm_ext.train:main")
 timm_validate = _script("mhe-timm-validate", "timm", "timm_ext.validate:main")
 timm_export = _script("mhe-timm-export", "timm-export", "timm_ext.export:main")
+timm_predict = _script("mhe-timm-predict", "timm", "timm_ext.predict:main")
 xmc = _script("mhe-xmc", "xmc", "xmc.cli:main")
 face_train = _script("mhe-face-train", "face", "insightface_ext.train:main")
 face_eval = _script("mhe-face-eval", "face", "insightface_ext.evaluate:main")

@@ -14,21 +14,72 @@ The arguments every mmpretrain ``ClsHead`` config carries are accepted with mmpr
 (FocalLoss, class weights, ...) raise. Mixup/CutMix ``gt_score`` (a soft (num_classes,) vector per sample)
 is used by MHP as per-digit marginals (exact for its product loss); MHC/MHS train on one hard label per
 sample and refuse soft scores (one-hot scores are read as hard labels).
+
+``GlyphClsDataset`` (mmengine's ``DATASETS``, found from mmpretrain configs like the heads) serves the
+bundled glyph subset (or any set built by ``python -m timm_ext.datasets glyphs``) to an mmpretrain
+pipeline, so ``configs/mm/glyphs_resnet18_mhp.py`` runs with no data preparation.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from mmengine.dataset import BaseDataset
 from mmengine.model import BaseModule
-from mmengine.registry import MODELS
+from mmengine.registry import DATASETS, MODELS
 from mmengine.structures import BaseDataElement
 
+from .bundled import bundled_data
 from .checks import as_int, check_soft_target
+from .datasets.glyphs import load_glyph_split, read_classes
 from .heads import build_head
 
-__all__ = ["MHPClsHead", "MHCClsHead", "MHSClsHead", "parse_cls_loss"]
+__all__ = ["MHPClsHead", "MHCClsHead", "MHSClsHead", "GlyphClsDataset", "parse_cls_loss"]
+
+
+def _history_buffer_method(obj, name: str):
+    """``getattr`` for the weights-only unpickler, limited to ``HistoryBuffer``'s public methods."""
+    from mmengine.logging import HistoryBuffer
+
+    if obj is HistoryBuffer and not name.startswith("_") and callable(getattr(HistoryBuffer, name, None)):
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(f"weights-only load: getattr({obj!r}, {name!r}) is not allowed")
+
+
+def _allow_mmengine_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` read the checkpoints mmengine's ``Runner`` writes.
+
+    Why: torch >= 2.6 loads with ``weights_only=True`` by default and mmengine 0.10.7 (the newest on PyPI)
+    calls ``torch.load`` without it, so ``load_checkpoint`` (mmpretrain's ``get_model`` / inferencer,
+    ``Runner.resume``) fails on its own checkpoints (open-mmlab/mmengine#1655; the fix, #1650, is not
+    released): their ``message_hub`` holds ``HistoryBuffer`` objects (numpy arrays, and statistic methods
+    pickled as ``getattr(HistoryBuffer, 'min')``) and numpy scalars. This allows exactly those, and
+    ``getattr`` only on ``HistoryBuffer``'s public methods, so weights-only loading stays restricted (a
+    pickle calling ``getattr`` on anything else, or any other global, is still refused).
+    """
+    from mmengine.logging import HistoryBuffer
+
+    reconstruct = np.zeros(1).__reduce__()[0]  # what pickles name: numpy._core.multiarray._reconstruct
+    scalar = np.float64(0).__reduce__()[0]  # (numpy.core.multiarray.* on numpy 1.x)
+    dtypes = {type(np.dtype(t)) for t in (bool, np.int8, np.int16, np.int32, np.int64, np.uint8, np.float16)}
+    dtypes |= {type(np.dtype(t)) for t in (np.uint16, np.uint32, np.uint64, np.float32, np.float64)}
+    torch.serialization.add_safe_globals(
+        [
+            HistoryBuffer,
+            np.ndarray,
+            np.dtype,
+            *sorted(dtypes, key=lambda t: t.__name__),
+            reconstruct,
+            scalar,
+            (_history_buffer_method, "builtins.getattr"),
+        ]
+    )
+
+
+_allow_mmengine_checkpoints()
 
 _LOSS_KEYS = {
     "CrossEntropyLoss": {"use_sigmoid", "use_soft", "reduction", "loss_weight", "class_weight", "pos_weight"},
@@ -296,3 +347,50 @@ class MHSClsHead(_MHEClsHead):
 
     kind = "mhs"
     default_head_kwargs = {"mode": "per_sample"}
+
+
+@DATASETS.register_module()
+class GlyphClsDataset(BaseDataset):
+    """One split of a glyph set (``train``/``valid``/``test`` npz, see ``mhe_plugins.datasets.glyphs``).
+
+    ``data_root=None`` is the bundled 500-class subset; ``num_classes=K`` keeps the first K classes (labels
+    < K), as ``subset_glyph_dataset`` does. Images are held in memory, so the pipeline starts without
+    ``LoadImageFromFile``: each item carries ``img`` (S x S x 3 uint8, the grey glyph in 3 equal channels,
+    as ``GlyphDataset(mode="RGB")``), ``img_shape``, ``ori_shape`` and ``gt_label``. ``metainfo['classes']``
+    are the characters, which the Runner saves in the checkpoint and mmpretrain's inferencer reports as
+    ``pred_class``. ``get_cat_ids`` / ``get_gt_labels`` are mmpretrain ``BaseDataset``'s.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        num_classes: int | None = None,
+        data_root: str | None = None,
+        pipeline: Sequence = (),
+        **kwargs,
+    ):
+        root = bundled_data("glyphs") if data_root is None else data_root
+        classes = read_classes(root)
+        keep = len(classes) if num_classes is None else as_int(num_classes, "num_classes", minimum=1)
+        if keep > len(classes):
+            raise ValueError(f"GlyphClsDataset: num_classes={keep} > {len(classes)} classes in {root}")
+        self.split = split
+        metainfo = {"classes": tuple(classes[:keep]), **(kwargs.pop("metainfo", None) or {})}
+        super().__init__(data_root=str(root), metainfo=metainfo, pipeline=list(pipeline), **kwargs)
+
+    def load_data_list(self) -> list[dict]:
+        images, labels, _ = load_glyph_split(self.data_root, self.split)
+        keep = labels < len(self.metainfo["classes"])
+        return [{"img": im, "gt_label": int(y)} for im, y in zip(images[keep], labels[keep])]
+
+    def get_data_info(self, idx: int) -> dict:
+        info = super().get_data_info(idx)
+        img = np.repeat(info["img"][..., None], 3, axis=-1)  # grey (S, S) -> (S, S, 3), BGR = RGB
+        info.update(img=img, img_shape=img.shape[:2], ori_shape=img.shape[:2])
+        return info
+
+    def get_cat_ids(self, idx: int) -> list[int]:
+        return [int(self.get_data_info(idx)["gt_label"])]
+
+    def get_gt_labels(self) -> np.ndarray:
+        return np.array([self.get_data_info(i)["gt_label"] for i in range(len(self))])

@@ -39,7 +39,12 @@ def tables(path: Path) -> list[tuple[int, str | None, list[str], list[str]]]:
     while i < len(lines):
         if lines[i].startswith("```"):
             in_code = not in_code
-        if not in_code and lines[i].startswith("|") and i + 1 < len(lines) and re.match(r"^\|[\s:|-]+\|$", lines[i + 1]):
+        if (
+            not in_code
+            and lines[i].startswith("|")
+            and i + 1 < len(lines)
+            and re.match(r"^\|[\s:|-]+\|$", lines[i + 1])
+        ):
             start = i
             marker = None
             for back in range(start - 1, max(-1, start - 8), -1):
@@ -67,7 +72,9 @@ def test_result_tables_quote_stored_runs(path, table):
     where = f"{path.relative_to(ROOT)}:{line}"
     decimals = [f for f in figures("\n".join(rows)) if "." in f]
     if marker is None:
-        assert not decimals, f"{where}: a table with figures {sorted(decimals)[:5]} has no <!-- figures: ... --> marker"
+        assert not decimals, (
+            f"{where}: a table with figures {sorted(decimals)[:5]} has no <!-- figures: ... --> marker"
+        )
         return
     if marker.startswith("none"):
         return
@@ -86,7 +93,9 @@ def test_result_tables_quote_stored_runs(path, table):
         stored |= figures(text)
     for row in rows:
         missing = sorted(figures(row) - stored)
-        assert not missing, f"{where}: {missing} in row {row[:80]!r} appear in none of {[s.name for s in sources]}"
+        assert not missing, (
+            f"{where}: {missing} in row {row[:80]!r} appear in none of {[s.name for s in sources]}"
+        )
 
 
 def test_an_altered_figure_is_caught(tmp_path):

@@ -38,7 +38,8 @@ from mhe_plugins.bench.report import (
 from mhe_plugins.bench.store import RunStore, read_json
 from mhe_plugins.heads import MHSHead
 
-from .train import RUN_FILES, build_parser, train
+from .run_files import RUN_FILES
+from .train import build_parser, train
 
 #: variant -> (head, neck, MHS sampling correction)
 VARIANTS: dict[str, tuple[str, bool, bool]] = {

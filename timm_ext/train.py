@@ -10,14 +10,14 @@ and refuses (saying what is intact) when there is nothing or something unreadabl
 holds a run is never written over unless ``--resume`` or ``--overwrite`` says so; a second trainer on the
 same folder is refused by its lock.
 Multi-process: ``torchrun --nproc_per_node=K -m timm_ext.train ...`` (DDP; gloo on CPU, nccl on CUDA).
+timm's ``--model-ema``, ``--clip-grad``, ``--grad-accum-steps`` and ``--initial-checkpoint`` keep timm's
+meanings (the per-step rules in ``train_loop.py``, the EMA in ``ema.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
-import io
 import math
 import time
 from pathlib import Path
@@ -32,13 +32,8 @@ from tqdm import tqdm
 from mhe_plugins.heads import MHSHead
 from mhe_plugins.training import (
     Amp,
-    JsonlLogger,
-    RunExistsError,
     TrainState,
     atomic_write_json,
-    atomic_write_text,
-    check_finite_loss,
-    prepare_output_dir,
     release_run_locks,
     rng_state,
     seed_everything,
@@ -56,8 +51,20 @@ from mhe_plugins.training.dist import (
 )
 
 from .data import build_dataset, build_loader, check_targets, class_map_of, class_names, infer_num_classes
+from .ema import add_ema_args, check_ema_args, create_ema, ema_columns, ema_state, restore_ema, select_weights
+from .metric_log import add_metric_log_args, open_epoch_logger
 from .mixup import DigitMixup, check_mixup_support
 from .model import HEADS, MHEClassifier, create_model, head_parameters
+from .run_files import plain, prepare_output, summary_dict, write_summaries
+from .train_loop import (
+    StepOptions,
+    add_loop_args,
+    check_loop_args,
+    load_initial_weights,
+    read_run_checkpoint,
+    train_one_epoch,
+    updates_per_epoch,
+)
 
 #: evaluation preprocessing (also written by ``mhe-timm-export``): resize to the input size, no crop
 EVAL_INTERPOLATION = "bilinear"
@@ -147,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     r.add_argument("--no-progress", action="store_true")
+    add_metric_log_args(r)  # --log-dir, --no-tensorboard, --wandb, --wandb-project
+    add_loop_args(p)
+    add_ema_args(p)
     return p
 
 
@@ -202,14 +212,19 @@ def _default_norm(in_chans: int, cfg: dict, key: str, given) -> tuple[float, ...
 
 
 @torch.no_grad()
-def evaluate(model: MHEClassifier, loader, device: torch.device, k: int = 5, progress: bool = False) -> dict:
-    """Top-1/top-k accuracy (percent) through the head's exact top-k; summed over DDP ranks."""
+def evaluate(
+    model: MHEClassifier, loader, device: torch.device, k: int = 5, progress: bool = False, collect=None
+) -> dict:
+    """Top-1/top-k accuracy (percent) through the head's exact top-k; summed over DDP ranks.
+    ``collect`` (a list) receives this rank's (B, k) top-k ids of every batch, in loader order."""
     model.eval()
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@k, n
     for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
         x, y = x.to(device), y.to(device)
         kk = min(k, model.num_classes)
         _, ids = model.topk(x, kk)
+        if collect is not None:
+            collect.append(ids.cpu())
         hit = ids == y[:, None]
         stats += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(), len(y)], device=device)
     stats = all_reduce_sum(stats)
@@ -218,53 +233,6 @@ def evaluate(model: MHEClassifier, loader, device: torch.device, k: int = 5, pro
         "top1": 100.0 * stats[0].item() / n,
         "top5": 100.0 * stats[1].item() / n,
         "n": int(stats[2].item()),
-    }
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    buf = io.StringIO()
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(buf.getvalue(), path)
-
-
-#: files whose presence means "a run lives in this folder" (what --overwrite deletes)
-RUN_FILES = (
-    "last.pt",
-    "best.pt",
-    "best.pt.prev",
-    "best.pt.uncommitted",
-    "log.jsonl",
-    "summary.csv",
-    "summary.json",
-    "config.json",
-    "classes.json",
-)
-
-
-def _prepare_output(args: argparse.Namespace, main: bool) -> Path:
-    """Refuse to write over a run unless --resume/--overwrite; every rank decides before anyone writes."""
-    out = Path(args.output)
-    if not main and not args.resume and not args.overwrite and out.is_dir():
-        if any(p for pattern in RUN_FILES for p in out.glob(pattern)):
-            raise RunExistsError(f"{out} already holds a training run: pass --resume or --overwrite")
-    barrier()
-    out = prepare_output_dir(out, resume=bool(args.resume), overwrite=args.overwrite, run_files=RUN_FILES,
-                             main_process=main)  # fmt: skip
-    barrier()
-    return out
-
-
-def _summary(config: dict, head_params: int, best: float, history: list[dict], epochs: int) -> dict:
-    return {
-        "config": config,
-        "head_params": head_params,
-        "best_val_top1": best,
-        "epochs": epochs,
-        "finished": len(history) >= epochs,
-        "history": history,
     }
 
 
@@ -298,13 +266,17 @@ def train(args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_loop_args(args)
+    check_ema_args(args)
     rank, world, device = init_distributed_from_env(timeout_s=args.dist_timeout)
     main = is_main_process()
     ckpts = TrainState(args.output)
-    resumed = None
+    resumed = initial = None
     if args.resume:  # before anything is written: nothing to resume / a damaged checkpoint is an error
         resumed = ckpts.load_resume(resume_path(args.resume), map_location=device)
-    out = _prepare_output(args, main)
+    elif args.initial_checkpoint:  # read before --overwrite may clear the folder it lives in
+        initial = read_run_checkpoint(args.initial_checkpoint, device)
+    out = prepare_output(args, main)
     if main:
         for note in ckpts.recover():
             print(f"recovered after an interrupted run: {note}", flush=True)
@@ -342,7 +314,7 @@ def _train(args: argparse.Namespace) -> dict:
         small_stem=args.small_stem,
         head_kwargs=head_kwargs_from_args(args),
         in_chans=in_chans,
-        neck_dim=resolve_head_neck(args, resumed),
+        neck_dim=resolve_head_neck(args, resumed if resumed is not None else initial),
         **model_kwargs,
     ).to(device)
     pcfg = model.pretrained_cfg
@@ -364,6 +336,8 @@ def _train(args: argparse.Namespace) -> dict:
         **model.mhe_config(),
     }
     names = class_names(train_ds, num_classes)
+    if initial is not None:
+        load_initial_weights(model, initial, config, args.initial_checkpoint)
 
     loader_kw = dict(input_size=input_size, mean=mean, std=std, workers=args.workers, distributed=world > 1)
     train_loader = build_loader(
@@ -396,7 +370,7 @@ def _train(args: argparse.Namespace) -> dict:
         warmup_lr=args.warmup_lr,
         min_lr=args.min_lr,
         step_on_epochs=False,
-        updates_per_epoch=steps,
+        updates_per_epoch=updates_per_epoch(steps, args.grad_accum_steps),
     )
     amp = Amp(device, enabled=args.amp, cpu_bf16=True)  # --amp: bf16 autocast on CPU, fp16 + scaler on CUDA
     mixup = None
@@ -409,8 +383,8 @@ def _train(args: argparse.Namespace) -> dict:
         else:
             mixup = DigitMixup(model.head.codec, **mix_kw)
 
-    logger = JsonlLogger(out / "log.jsonl", enabled=main)
-    start_epoch, best, history = 0, -1.0, []
+    logger = open_epoch_logger(args, out, main)  # log.jsonl + TensorBoard (+ W&B), rank 0 only
+    start_epoch, best, history, best_weights = 0, -1.0, [], "model"
     if resumed is not None:
         ckpt = resumed
         old = ckpt.get("config", {})
@@ -421,6 +395,7 @@ def _train(args: argparse.Namespace) -> dict:
         scheduler.load_state_dict(ckpt["scheduler"])
         amp.load_state_dict(ckpt.get("scaler"))
         start_epoch, best, history = ckpt["epoch"] + 1, ckpt.get("best", -1.0), list(ckpt.get("history", []))
+        best_weights = ckpt.get("best_weights", "model")
         if ckpt.get("rng") is not None and world == 1:
             set_rng_state(ckpt["rng"])
         if main:  # rows of epochs after the resumed checkpoint were never committed: drop them
@@ -432,6 +407,9 @@ def _train(args: argparse.Namespace) -> dict:
             if dropped:
                 print(f"resume: dropped {dropped} log row(s) after epoch {ckpt['epoch']}", flush=True)
 
+    ema = create_ema(model, args)  # after the weights are loaded, before DDP (as timm)
+    if resumed is not None:
+        restore_ema(ema, resumed, resume_path(args.resume))
     ddp_model = wrap_ddp(model, device)
     loss_kw = loss_kwargs_from_args(args)
     if mixup is not None:
@@ -439,12 +417,11 @@ def _train(args: argparse.Namespace) -> dict:
     head_params = head_parameters(model)
     if main:
         atomic_write_json(
-            {"config": config, "args": _plain(vars(args)), "head_params": head_params}, out / "config.json"
+            {"config": config, "args": plain(vars(args)), "head_params": head_params}, out / "config.json"
         )
         atomic_write_json({"num_classes": num_classes, "names": names}, out / "classes.json")
         if history:
-            _write_csv(history, out / "summary.csv")
-            atomic_write_json(_summary(config, head_params, best, history, num_epochs), out / "summary.json")
+            write_summaries(out, summary_dict(config, head_params, best, history, num_epochs, best_weights))
 
     pos = {"epoch": start_epoch, "step": 0}
     with collective_timeout_guard(lambda: f"epoch {pos['epoch']} step {pos['step']}"):
@@ -454,31 +431,15 @@ def _train(args: argparse.Namespace) -> dict:
                 train_loader.sampler.set_epoch(epoch)
             ddp_model.train()
             t0 = time.time()
-            loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-            bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not main or args.no_progress, leave=False)
-            for step, (x, y) in enumerate(train_loader):
-                if step >= steps:
-                    break
-                pos["step"] = step
-                x, y = x.to(device), y.to(device)
-                target: Any = y
-                if mixup is not None:
-                    x, target = mixup(x, y)
-                with amp.autocast():
-                    loss = ddp_model(x, target=target, **loss_kw)
-                loss_value = check_finite_loss(loss, epoch=epoch, step=step)
-                optimizer.zero_grad(set_to_none=True)
-                amp.backward(loss)
-                amp.step(optimizer)
-                scheduler.step_update(epoch * steps + step + 1)
-                loss_sum += torch.tensor([loss_value * len(y), len(y)], dtype=torch.float64, device=device)
-                bar.update()
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
-            bar.close()
+            loss_sum = train_one_epoch(epoch, ddp_model, model, train_loader, steps, optimizer, scheduler, amp,
+                                       device, loss_kw, StepOptions.from_args(args), mixup, ema, pos,
+                                       progress=main and not args.no_progress)  # fmt: skip
             scheduler.step(epoch + 1)
             loss_sum = all_reduce_sum(loss_sum)
             epoch_s = time.time() - t0
-            val = evaluate(model, val_loader, device, progress=main and not args.no_progress)
+            show = main and not args.no_progress
+            val = evaluate(model, val_loader, device, progress=show)
+            ema_val = evaluate(ema.module, val_loader, device, progress=show) if ema else None
             row = {
                 "epoch": epoch,
                 "train_loss": loss_sum[0].item() / max(loss_sum[1].item(), 1),
@@ -487,53 +448,56 @@ def _train(args: argparse.Namespace) -> dict:
                 f"{args.val_split}_top1": val["top1"],
                 f"{args.val_split}_top5": val["top5"],
                 f"{args.val_split}_n": val["n"],
+                **ema_columns(args.val_split, ema_val),
             }
             if extra_loader is not None:
-                ex = evaluate(model, extra_loader, device, progress=main and not args.no_progress)
+                ex = evaluate(model, extra_loader, device, progress=show)
                 row.update(
                     {f"{args.extra_eval_split}_top1": ex["top1"], f"{args.extra_eval_split}_top5": ex["top5"]}
                 )
+                if ema is not None:
+                    row.update(ema_columns(args.extra_eval_split, evaluate(ema.module, extra_loader, device)))
             history.append(row)
-            is_best = val["top1"] > best
-            best = max(best, val["top1"])
+            score, weights = select_weights(val["top1"], ema_val)  # --model-ema: the better of the two
+            is_best = score > best
+            best, best_weights = (score, weights) if is_best else (best, best_weights)
             if main:
-                logger.log(row)  # before the commit: a resume drops it again if the commit never happened
+                img_s = {"train/img_per_s": loss_sum[1].item() / max(epoch_s, 1e-9)}  # not a log.jsonl column
+                logger.log(row, extra=img_s)  # before the commit (a resume drops it if that never happens)
                 state = {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "scaler": amp.state_dict(),
+                    "model_ema": ema_state(ema),
                     "epoch": epoch,
                     "best": best,
+                    "best_weights": best_weights,
                     "history": history,
                     "config": config,
                     "class_names": names,
                     "rng": rng_state(),
                 }
                 best_state = (
-                    {"model": model.state_dict(), "config": config, "class_names": names, "epoch": epoch,
-                     "val_top1": val["top1"]}
+                    {"model": (ema.module if weights == "ema" else model).state_dict(), "weights": weights,
+                     "config": config, "class_names": names, "epoch": epoch, "val_top1": score}
                     if is_best
                     else None
                 )  # fmt: skip
                 ckpts.commit(state, best_state)  # last.pt = the commit point, then best.pt
-                _write_csv(history, out / "summary.csv")
-                atomic_write_json(
-                    _summary(config, head_params, best, history, num_epochs), out / "summary.json"
+                write_summaries(
+                    out, summary_dict(config, head_params, best, history, num_epochs, best_weights)
                 )
                 print(
                     f"epoch {epoch}: loss {row['train_loss']:.4f}  {args.val_split} top1 {val['top1']:.2f} "
-                    f"top5 {val['top5']:.2f}  ({epoch_s:.1f}s)",
+                    f"top5 {val['top5']:.2f}" + (f"  EMA top1 {ema_val['top1']:.2f}" if ema_val else "")
+                    + f"  ({epoch_s:.1f}s)",
                     flush=True,
-                )
+                )  # fmt: skip
             barrier()
-    summary = _summary(config, head_params, best, history, num_epochs)
+    summary = summary_dict(config, head_params, best, history, num_epochs, best_weights)
     cleanup_distributed()
     return summary
-
-
-def _plain(d: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

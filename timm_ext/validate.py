@@ -1,18 +1,22 @@
-"""``mhe-timm-validate``: top-1/top-5 of a ``mhe-timm-train`` checkpoint on one split, as JSON."""
+"""``mhe-timm-validate``: top-1/top-5 of a ``mhe-timm-train`` checkpoint on one split, as JSON
+(``--predictions FILE``: also every item's top-k ids, as CSV)."""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from mhe_plugins.training import TrainState, atomic_write_json, load_checkpoint
+from mhe_plugins.training import atomic_write_json, atomic_write_text
 
-from .data import build_dataset, build_loader, check_targets, stored_class_names
+from .data import build_dataset, build_loader, check_targets, dataset_targets, item_name, stored_class_names
 from .train import EVAL_CROP_PCT, EVAL_INTERPOLATION, build_model_from_config, evaluate
+from .train_loop import read_run_checkpoint
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
@@ -22,15 +26,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
     the run's last commit is not evaluated as is: the committed best stored in ``last.pt`` is used instead
     (with a note on stderr), so the result matches the run's ``summary.json``.
     """
-    path = Path(checkpoint)
-    if path.name == "best.pt" and (path.parent / "last.pt").exists():
-        ckpt, note = TrainState(path.parent).load_best(map_location=device)
-        if note:
-            print(f"{path}: {note}", file=sys.stderr)
-    else:
-        ckpt = load_checkpoint(checkpoint, map_location=device)
-    if "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{checkpoint} is not a mhe-timm-train checkpoint (needs 'model' and 'config')")
+    ckpt = read_run_checkpoint(checkpoint, device)
     model = build_model_from_config(ckpt["config"])
     model.load_state_dict(ckpt["model"])
     model.class_names = ckpt.get("class_names")  # validate numbers folder splits by these
@@ -45,7 +41,10 @@ def validate(
     batch_size: int = 256,
     workers: int = 0,
     beam: int | None = None,
+    predictions: str | Path | None = None,
 ) -> dict:
+    """Top-1/top-5 of ``checkpoint`` on ``split``; ``predictions``: also write every item's top-5 ids (CSV
+    ``item,filename,target,index_0..``, in the split's order) so single predictions can be checked."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_model(checkpoint, device)
     if beam is not None and hasattr(model.head, "beam"):
@@ -66,7 +65,12 @@ def validate(
         interpolation=cfg.get("interpolation", EVAL_INTERPOLATION),
         crop_pct=cfg.get("crop_pct", EVAL_CROP_PCT),
     )
-    res = evaluate(model, loader, device)
+    if predictions:
+        ids: list[torch.Tensor] = []
+        res = evaluate(model, loader, device, collect=ids)
+        _write_predictions(ds, torch.cat(ids) if ids else torch.zeros(0, 5, dtype=torch.long), predictions)
+    else:
+        res = evaluate(model, loader, device)
     return {
         "checkpoint": str(checkpoint),
         "split": split,
@@ -74,6 +78,17 @@ def validate(
         "head_sizes": cfg["head_sizes"],
         **res,
     }
+
+
+def _write_predictions(ds, ids: torch.Tensor, path: str | Path) -> None:
+    """One CSV row per item: its index in the split, name (file, or glyph font/char), target, top-k ids."""
+    targets = dataset_targets(ds).tolist()  # read without decoding the images
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["item", "filename", "target", *[f"index_{j}" for j in range(ids.shape[1])]])
+    for i, row in enumerate(ids.tolist()):
+        w.writerow([i, item_name(ds, i), targets[i], *row])
+    atomic_write_text(buf.getvalue(), Path(path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--beam", type=int, default=None, help="MHC beam width override")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument(
+        "--predictions", default=None, metavar="FILE", help="also write every item's top-5 ids (CSV)"
+    )
     a = p.parse_args(argv)
-    res = validate(a.data_dir, a.checkpoint, a.split, a.dataset, a.batch_size, a.workers, a.beam)
+    res = validate(
+        a.data_dir, a.checkpoint, a.split, a.dataset, a.batch_size, a.workers, a.beam, a.predictions
+    )
     if a.out:
         atomic_write_json(res, a.out)
     json.dump(res, sys.stdout, indent=1)

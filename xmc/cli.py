@@ -15,6 +15,7 @@ import os
 import sys
 
 from mhe_plugins.training.dist import add_dist_timeout_arg
+from mhe_plugins.training.metric_log import add_metric_log_args
 from xmc.train import TrainConfig
 
 
@@ -119,6 +120,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default=d.dist_timeout,
         help="seconds a collective waits for a stuck rank before the job fails",
     )
+    add_metric_log_args(p)  # --log-dir, --no-tensorboard, --wandb, --wandb-project (TrainConfig fields)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

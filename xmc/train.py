@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 from mhe_plugins import metrics as M
 from mhe_plugins.training import (
     Amp,
-    JsonlLogger,
     TrainState,
     atomic_write,
     atomic_write_json,
@@ -49,6 +48,7 @@ from mhe_plugins.training.dist import (
     init_distributed_from_env,
     wrap_ddp,
 )
+from mhe_plugins.training.metric_log import open_metric_logger
 from xmc.batching import Collator, IndexDataset, to_device
 from xmc.data import XMCDataset, load_dataset
 from xmc.encoders import TfidfFeaturizer, l2_rows, load_tokenizer
@@ -107,6 +107,10 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (smoke tests); None = full epochs
     progress: bool = True
     dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds a collective waits for a stuck rank
+    tensorboard: bool = True  # TensorBoard scalars next to log.jsonl (docs/logging.md)
+    log_dir: str | None = None  # their folder; None: OUTPUT/tensorboard
+    wandb: bool = False  # also to Weights & Biases (needs wandb installed)
+    wandb_project: str | None = None
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -294,6 +298,19 @@ def _check_resume_matches(out: Path, ds: XMCDataset, feats: _Featurised, model: 
             )
 
 
+def validation_tags(rec: dict) -> dict[str, float]:
+    """TensorBoard scalars of a ``log.jsonl`` validation row: ``train/loss``, ``train/lr``, ``valid/<metric>``
+    of the weights kept (``valid/swa_selected`` = 1 when the SWA average won) and, once SWA validates too,
+    ``valid_raw/<metric>`` and ``valid_swa/<metric>`` of both candidates."""
+    metrics = {k: v for k, v in rec.items() if "@" in k}
+    tags = {"train/loss": rec["train_loss"], "train/lr": rec["lr"], "valid/swa_selected": float(rec["swa"])}
+    tags.update({f"valid/{k}": v for k, v in metrics.items()})
+    if rec.get("other"):
+        for name, res in {rec["weights"]: metrics, **rec["other"]}.items():
+            tags.update({f"valid_{name}/{k}": v for k, v in res.items()})
+    return tags
+
+
 RUN_FILES = [
     "checkpoint.pt",
     "model.pt",
@@ -302,6 +319,7 @@ RUN_FILES = [
     "log.jsonl",
     "train_summary.json",
     "metrics.json",
+    "tensorboard",
 ]
 
 
@@ -381,7 +399,15 @@ def _train(cfg: TrainConfig) -> dict:
     # HF encoders carry a pooler the loss never uses; buffers (lexical centroids) never change
     ddp = wrap_ddp(model, device, find_unused_parameters=hf, broadcast_buffers=False)
 
-    logger = JsonlLogger(out / "log.jsonl", enabled=rank == 0)
+    logger = open_metric_logger(
+        out / "log.jsonl",
+        out,
+        cfg,
+        step_key="step",
+        enabled=rank == 0,
+        tags_of=validation_tags,
+        config=asdict(cfg),
+    )
     start_epoch, step, best, best_epoch, history = 0, 0, -1.0, -1, []
     if resumed is not None:
         if rank == 0:
@@ -403,9 +429,12 @@ def _train(cfg: TrainConfig) -> dict:
         set_rng_state(ck["rng"])
     pending_best: dict | None = None  # best weights since the last commit, written with the checkpoint
 
+    meter = {"docs": 0, "t": time.time()}  # training throughput between two validations
+
     def validate(epoch: int, train_loss: float) -> None:
         """Validate the raw weights and, once it exists, the SWA average; keep the better one."""
         nonlocal best, best_epoch, pending_best
+        docs_per_s = meter["docs"] / max(time.time() - meter["t"], 1e-9)
         cands = [("raw", model)]
         if swa_model is not None and int(swa_model.n_averaged) > 0:
             cands.append(("swa", swa_model.module))
@@ -430,7 +459,8 @@ def _train(cfg: TrainConfig) -> dict:
         if len(scored) > 1:
             rec["other"] = {n: r for n, _, r in scored if n != name}
         history.append(rec)
-        logger.log(rec)
+        logger.log(rec, extra={"train/docs_per_s": docs_per_s})
+        meter.update(docs=0, t=time.time())
         if res[cfg.select_metric] > best:
             best, best_epoch = res[cfg.select_metric], epoch
             state = {k: v.detach().clone() for k, v in m.state_dict().items()}
@@ -465,6 +495,7 @@ def _train(cfg: TrainConfig) -> dict:
                     amp.backward(loss / cfg.grad_accum)
                 run_loss += check_finite_loss(loss, epoch=epoch, step=step)
                 n_loss += 1
+                meter["docs"] += len(batch["index"]) * world
                 if not boundary:
                     continue
                 amp.step(optimizers)
@@ -513,6 +544,7 @@ def _train(cfg: TrainConfig) -> dict:
         "num_labels": ds.num_labels,
         "history": history,
     }
+    logger.close()
     if rank == 0:
         atomic_write_text(json.dumps(summary, indent=1) + "\n", out / "train_summary.json")
     return summary

@@ -1,28 +1,11 @@
-"""Evaluation metrics shared by every integration, vectorised with numpy / torch / scipy.sparse.
+"""Evaluation metrics every integration reports, so the numbers mean the same thing everywhere (and match
+napkinxc / pyxclib for XMC and insightface for verification).
 
-Why one package: the image, XMC and face plugins must report numbers that mean the same thing
-everywhere (and that match the community's reference implementations, napkinxc / pyxclib for XMC
-and insightface for face verification), so they all call these functions instead of re-deriving them.
-
-Units: the two *report* functions, :func:`topk_accuracy` and :func:`xmc_metrics`, return percent
-(0-100). The building blocks (:func:`precision_at_k`, :func:`ndcg_at_k`, :func:`psp_at_k`,
-:func:`psndcg_at_k`) and the verification functions return fractions in [0, 1], as napkinxc and
-insightface do.
-
-Input conventions
------------------
-* Tensors may live on any device; they are detached and copied to host memory when numpy is needed
-  (:func:`topk_accuracy` on logits stays on the tensor's device).
-* Ranked predictions: an (n, k) integer array (best first). Rows with fewer than k valid ids are
-  padded with ``-1`` (or any negative id); a list of ranked id lists of varying lengths is also
-  accepted. Missing positions count as misses. Duplicate ids within a row are rejected (they would
-  inflate P@k).
-* Multi-label truth: a scipy.sparse matrix (n, L) whose non-zero entries mark relevant labels (it
-  is converted to CSR, explicit zeros are dropped) or a list of n label-id lists. *All* true labels
-  are used (no truncation to a fixed number of labels).
-
-Modules: :mod:`.classification` (top-k accuracy), :mod:`.ranking` (P/nDCG/PSP@k, propensities),
-:mod:`.verification` (10-fold accuracy, TAR@FAR, pair scores); every public name is re-exported here.
+Report functions (:func:`topk_accuracy`, :func:`xmc_metrics`) return percent; the building blocks and the
+verification functions return fractions, as napkinxc and insightface do. Ranked predictions are (n, k) ids
+best first (negative ids pad short rows; duplicates are rejected); multi-label truth is a scipy.sparse
+matrix or lists of ids, and *all* true labels are used. Modules: :mod:`.classification`, :mod:`.ranking`,
+:mod:`.verification`; every public name is re-exported here.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What every trainer shares, written once: atomic writes and checkpoints that resume after any kill, the
-output-folder policy, seeding and RNG state, JSON-lines logs without duplicates, AMP, LR schedules and the
-non-finite-loss guard. The trainers in ``timm_ext``, ``xmc`` and ``insightface_ext`` keep their own CLI shape
-and call these.
+output-folder policy, seeding and RNG state, JSON-lines logs without duplicates (mirrored to TensorBoard and,
+optionally, W&B by :class:`MetricLogger`), AMP, LR schedules and the non-finite-loss guard. The trainers in
+``timm_ext``, ``xmc`` and ``insightface_ext`` keep their own CLI shape and call these.
 """
 
 from .amp import Amp
@@ -17,6 +17,7 @@ from .atomic import (
 from .checkpoint import CheckpointRef, ShardedCheckpoint, latest_checkpoint, load_checkpoint
 from .guards import check_finite_loss
 from .logs import JsonlLogger
+from .metric_log import TB_SUBDIR, MetricLogger, add_metric_log_args, numeric_tags, open_metric_logger
 from .rng import rng_state, seed_everything, set_rng_state
 from .rundir import RunExistsError, RunLockedError, lock_run_dir, prepare_output_dir, release_run_locks
 from .schedules import poly_warmup, warmup_linear_decay
@@ -42,6 +43,11 @@ __all__ = [
     "load_checkpoint",
     "check_finite_loss",
     "JsonlLogger",
+    "MetricLogger",
+    "TB_SUBDIR",
+    "add_metric_log_args",
+    "numeric_tags",
+    "open_metric_logger",
     "rng_state",
     "seed_everything",
     "set_rng_state",

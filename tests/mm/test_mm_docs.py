@@ -16,7 +16,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "mm.md"
 
 def test_docs_config_builds_and_runs_a_mixup_step(tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(blocks) == 1
+    assert len(blocks) == 3  # this head config; the glyph config and its run block: test_mm_pretrain.py
     path = tmp_path / "cfg.py"
     path.write_text(blocks[0])
     cfg = Config.fromfile(str(path))

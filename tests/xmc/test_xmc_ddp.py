@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +37,7 @@ def test_two_process_training_and_eval_match_one_process(wordnet_small, tmp_path
 
     # evaluation of the same model, sharded over 2 ranks: identical metrics
     two_eval = tmp_path / "two_eval"
-    two_eval.mkdir()
-    for f in one.iterdir():
-        (two_eval / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(one, two_eval)
     metrics = tmp_path / "metrics.json"
     stdout = _torchrun(
         "eval", "--model", str(two_eval), "--data-dir", str(wordnet_small), "--batch-size", "37",
