@@ -21,10 +21,11 @@ import argparse
 import glob
 import logging
 import os
-import shutil
-import tempfile
 
 import torch
+
+from mhe_plugins.training.atomic import atomic_copy as core_atomic_copy
+from mhe_plugins.training.atomic import clean_stale_tmp
 
 logger = logging.getLogger("fairseq_ext.checkpoints")
 
@@ -32,19 +33,9 @@ __all__ = ["atomic_copy", "check_loadable", "fallback_checkpoint", "install"]
 
 
 def atomic_copy(src: str, dst: str) -> bool:
-    """Copy ``src`` to ``dst`` through a temp file in ``dst``'s directory, fsync, then rename."""
-    directory = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Copy ``src`` to ``dst`` through a temp file in ``dst``'s directory, fsync, then rename (the core's
+    atomic copy: a killed copy leaves a ``.mhe-partial`` file that the next start removes)."""
+    core_atomic_copy(src, dst)
     return True
 
 
@@ -124,6 +115,8 @@ def install() -> None:
     original = checkpoint_utils.load_checkpoint
 
     def load_checkpoint(cfg, trainer, **passthrough_args):
+        if os.path.isdir(cfg.save_dir):  # temp files of copies a kill interrupted (never the only copy)
+            clean_stale_tmp(cfg.save_dir, recursive=False)
         last = os.path.join(cfg.save_dir, f"checkpoint_last{trainer.checkpoint_suffix}.pt")
         if cfg.restore_file != "checkpoint_last.pt" or not os.path.exists(last):
             return original(cfg, trainer, **passthrough_args)

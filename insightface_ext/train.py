@@ -300,11 +300,20 @@ def _train(cfg: SimpleNamespace, dist_timeout: float) -> dict:
             k: v for k, v in vars(cfg).items() if isinstance(v, str | int | float | bool | tuple | type(None))
         },
     )
+    if cfg.resume and is_main_process():
+        for note in ck.recover():
+            print(f"[mhe-face-train] {note}")
+    barrier()
     found = _find_resume(out, ck) if cfg.resume else None
     if found is not None:
         step, _ = _resume(found, backbone, head, opts, scheds, scaler)
         print(f"[mhe-face-train] resumed from {found[2]} at step {step}")
     log.truncate(lambda r: int(r.get("step", 0)) <= step)  # rows after the checkpoint are logged again
+    if found is not None and is_main_process() and cfg.val_targets:
+        # a kill between a checkpoint and its validation left that step unvalidated: validate it now
+        val_step = step % cfg.verbose == 0 or step % steps_per_epoch == 0 or step == total
+        if step > 0 and val_step and not any(r.get("step") == step and "val" in r for r in log.read()):
+            _validate(cfg, backbone, step, log)
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=step, disable=not is_main_process(), desc="train", dynamic_ncols=True)

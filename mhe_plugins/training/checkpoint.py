@@ -137,6 +137,20 @@ class ShardedCheckpoint:
                 return ref
         return None
 
+    def recover(self) -> list[str]:
+        """Finish what a kill interrupted after a commit: folders older than the newest complete checkpoint
+        that are beyond ``keep`` or half-deleted. Newer incomplete folders are left (the next save of that
+        step replaces them); nothing a resume could need is removed."""
+        latest = self.latest()
+        if latest is None:
+            return []
+        before = {p for _, p in self._scan()}
+        self._prune(latest.step)
+        return [
+            f"removed {p.name} (pruning was interrupted)"
+            for p in sorted(before - {p for _, p in self._scan()})
+        ]
+
     def _prune(self, newest: int) -> None:
         complete = [r.step for r in self.complete()]
         keep = set(complete[-self.keep :])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ pytest.importorskip("fairseq")
 from fairseq import checkpoint_utils  # noqa: E402
 
 from fairseq_ext import checkpoints, register  # noqa: E402
+from mhe_plugins.training import atomic as atomic_mod  # noqa: E402
 
 register()
 
@@ -57,11 +57,10 @@ def test_checkpoint_copy_is_atomic(tmp_path, monkeypatch):
     _ckpt(dst, 5, 1_000)
     old = dst.read_bytes()
 
-    def killed(inp, out, length=0):  # half the bytes reach the disk, then the process "dies"
-        out.write(inp.read(len(old) // 2))
+    def killed(fd):  # every byte was written to the temp file, the process "dies" before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(shutil, "copyfileobj", killed)
+    monkeypatch.setattr(atomic_mod.os, "fsync", killed)
     with pytest.raises(KeyboardInterrupt):
         checkpoint_utils.PathManager.copy(str(src), str(dst), overwrite=True)
     assert dst.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == [src.name, dst.name]
