@@ -3,12 +3,14 @@
 fairseq writes the first checkpoint of a save atomically (temp + rename) but *copies* it to the others
 (``checkpoint_last.pt``, ``checkpoint_best.pt``) with a plain ``shutil.copyfile``: a kill mid-copy leaves a
 truncated ``checkpoint_last.pt`` and the next run, which resumes from it by default, dies unpickling it.
-Three fixes, all local to ``fairseq.checkpoint_utils``:
+Four fixes, all local to ``fairseq.checkpoint_utils``:
 
 - its copies become temp file + fsync + ``os.replace`` (a reader sees the old file or the new one);
 - before it loads the default ``checkpoint_last.pt``, the file is test-loaded; if that fails, the newest
   loadable ``checkpoint*.pt`` in the save dir is loaded instead, with a warning naming both files (the
   bad file is left in place and replaced by the next save). No loadable checkpoint at all is an error.
+- a checkpoint already at ``--max-update`` ends the run at once (fairseq would train one more update before
+  checking, so a kill after the final save made the resumed run differ from an uninterrupted one);
 - every ``torch.load`` it makes passes ``weights_only=True`` explicitly: fairseq leaves the argument out,
   so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` in the environment would otherwise make it unpickle (and run)
   arbitrary code from a checkpoint file. torch honours an explicit ``weights_only=True`` whatever the
@@ -131,5 +133,19 @@ def install() -> None:
         finally:
             cfg.restore_file = "checkpoint_last.pt"
 
-    checkpoint_utils.load_checkpoint = load_checkpoint
+    def load_checkpoint_or_finish(cfg, trainer, **passthrough_args):
+        out = load_checkpoint(cfg, trainer, **passthrough_args)
+        max_update = getattr(getattr(trainer, "cfg", None), "optimization", None)
+        max_update = getattr(max_update, "max_update", 0) or 0
+        if max_update and trainer.get_num_updates() >= max_update:
+            # a kill after the final save: fairseq's loop would train one more update before it checks
+            logger.info(
+                "training already finished: the checkpoint is at update %d >= --max-update %d; nothing to do",
+                trainer.get_num_updates(),
+                max_update,
+            )
+            raise SystemExit(0)
+        return out
+
+    checkpoint_utils.load_checkpoint = load_checkpoint_or_finish
     checkpoint_utils._mhe_safe = True
