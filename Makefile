@@ -43,3 +43,12 @@ bench-heads: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Crash injection (tests/crash/): SIGKILL each trainer before every one of its file events, resume, check
+# the invariants; prints a summary and writes it to CRASH_JSON. `make test` runs a daily sample of it.
+# e.g. make crash-test CRASH_JSON=/tmp/c.json CRASH_ARGS="--trainers timm --points 17 45"
+CRASH_JSON ?= runs/crash_test.json
+CRASH_ARGS ?=
+.PHONY: crash-test
+crash-test: venv
+	$(BIN)/python tests/crash/run.py --json $(CRASH_JSON) $(CRASH_ARGS)

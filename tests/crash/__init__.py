@@ -1,0 +1,1 @@
+"""Crash-injection harness for the trainers (see harness.py)."""
