@@ -48,7 +48,8 @@ clean:
 # the invariants; prints a summary and writes it to CRASH_JSON. `make test` runs a daily sample of it.
 # e.g. make crash-test CRASH_JSON=/tmp/c.json CRASH_ARGS="--trainers timm --points 17 45"
 CRASH_JSON ?= runs/crash_test.json
+CRASH_MD   ?= runs/crash_test.md
 CRASH_ARGS ?=
 .PHONY: crash-test
 crash-test: venv
-	$(BIN)/python tests/crash/run.py --json $(CRASH_JSON) $(CRASH_ARGS)
+	$(BIN)/python tests/crash/run.py --json $(CRASH_JSON) --md $(CRASH_MD) $(CRASH_ARGS)

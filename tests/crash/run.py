@@ -83,7 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="runs/crash_test.json", help="summary written here")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep every scenario folder (failing ones are kept)")
+    p.add_argument("--md", default=None, help="also write the summary as a markdown table here")
+    p.add_argument(
+        "--report", nargs="+", default=None, metavar="JSON",
+        help="run nothing: merge these summaries into --json (and --md)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.report:
+        merged: dict[str, dict] = {}
+        for path in args.report:
+            merged.update(json.loads(Path(path).read_text())["trainers"])
+        _write(merged, args, work="(merged)")
+        return 1 if any(r.get("failed") for r in merged.values()) else 0
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mhe-crash-"))
     print(f"scratch folder {work}; seed {args.seed}", flush=True)
     reports: dict[str, dict] = {}
@@ -105,11 +116,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    durability (power loss, not a kill): {note}")
         if len(r["durability_notes"]) > 5:
             print(f"    ... {len(r['durability_notes']) - 5} more durability notes in the JSON")
+    _write(reports, args, str(work))
+    return 1 if any(r.get("failed") for r in reports.values()) else 0
+
+
+def _write(reports: dict[str, dict], args: argparse.Namespace, work: str) -> None:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"seed": args.seed, "work": str(work), "trainers": reports}, indent=1) + "\n")
+    out.write_text(json.dumps({"seed": args.seed, "work": work, "trainers": reports}, indent=1) + "\n")
     print(f"written {out}")
-    return 1 if any(r.get("failed") for r in reports.values()) else 0
+    if args.md:
+        Path(args.md).write_text(markdown(reports))
+        print(f"written {args.md}")
+
+
+def markdown(reports: dict[str, dict]) -> str:
+    """The summary as a table: kill points, scenarios (single kills, double kills, Ctrl-C), invariant checks
+    held and failed, wall seconds."""
+    rows = [
+        "# Crash injection: every file event of each trainer (`make crash-test`)",
+        "",
+        "| trainer | kill points | scenarios | invariant checks held | failed | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in reports.items():
+        if "skipped" in r:
+            rows.append(f"| {name} | skipped: {r['skipped']} | | | | |")
+            continue
+        held, failed = sum(r["held"].values()), sum(r["failed"].values())
+        rows.append(
+            f"| {name} | {r['kill_points']} | {r['scenarios']} | {held} | {failed} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":
