@@ -184,6 +184,8 @@ def _install() -> None:
     injector = _Injector(
         root, int(os.environ.get("MHE_CRASH_AT", "0")), mode, os.environ.get("MHE_CRASH_LOG")
     )
+    if mode == "interrupt":  # a harness started in the background (`cmd &`) inherits SIGINT ignored,
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # which would make Ctrl-C a no-op
     injector.wrap_fsync()
     sys.addaudithook(injector.audit)
 
