@@ -106,6 +106,8 @@ def predict(
         scores, ids = model.head.topk(feats, k)
         if cfg["head"] == "mhs":  # MHS top-k values are logits: normalise over all N (MHS is full anyway)
             scores = model.head.log_prob(feats).gather(1, ids)
+        # exact probabilities of the returned ids (MHS and linear top-k values are logits, not log-probs)
+        scores = torch.stack([model.head.target_log_prob(feats, ids[:, j]) for j in range(ids.shape[1])], 1)
         for row_ids, row_lp in zip(ids.tolist(), scores.exp().tolist()):
             f = files[len(records)]
             labels = [names[i] if names else str(i) for i in row_ids]
