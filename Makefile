@@ -46,7 +46,7 @@ clean:
 
 # Crash injection (tests/crash/): SIGKILL each trainer before every one of its file events, resume, check
 # the invariants; prints a summary and writes it to CRASH_JSON. `make test` runs a daily sample of it.
-# e.g. make crash-test CRASH_JSON=/tmp/c.json CRASH_ARGS="--trainers timm --points 17 45"
+# e.g. make crash-test CRASH_JSON=runs/c.json CRASH_ARGS="--trainers timm --points 17 45"
 CRASH_JSON ?= runs/crash_test.json
 CRASH_MD   ?= runs/crash_test.md
 CRASH_ARGS ?=

@@ -108,7 +108,7 @@ def run_name(variant: str, seed: int) -> str:
 
 
 def run_store(a: argparse.Namespace) -> RunStore:
-    """Finished runs' summaries kept in the repository (``--out-dir``/runs/glyphs), so that a rerun on a fresh
+    """Finished runs' summaries kept in the repository (``<out-dir>/runs/glyphs``), so that a rerun on a fresh
     machine, whose work dir is gone, skips them."""
     return RunStore(Path(a.out_dir) / "runs" / "glyphs")
 

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write(reports: dict[str, dict], args: argparse.Namespace, work: str) -> None:
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"seed": args.seed, "work": work, "trainers": reports}, indent=1) + "\n")
+    out.write_text(json.dumps({"seed": args.seed, "trainers": reports}, indent=1) + "\n")  # no machine path
     print(f"written {out}")
     if args.md:
         Path(args.md).write_text(markdown(reports))
