@@ -23,10 +23,9 @@ from timm.data.readers.img_extensions import get_img_extensions
 
 from mhe_plugins.training import atomic_write_text
 
-from .data import build_loader, stored_class_names
+from .data import stored_class_names
 from .run_files import RUN_FILES
-from .train import EVAL_CROP_PCT, EVAL_INTERPOLATION
-from .validate import load_model
+from .validate import eval_loader, load_model
 
 FORMATS = ("csv", "json")
 
@@ -89,17 +88,7 @@ def predict(
     names = stored_class_names(checkpoint, model.class_names)
     k = min(top_k, cfg["num_classes"])
     ds = ImageFiles(files, "L" if cfg["input_size"][0] == 1 else "RGB")
-    loader = build_loader(
-        ds,
-        input_size=tuple(cfg["input_size"]),
-        batch_size=batch_size,
-        is_training=False,
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        workers=workers,
-        interpolation=cfg.get("interpolation", EVAL_INTERPOLATION),
-        crop_pct=cfg.get("crop_pct", EVAL_CROP_PCT),
-    )
+    loader = eval_loader(ds, cfg, batch_size, workers)
     records: list[dict] = []
     for x, _ in loader:
         feats = model.pooled(x.to(device))

@@ -33,6 +33,21 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), ckpt["config"]
 
 
+def eval_loader(ds, cfg: dict, batch_size: int, workers: int):
+    """The evaluation loader a checkpoint's config prescribes (input size, normalisation, resize/crop)."""
+    return build_loader(
+        ds,
+        input_size=tuple(cfg["input_size"]),
+        batch_size=batch_size,
+        is_training=False,
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        workers=workers,
+        interpolation=cfg.get("interpolation", EVAL_INTERPOLATION),
+        crop_pct=cfg.get("crop_pct", EVAL_CROP_PCT),
+    )
+
+
 def validate(
     data_dir: str,
     checkpoint: str,
@@ -54,17 +69,7 @@ def validate(
         cfg["dataset"] if dataset is None else dataset, data_dir, split, cfg["input_size"][0], names
     )
     check_targets(ds, cfg["num_classes"], split)
-    loader = build_loader(
-        ds,
-        input_size=tuple(cfg["input_size"]),
-        batch_size=batch_size,
-        is_training=False,
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        workers=workers,
-        interpolation=cfg.get("interpolation", EVAL_INTERPOLATION),
-        crop_pct=cfg.get("crop_pct", EVAL_CROP_PCT),
-    )
+    loader = eval_loader(ds, cfg, batch_size, workers)
     if predictions:
         ids: list[torch.Tensor] = []
         res = evaluate(model, loader, device, collect=ids)
