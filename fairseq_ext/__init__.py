@@ -19,7 +19,8 @@ USER_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def register() -> None:
-    """Register ``transformer_mhe*`` and ``mhe_cross_entropy`` with fairseq (idempotent)."""
+    """Register ``transformer_mhe*``, ``mhe_cross_entropy`` and ``adaptive_label_smoothed_loss`` with fairseq
+    (idempotent)."""
     import argparse
 
     import torch
@@ -27,7 +28,7 @@ def register() -> None:
     # fairseq (legacy-args models) pickles an argparse.Namespace into every checkpoint; torch>=2.6 loads with
     # weights_only=True. Allow just that class, so loading stays safe for untrusted files.
     torch.serialization.add_safe_globals([argparse.Namespace])
-    from . import checkpoints, criterion, model  # noqa: F401  (registration happens at import)
+    from . import adaptive_criterion, checkpoints, criterion, model  # noqa: F401  (registration at import)
 
     checkpoints.install()  # atomic checkpoint copies; recover from a truncated checkpoint_last.pt
 

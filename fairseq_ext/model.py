@@ -16,6 +16,7 @@ Everything that consumes log-probs - ``SequenceGenerator`` beam search, ``--samp
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase
 from fairseq.models.transformer.transformer_legacy import base_architecture, transformer_iwslt_de_en
 
 from mhe_plugins import LabelCodec, MHEHead, build_head
+
+from .grouping import set_label_order
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +46,26 @@ __all__ = [
 ]
 
 
+def shortlist_from_args(args, vocab_size: int) -> int:
+    """``--mhe-shortlist K`` (MHC only): the K most frequent tokens are leaves of the root softmax."""
+    k = getattr(args, "mhe_shortlist", None)
+    if k is None or (getattr(args, "mhe_method", None) or "mhp") != "mhc":
+        if k:
+            raise ValueError(
+                f"--mhe-shortlist {k} is an MHC option (the cascade's root): use --mhe-method mhc"
+            )
+        return 0
+    k = int(k)
+    if not 0 <= k < vocab_size - 1:
+        raise ValueError(f"--mhe-shortlist must be in [0, {vocab_size - 1}) for |V| = {vocab_size}, got {k}")
+    return k
+
+
 def codec_from_args(args, vocab_size: int) -> LabelCodec:
     """``--mhe-head-sizes C1,C2,..`` if given; else for MHC with ``--mhe-groups G`` > 0 two levels
-    ``[G, ceil(|V|/G)]`` (G frequency bins); else the balanced split into ``--mhe-heads`` (the core's
-    ``LabelCodec.from_spec``)."""
+    ``[G, ceil(T/G)]`` (G groups of the T = |V| - shortlist tail tokens); else the balanced split into
+    ``--mhe-heads`` (the core's ``LabelCodec.from_spec``). For MHC the codec covers the tail."""
+    vocab_size = vocab_size - shortlist_from_args(args, vocab_size)
     sizes = getattr(args, "mhe_head_sizes", None)
     heads = getattr(args, "mhe_heads", None)
     groups = getattr(args, "mhe_groups", None)
@@ -88,10 +107,13 @@ class TransformerMHEDecoder(TransformerDecoderBase):
         method: str = "mhp",
         hidden_dim: int | None = None,
         group_mlp_dim: int = 0,
+        shortlist: int = 0,
+        label_order: str | None = None,
     ):
-        if codec.num_labels != len(dictionary):
+        if codec.num_labels + shortlist != len(dictionary):
             raise ValueError(
-                f"codec covers {codec.num_labels} ids but the target dictionary has {len(dictionary)}"
+                f"codec covers {codec.num_labels} ids (+ a short list of {shortlist}) but the target "
+                f"dictionary has {len(dictionary)}"
             )
         if method not in METHODS:
             raise ValueError(f"--mhe-method must be one of {METHODS}, got {method!r}")
@@ -107,6 +129,7 @@ class TransformerMHEDecoder(TransformerDecoderBase):
         # read by build_output_projection, which the base __init__ calls
         self.codec, self.method, self.mhc_hidden_dim = codec, method, hidden_dim
         self.group_mlp_dim = int(group_mlp_dim or 0)
+        self.shortlist, self.label_order_path = int(shortlist), label_order
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
         # never tie the (nonexistent) |V| x d projection to the input embedding, nor upgrade old keys to it
         self.share_input_output_embed = False
@@ -130,17 +153,19 @@ class TransformerMHEDecoder(TransformerDecoderBase):
                     f"--mhe-hidden-dim ({hidden}) == --decoder-embed-dim ({width}); drop --mhe-hidden-dim or "
                     f"the sharing flag"
                 )
-            options = {"hidden_dim": hidden, "group_mlp_dim": self.group_mlp_dim}
+            options = {"hidden_dim": hidden, "group_mlp_dim": self.group_mlp_dim, "shortlist": self.shortlist}
         head = build_head(
             self.method,
             self.output_embed_dim,
-            self.codec.num_labels,
+            len(dictionary),
             head_sizes=self.codec.head_sizes,
             **options,
         )
         head.init_as_output_embedding()
         if tie:  # the cascade's leaf (token) embeddings are the decoder input embeddings
             head.tie_leaf_embedding(embed_tokens.weight)
+        if self.label_order_path:
+            set_label_order(head, self.label_order_path, dictionary)
         self.output_projection: MHEHead = head
 
     def upgrade_state_dict_named(self, state_dict, name):
@@ -151,6 +176,13 @@ class TransformerMHEDecoder(TransformerDecoderBase):
         if self.method != "mhc":
             return state_dict
         prefix = f"{name}.output_projection." if name else "output_projection."
+        short = state_dict.get(prefix + "short_bias.weight")
+        stored_short = 0 if short is None else short.shape[0]
+        if stored_short != self.shortlist:
+            raise ValueError(
+                f"checkpoint's MHC output layer has a short list of {stored_short} tokens, this model "
+                f"{self.shortlist}: pass --model-overrides \"{{'mhe_shortlist': {stored_short}}}\""
+            )
         group = state_dict.get(prefix + "group.weight")
         mlp = state_dict.get(prefix + "group_mlps.0.0.weight")
         stored_groups = None if group is None else group.shape[0]
@@ -169,12 +201,40 @@ class TransformerMHEDecoder(TransformerDecoderBase):
 
     def output_layer(self, features: torch.Tensor) -> torch.Tensor:
         """Features (..., d) -> the head's exact full-vocabulary log-probs (..., |V|) (inference only)."""
-        return self.output_projection.log_prob(features)
+        out = self.output_projection.log_prob(features)
+        if not torch.is_grad_enabled():  # remembered (weakly: the head reuses a buffer nobody holds) so
+            self._last_output = (weakref.ref(out), out[..., 0].clone())  # get_normalized_probs can skip work
+        return out
+
+    def _already_normalized(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is (a slice of) the last ``output_layer`` result divided by a temperature of 1.
+
+        fairseq's generator always divides the step's output in place by ``--temperature`` before asking
+        for normalised log-probs. The same storage with the first column (a finite, non-zero log-prob)
+        unchanged means it divided by 1: the log-probs are already normalised, and the log-softmax, a full
+        pass of exp/log over |V| per beam step, is skipped. Anything else is normalised as before.
+        """
+        last = getattr(self, "_last_output", None)
+        out = None if last is None else last[0]()
+        if out is None or x.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+            return False
+        probe = last[1]
+        if x.dim() != out.dim() or x.shape[:-2] != out.shape[:-2] or x.shape[-1] != out.shape[-1]:
+            return False
+        now = x[..., 0]
+        before = probe[..., -x.shape[-2] :]
+        usable = torch.isfinite(before) & before.ne(0)
+        return bool(usable.any()) and bool(torch.equal(now[usable], before[usable]))
 
     def get_normalized_probs_scriptable(self, net_output, log_probs: bool, sample=None) -> torch.Tensor:
         """Full-vocabulary (log-)probs: log-softmax of the output layer's log-probs (the identity at
-        temperature 1, exact tempering after the generator's ``decoder_out / temperature``)."""
-        out = F.log_softmax(net_output[0].float(), dim=-1)
+        temperature 1, skipped then; exact tempering p^(1/T) after the generator's ``decoder_out / T``)."""
+        x = net_output[0]
+        out = (
+            x
+            if x.dtype == torch.float32 and self._already_normalized(x)
+            else F.log_softmax(x.float(), dim=-1)
+        )
         return out if log_probs else out.exp()
 
 
@@ -212,6 +272,22 @@ class TransformerMHEModel(TransformerModel):
             metavar="G",
             help=f"mhc only: G frequency bins of ceil(|V|/G) tokens (two levels; 0 = balanced --mhe-heads "
             f"levels; --mhe-head-sizes overrides; default {MHC_GROUPS})",
+        )
+        parser.add_argument(
+            "--mhe-shortlist",
+            type=int,
+            metavar="K",
+            help="mhc only: the K most frequent tokens (or the first K of --mhe-label-order) are leaves "
+            "of the root softmax beside the tail's groups, as adaptive softmax's head cluster; only the "
+            "tail is factorised p(group) p(token | group) (default: by |V|, see docs/fairseq.md)",
+        )
+        parser.add_argument(
+            "--mhe-label-order",
+            type=str,
+            metavar="FILE",
+            help="mhc only: the target tokens in tree order, one per line (short list first, then the "
+            "tail group by group), e.g. from python -m fairseq_ext.grouping; stored in the checkpoint, "
+            "so decoding does not need the file (default: dictionary order = frequency bins)",
         )
         parser.add_argument(
             "--mhe-head-sizes",
@@ -269,6 +345,8 @@ class TransformerMHEModel(TransformerModel):
             method=method,
             hidden_dim=getattr(args, "mhe_hidden_dim", None),
             group_mlp_dim=int(group_mlp_dim),
+            shortlist=shortlist_from_args(args, len(tgt_dict)),
+            label_order=getattr(args, "mhe_label_order", None) if method == "mhc" else None,
         )
 
 
@@ -286,6 +364,9 @@ def _mhe_defaults(args) -> None:
     args.mhe_group_mlp_dim = getattr(args, "mhe_group_mlp_dim", None)  # None: method's default
     if getattr(args, "mhe_groups", None) is None:
         args.mhe_groups = MHC_GROUPS
+    args.mhe_label_order = getattr(args, "mhe_label_order", None)
+    if getattr(args, "mhe_shortlist", None) is None:
+        args.mhe_shortlist = None  # resolved per |V| by shortlist_from_args
 
 
 @register_model_architecture("transformer_mhe", "transformer_mhe")

@@ -79,7 +79,9 @@ def run_vocab(
     return {
         "vocab_size": size,
         "head_sizes": list(codec_for("mhp", size).head_sizes) if size else None,
-        "mhc_head_sizes": list(mhc_codec(size, a.mhc_groups, a.mhc_head_sizes).head_sizes) if size else None,
+        "mhc_head_sizes": list(mhc_codec(size, a.mhc_groups, a.mhc_head_sizes, a.mhc_shortlist).head_sizes)
+        if size
+        else None,
         "adaptive_cutoffs": (a.adaptive_cutoffs or adaptive_cutoffs(size)) if size else None,
         "methods": methods,
         "missing": [m for m in METHODS if m not in methods],
@@ -141,6 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
         help="MHC: --mhe-group-mlp-dim (default 4 x --dim, fairseq's default, the decoder FFN width; 0 = linear)",
     )
     p.add_argument("--mhc-head-sizes", default=None, help="MHC: --mhe-head-sizes (overrides --mhc-groups)")
+    p.add_argument("--mhc-shortlist", type=int, default=0, help="MHC: --mhe-shortlist (root short list)")
+    p.add_argument(
+        "--mhc-grouping",
+        choices=("frequency", "context"),
+        default="frequency",
+        help="MHC tail groups: frequency bins, or python -m fairseq_ext.grouping --method context "
+        "(written to WORK/v{V}/ and passed as --mhe-label-order)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="fairseq --seed of every run (1 = the stored runs')")
     p.add_argument("--scaling-vocabs", default="8000,32000,256000")
     p.add_argument("--scaling-dim", type=int, default=512)
     p.add_argument("--scaling-tokens", type=int, default=512)

@@ -21,19 +21,43 @@ MHE = ["--arch", "transformer_mhe", "--criterion", "mhe_cross_entropy", "--mhe-h
 
 METHODS = {
     "ce": ["--arch", "transformer", "--criterion", "label_smoothed_cross_entropy", *LS],
+    # the same dense layer without label smoothing: which part of a gap is smoothing
+    "ce0": [
+        "--arch",
+        "transformer",
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0",
+        "--report-accuracy",
+    ],
     # adaptive_loss takes no label smoothing; it refuses torch's DDP, hence legacy_ddp (also on one CPU)
     "adaptive": ["--arch", "transformer", "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp"],
+    # ... and this project's label-smoothed adaptive loss (fairseq_ext.adaptive_criterion), eps as for ce
+    "adaptive_ls": [
+        "--arch",
+        "transformer",
+        "--criterion",
+        "adaptive_label_smoothed_loss",
+        "--label-smoothing",
+        "0.1",
+        "--ddp-backend",
+        "legacy_ddp",
+    ],
     "mhp": [*MHE, "--mhe-method", "mhp"],
     "mhc": [*MHE, "--mhe-method", "mhc"],
 }
 
 
 NAMES = {
-    "ce": "standard (label_smoothed_cross_entropy)",
-    "adaptive": "fairseq adaptive softmax (adaptive_loss)",
+    "ce": "dense, eps 0.1 (label_smoothed_cross_entropy)",
+    "ce0": "dense, eps 0 (label_smoothed_cross_entropy)",
+    "adaptive": "fairseq adaptive softmax (adaptive_loss, no smoothing)",
+    "adaptive_ls": "adaptive softmax, eps 0.1 (adaptive_label_smoothed_loss)",
     "mhp": "MHP (mhe_cross_entropy, --mhe-method mhp)",
     "mhc": "MHC (mhe_cross_entropy, --mhe-method mhc)",
 }
+ADAPTIVE = ("adaptive", "adaptive_ls")
 
 
 def adaptive_cutoffs(vocab_size: int) -> str:
@@ -50,7 +74,7 @@ def model_args(dim: int, layers: int, heads: int) -> list[str]:
 
 
 def method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str]:
-    if method == "adaptive":
+    if method in ADAPTIVE:
         return METHODS[method] + [
             "--adaptive-softmax-cutoff",
             a.adaptive_cutoffs or adaptive_cutoffs(vocab_size),
@@ -61,31 +85,48 @@ def method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str
             if a.mhc_head_sizes
             else ["--mhe-groups", str(a.mhc_groups)]
         )
+        shape += ["--mhe-shortlist", str(a.mhc_shortlist)]
         return METHODS[method] + [*shape, "--mhe-group-mlp-dim", str(a.mhc_group_mlp_dim)]
     return METHODS[method]
 
 
-def mhc_codec(vocab_size: int, groups: int, head_sizes: str | None = None) -> LabelCodec:
-    """The codec ``transformer_mhe --mhe-method mhc`` builds from the bench's MHC options (the model's own rule)."""
-    shape = argparse.Namespace(mhe_method="mhc", mhe_groups=groups, mhe_head_sizes=head_sizes, mhe_heads=None)
+def mhc_codec(vocab_size: int, groups: int, head_sizes: str | None = None, shortlist: int = 0) -> LabelCodec:
+    """The (tail) codec ``transformer_mhe --mhe-method mhc`` builds from the bench's MHC options (the
+    model's own rule)."""
+    shape = argparse.Namespace(
+        mhe_method="mhc",
+        mhe_groups=groups,
+        mhe_head_sizes=head_sizes,
+        mhe_heads=None,
+        mhe_shortlist=shortlist,
+    )
     return codec_from_args(shape, vocab_size)
 
 
 def method_settings(method: str, a: argparse.Namespace) -> dict:
-    """The bench options that shape only this method's output layer (part of its run key and dir)."""
+    """The bench options that shape only this method's output layer (part of its run key and dir); the
+    short list and grouping only when set, so runs stored before they existed keep their keys."""
+    out = {"seed": a.seed} if a.seed != 1 else {}
     if method == "mhc":
-        return {k: getattr(a, k) for k in ("mhc_groups", "mhc_group_mlp_dim", "mhc_head_sizes")}
-    return {}
+        out.update({k: getattr(a, k) for k in ("mhc_groups", "mhc_group_mlp_dim", "mhc_head_sizes")})
+        if a.mhc_shortlist:
+            out["mhc_shortlist"] = a.mhc_shortlist
+        if a.mhc_grouping != "frequency":
+            out["mhc_grouping"] = a.mhc_grouping
+    return out
 
 
 def method_tag(method: str, a: argparse.Namespace) -> str:
-    """``mhc`` with its shape spelled out (``mhc.g16.mlp512``), so that no run ever resumes a checkpoint of
-    a differently shaped output layer; every other method is its name."""
+    """``mhc`` with its shape spelled out (``mhc.g16.mlp512.k2000.context``), so that no run ever resumes
+    a checkpoint of a differently shaped output layer; every other method is its name (+ ``.seedN``)."""
+    seed = f".seed{a.seed}" if a.seed != 1 else ""
     if method != "mhc":
-        return method
+        return method + seed
     tag = method + (".h" + a.mhc_head_sizes.replace(",", "x") if a.mhc_head_sizes else "")
     tag += f".g{a.mhc_groups}" if a.mhc_groups and not a.mhc_head_sizes else ""
-    return tag + (f".mlp{a.mhc_group_mlp_dim}" if a.mhc_group_mlp_dim else "")
+    tag += f".mlp{a.mhc_group_mlp_dim}" if a.mhc_group_mlp_dim else ""
+    tag += f".k{a.mhc_shortlist}" if a.mhc_shortlist else ""
+    return tag + (f".{a.mhc_grouping}" if a.mhc_grouping != "frequency" else "") + seed
 
 
 def run_dir(work: Path, method: str, a: argparse.Namespace) -> Path:

@@ -166,7 +166,16 @@ def train_cmd(
     ]
     cmd += ["--lr", str(a.lr), "--lr-scheduler", scheduler, "--warmup-updates", str(a.warmup)]
     cmd += ["--clip-norm", "1.0", "--max-tokens", str(a.max_tokens), "--max-update", str(max_update)]
-    cmd += ["--seed", "1", "--cpu", "--num-workers", "0", "--save-dir", str(save), "--no-epoch-checkpoints"]
+    cmd += [
+        "--seed",
+        str(getattr(a, "seed", 1)),
+        "--cpu",
+        "--num-workers",
+        "0",
+        "--save-dir",
+        str(save),
+        "--no-epoch-checkpoints",
+    ]
     cmd += ["--validate-interval-updates", str(a.valid_every), "--save-interval-updates", str(a.valid_every)]
     cmd += [
         "--keep-interval-updates",
@@ -179,11 +188,32 @@ def train_cmd(
     return cmd
 
 
+def label_order_args(method: str, bin_dir: Path, work: Path, a: argparse.Namespace) -> list[str]:
+    """MHC with ``--mhc-grouping context``: write the order file once per (short list, groups) and pass it."""
+    if method != "mhc" or getattr(a, "mhc_grouping", "frequency") == "frequency":
+        return []
+    src, tgt = a.langs.split("-")
+    out = work / f"order.k{a.mhc_shortlist}.g{a.mhc_groups}.{a.mhc_grouping}.txt"
+    if not out.is_file():
+        cmd = [sys.executable, "-m", "fairseq_ext.grouping", str(bin_dir), "-s", src, "-t", tgt]
+        cmd += [
+            "--shortlist",
+            str(a.mhc_shortlist),
+            "--groups",
+            str(a.mhc_groups),
+            "--method",
+            a.mhc_grouping,
+        ]
+        run(cmd + ["--out", str(out)], work / "grouping.log")
+    return ["--mhe-label-order", str(out)]
+
+
 def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_size: int) -> dict:
     save = run_dir(work, method, a)
     save.mkdir(parents=True, exist_ok=True)
     log = save / "train.log"
     cmd = train_cmd(method, bin_dir, save, a, vocab_size, a.max_update, a.lr_scheduler)
+    cmd += label_order_args(method, bin_dir, work, a)
     done = save / "DONE"  # holds the --max-update reached; a larger budget continues from checkpoint_last.pt
     if _done_updates(done) < a.max_update:
         run(cmd, log)

@@ -93,6 +93,12 @@ class MHEHead(nn.Module, ABC):
     def num_labels(self) -> int:
         return self.codec.num_labels
 
+    @staticmethod
+    def codec_labels(num_labels: int, options: dict[str, Any]) -> int:
+        """How many labels ``build_head`` sizes this head's codec for (all of them, unless a head covers
+        some labels outside its codec, as MHC's short list)."""
+        return num_labels
+
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         """Checked features (..., d) in the head's parameter dtype (under autocast the matmul recasts them)."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():

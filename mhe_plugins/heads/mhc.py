@@ -1,22 +1,30 @@
 """MHC, multi-head cascade (single-label): head 1 picks among groups, each next head ranks the children of
 the kept prefixes. A label is a root-to-leaf path; p(id) = prod_h p(digit_h | prefix), a softmax over
-siblings at every level (hierarchical softmax over contiguous id blocks, no clustering needed).
+siblings at every level (hierarchical softmax over contiguous blocks of tree positions).
 
-Level 0: ``Linear(d, C_0)``. Level h >= 1: a query projection ``Linear(d, hidden)`` and one embedding per
-level-h node (prefix of h+1 digits); a child's logit = node embedding . query (+ node bias).
+``shortlist=K`` puts K labels directly at the root, beside the tail's groups (adaptive softmax's head
+cluster): for them p(id) is one root softmax entry; only the tail is factorised p(group) p(id | group).
+``label_order`` says which labels are the short list and how the tail is grouped (:class:`LabelOrder`;
+default: id order, i.e. frequency bins for a frequency-sorted vocabulary). The codec describes the tail
+tree, over N - K tail positions.
+
+Level 0: the short list's scores (a query ``Linear(d, hidden)`` against K label embeddings) next to
+``Linear(d, C_0)`` group scores. Level h >= 1: a query projection ``Linear(d, hidden)`` and one embedding
+per level-h node (prefix of h+1 digits); a child's logit = node embedding . query (+ node bias).
 ``group_mlp_dim > 0`` adds a GELU MLP (zero-initialised output, so training starts from the linear head) to
-the scores of every group level, i.e. every level but the leaves. A group's exact log-mass is a
-log-sum-exp over its members' scores, which a linear map of the features can only approximate; measured
-on NMT, the linear root was the cascade's accuracy bottleneck (docs/fairseq.md).
+the scores of every group level: a group's exact log-mass is a log-sum-exp over its members' scores,
+which a linear map of the features can only approximate (measured on NMT, docs/fairseq.md).
 Training uses teacher forcing: each level's loss is the CE over the siblings of the ground-truth prefix,
-so per step only sum_h C_h scores are computed. Inference: beam search of width ``beam`` over prefixes.
-Nodes whose every completion is >= N are masked.
+so per step only K + sum_h C_h scores are computed, and the tail levels only for tail targets. Inference:
+beam search of width ``beam`` over prefixes, merged with the short list. Nodes whose every completion is
+>= the tail size are masked.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,23 +34,22 @@ from ..checks import as_int, check_class_ids
 from ..codec import LabelCodec
 from ..decode import valid_first_topk
 from .base import HeadOutput, MHEHead, check_smoothing, reduce_loss, upcast
+from .label_order import LabelOrder
+from .workspace import reusable_output, scratch
 
 __all__ = ["MHCHead", "MHCOutput", "TiedNodeEmbedding"]
 
 
 class TiedNodeEmbedding(nn.Module):
-    """Leaf (= label) embeddings borrowed from elsewhere, e.g. a decoder's input embeddings (N, hidden).
-
-    The last level has ``prod(C_h) >= N`` nodes but only N labels: node ids >= N are clamped to a real row
-    and then masked to -inf by the head, so they never carry probability or gradient.
-    """
+    """Label embeddings borrowed from elsewhere, e.g. a decoder's input embeddings (N, hidden), indexed
+    by label id (the head maps tree positions to labels first)."""
 
     def __init__(self, weight: nn.Parameter):
         super().__init__()
         self.weight = weight
 
-    def forward(self, nodes: torch.Tensor) -> torch.Tensor:
-        return F.embedding(nodes.clamp(max=self.weight.shape[0] - 1), self.weight)
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return F.embedding(labels, self.weight)
 
 
 def _residual_mlp(in_features: int, width: int, out_features: int) -> nn.Sequential:
@@ -53,9 +60,26 @@ def _residual_mlp(in_features: int, width: int, out_features: int) -> nn.Sequent
     return mlp
 
 
+def _embedding(rows: int, width: int) -> tuple[nn.Embedding, nn.Embedding]:
+    emb = nn.Embedding(rows, width)
+    nn.init.xavier_uniform_(emb.weight)
+    bias = nn.Embedding(rows, 1)
+    nn.init.zeros_(bias.weight)
+    return emb, bias
+
+
 class MHCOutput(NamedTuple):
-    logits: list[torch.Tensor]  # per level (B, C_h): sibling logits under the ground-truth prefix
-    targets: list[torch.Tensor]  # per level (B,): the ground-truth digit
+    logits: list[torch.Tensor]  # per level (rows_h, K + C_0 | C_h): sibling logits under the true prefix
+    targets: list[torch.Tensor]  # per level (rows_h,): the ground-truth digit (root: position among K + C_0)
+    rows: list[
+        torch.Tensor | None
+    ] = []  # per level: the items it covers (None: all; tail levels: tail items)
+
+
+class _Paths(NamedTuple):
+    root: torch.Tensor  # (B,) index among the K + C_0 root nodes
+    rows: torch.Tensor | None  # tail items (None: all items are in the tail)
+    digits: torch.Tensor  # (T, H) tail digits of the tail items
 
 
 class MHCHead(MHEHead):
@@ -64,6 +88,17 @@ class MHCHead(MHEHead):
 
     kind = "mhc"
 
+    @staticmethod
+    def codec_labels(num_labels: int, options: dict[str, Any]) -> int:
+        """The codec covers the tail: N minus the short list."""
+        n = as_int(num_labels, "num_labels", minimum=1)
+        k = as_int(options.get("shortlist", 0) or 0, "shortlist", minimum=0)
+        if k >= n:
+            raise ValueError(
+                f"shortlist={k} must be smaller than the number of labels ({n}): the tail needs a label"
+            )
+        return n - k
+
     def __init__(
         self,
         in_features: int,
@@ -71,6 +106,8 @@ class MHCHead(MHEHead):
         hidden_dim: int = 256,
         beam: int = 8,
         group_mlp_dim: int = 0,
+        shortlist: int = 0,
+        label_order: Sequence[int] | torch.Tensor | None = None,
     ):
         super().__init__(in_features, codec)
         if codec.num_heads < 2:
@@ -78,32 +115,45 @@ class MHCHead(MHEHead):
         self.hidden_dim = as_int(hidden_dim, "hidden_dim", minimum=1)
         self.beam = as_int(beam, "beam", minimum=1)
         self.group_mlp_dim = as_int(group_mlp_dim, "group_mlp_dim", minimum=0)
+        self.shortlist = as_int(shortlist, "shortlist", minimum=0)
+        self.label_order = LabelOrder(self.shortlist + codec.num_labels, self.shortlist, label_order)
         self.group = nn.Linear(in_features, codec.head_sizes[0])
         self.queries = nn.ModuleList(nn.Linear(in_features, hidden_dim) for _ in codec.head_sizes[1:])
-        # group levels 0 .. H-2: an MLP added to the root logits (level 0) or to the query (levels >= 1)
+        # group levels 0 .. H-2: an MLP added to the root's group logits (level 0) or the query (levels >= 1)
         self.group_mlps = nn.ModuleList(
             _residual_mlp(in_features, self.group_mlp_dim, codec.head_sizes[0] if h == 0 else hidden_dim)
             for h in range(codec.num_heads - 1)
             if self.group_mlp_dim
         )
+        if self.shortlist:
+            self.short_query = nn.Linear(in_features, hidden_dim)
+            self.short_embed, self.short_bias = _embedding(self.shortlist, hidden_dim)
         self.node_embed = nn.ModuleList()
         self.node_bias = nn.ModuleList()
         for h in range(1, codec.num_heads):
-            nodes = math.prod(codec.head_sizes[: h + 1])
-            emb = nn.Embedding(nodes, hidden_dim)
-            nn.init.xavier_uniform_(emb.weight)
-            bias = nn.Embedding(nodes, 1)
-            nn.init.zeros_(bias.weight)
+            emb, bias = _embedding(math.prod(codec.head_sizes[: h + 1]), hidden_dim)
             self.node_embed.append(emb)
             self.node_bias.append(bias)
         # largest valid prefix id per level (prefix p valid iff p <= limit)
         self._limits = [codec.prefix_limit(h) for h in range(codec.num_heads)]
 
+    @property
+    def num_labels(self) -> int:
+        return self.shortlist + self.codec.num_labels
+
+    @property
+    def tied(self) -> bool:
+        return isinstance(self.node_embed[-1], TiedNodeEmbedding)
+
     def extra_repr(self) -> str:
         return (
             f"head_sizes={list(self.codec.head_sizes)}, num_labels={self.num_labels}, beam={self.beam}, "
-            f"group_mlp_dim={self.group_mlp_dim}"
+            f"group_mlp_dim={self.group_mlp_dim}, shortlist={self.shortlist}"
         )
+
+    def set_label_order(self, order: Sequence[int] | torch.Tensor) -> None:
+        """``order[position] = label``: the first K are the short list, the rest the tail in tree order."""
+        self.label_order.set(order)
 
     def query(self, level: int, x: torch.Tensor) -> torch.Tensor:
         """(B, hidden) query of ``level`` >= 1; its children's logits are node embedding . query + bias."""
@@ -113,11 +163,17 @@ class MHCHead(MHEHead):
         return q
 
     # ------------------------------------------------------------------ scoring
+    def _embed(self, level: int, nodes: torch.Tensor) -> torch.Tensor:
+        """Embeddings of level-``level`` nodes; tied leaves are looked up by the label at that position."""
+        if level == self.codec.num_heads - 1 and self.tied:
+            return self.node_embed[-1](self.label_order.tail_labels(nodes))
+        return self.node_embed[level - 1](nodes)
+
     def _children_logits(self, level: int, query: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
         """Logits of the children of ``parents`` (B, P) at ``level`` >= 1 -> (B, P, C_level), masked."""
         size = self.codec.head_sizes[level]
         nodes = parents.unsqueeze(-1) * size + torch.arange(size, device=parents.device)  # (B, P, C)
-        emb = self.node_embed[level - 1](nodes)  # (B, P, C, hidden)
+        emb = self._embed(level, nodes)  # (B, P, C, hidden)
         logits = torch.einsum("bpch,bh->bpc", emb, query) + self.node_bias[level - 1](nodes).squeeze(-1)
         return logits.masked_fill(nodes > self._limits[level], float("-inf"))
 
@@ -126,7 +182,7 @@ class MHCHead(MHEHead):
         lp = F.log_softmax(upcast(self._children_logits(level, query, parents)), -1)
         return lp.nan_to_num(nan=float("-inf"))
 
-    def _root_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _group_logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.group(x)
         if self.group_mlps:
             logits = logits + self.group_mlps[0](x)
@@ -137,34 +193,50 @@ class MHCHead(MHEHead):
             )
         return logits
 
+    def _short_table(self) -> torch.Tensor:
+        if self.tied:
+            return self.node_embed[-1](self.label_order.shortlist_labels())
+        return self.short_embed.weight
+
+    def _root_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K + C_0): the short list's labels, then the tail's groups."""
+        groups = self._group_logits(x)
+        if not self.shortlist:
+            return groups
+        short = F.linear(self.short_query(x), self._short_table(), self.short_bias.weight[:, 0])
+        return torch.cat([short, groups], -1)
+
     def init_as_output_embedding(self) -> None:
         """fairseq's output-projection init: the group layer ~ N(0, d^-0.5) with zero bias, the node (token)
         embeddings ~ N(0, hidden^-0.5); queries and the zero-initialised group MLPs keep their init."""
         nn.init.normal_(self.group.weight, mean=0.0, std=self.in_features**-0.5)
         nn.init.zeros_(self.group.bias)
-        for emb in self.node_embed:
+        tables = [*self.node_embed, getattr(self, "short_embed", None)]
+        for emb in tables:
             if isinstance(emb, nn.Embedding):
                 nn.init.normal_(emb.weight, mean=0.0, std=self.hidden_dim**-0.5)
 
-    def _forward(
-        self, x: torch.Tensor, target, label_smoothing: float = 0.0, smoothing: str = "head", reduction="mean"
-    ) -> HeadOutput:
-        eps = check_smoothing(label_smoothing, smoothing)
-        if smoothing == "label":
-            loss, nll = self.smoothed_nll(x, target, eps)
-            return HeadOutput(reduce_loss(loss, None, reduction), -nll)
-        out = self.teacher_forced(x, target)
-        lp = sum(
-            F.log_softmax(upcast(z), -1).gather(1, t[:, None]).squeeze(1)
-            for z, t in zip(out.logits, out.targets)
-        )
-        loss = self.loss_from_levels(out, reduction=reduction, label_smoothing=eps)
-        if reduction == "none":
-            loss = loss.reshape(target.shape)
-        return HeadOutput(loss, lp.reshape(target.shape))
+    # ------------------------------------------------------------------ teacher forcing
+    def _paths(self, target: torch.Tensor) -> _Paths:
+        """Root node and tail digits of each (flat, checked) target."""
+        pos = self.label_order.positions(target)
+        if not self.shortlist:
+            digits = self.codec.encode(pos)
+            return _Paths(digits[:, 0], None, digits)
+        rows = (pos >= self.shortlist).nonzero().squeeze(1)
+        digits = self.codec.encode(pos.index_select(0, rows) - self.shortlist)
+        root = pos.index_put((rows,), digits[:, 0] + self.shortlist)
+        return _Paths(root, rows, digits)
 
-    def teacher_forced(self, x: torch.Tensor, target: torch.Tensor) -> MHCOutput:
-        """Teacher-forced per-level sibling logits for ``target`` (the training fast path)."""
+    @staticmethod
+    def _rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        return x if rows is None else x.index_select(0, rows)
+
+    @staticmethod
+    def _scatter_rows(base: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
+        return base + values if rows is None else base.index_add(0, rows, values)
+
+    def _checked_target(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
         flat, lead = self._flat(x)
         if not isinstance(target, torch.Tensor):
             raise ValueError(
@@ -174,34 +246,78 @@ class MHCHead(MHEHead):
         target = check_class_ids(target, self.num_labels)
         if tuple(target.shape) != tuple(lead):
             raise ValueError(f"target shape {tuple(target.shape)} does not match the features {tuple(lead)}")
-        digits = self.codec.encode(target.reshape(-1))
-        logits, targets = [self._root_logits(flat)], [digits[:, 0]]
-        prefix = digits[:, 0]
+        return flat, target.reshape(-1), lead
+
+    def _forward(
+        self, x: torch.Tensor, target, label_smoothing: float = 0.0, smoothing: str = "head", reduction="mean"
+    ) -> HeadOutput:
+        eps = check_smoothing(label_smoothing, smoothing)
+        if smoothing == "label":
+            loss, nll = self.smoothed_nll(x, target, eps)
+            return HeadOutput(reduce_loss(loss, None, reduction), -nll)
+        out = self.teacher_forced(x, target)
+        lp = torch.zeros(target.numel(), dtype=upcast(out.logits[0]).dtype, device=out.logits[0].device)
+        for z, t, rows in zip(out.logits, out.targets, out.rows):
+            own = F.log_softmax(upcast(z), -1).gather(1, t[:, None]).squeeze(1)
+            lp = self._scatter_rows(lp, rows, own)
+        loss = self.loss_from_levels(out, reduction=reduction, label_smoothing=eps)
+        if reduction == "none":
+            loss = loss.reshape(target.shape)
+        return HeadOutput(loss, lp.reshape(target.shape))
+
+    def teacher_forced(self, x: torch.Tensor, target: torch.Tensor) -> MHCOutput:
+        """Teacher-forced per-level sibling logits for ``target`` (the training fast path); tail levels
+        cover the tail targets only (``rows``)."""
+        flat, target, _ = self._checked_target(x, target)
+        paths = self._paths(target)
+        tail = self._rows(flat, paths.rows)
+        logits, targets, rows = [self._root_logits(flat)], [paths.root], [None]
+        prefix = paths.digits[:, 0]
         for h in range(1, self.codec.num_heads):
-            q = self.query(h, flat)
-            logits.append(self._children_logits(h, q, prefix[:, None]).squeeze(1))
-            targets.append(digits[:, h])
-            prefix = prefix * self.codec.head_sizes[h] + digits[:, h]
-        return MHCOutput(logits, targets)
+            logits.append(self._children_logits(h, self.query(h, tail), prefix[:, None]).squeeze(1))
+            targets.append(paths.digits[:, h])
+            rows.append(paths.rows)
+            prefix = prefix * self.codec.head_sizes[h] + paths.digits[:, h]
+        return MHCOutput(logits, targets, rows)
 
     def loss_from_levels(
         self, output: MHCOutput, reduction: str = "mean", label_smoothing: float = 0.0
     ) -> torch.Tensor:
         """Sum over levels of the CE among siblings (masked siblings get no smoothing mass)."""
-        per = 0.0
-        for z, t in zip(output.logits, output.targets):
+        rows_per_level = output.rows or [None] * len(output.logits)
+        per = torch.zeros(
+            output.targets[0].shape[0], dtype=upcast(output.logits[0]).dtype, device=output.logits[0].device
+        )
+        for z, t, rows in zip(output.logits, output.targets, rows_per_level):
             z = upcast(z)
             if label_smoothing:
                 logp = F.log_softmax(z, -1)
                 finite = torch.isfinite(logp)
                 smooth = -(logp.masked_fill(~finite, 0).sum(-1)) / finite.sum(-1)
                 nll = -logp.gather(1, t[:, None]).squeeze(1)
-                per = per + (1 - label_smoothing) * nll + label_smoothing * smooth
+                level = (1 - label_smoothing) * nll + label_smoothing * smooth
             else:
-                per = per + F.cross_entropy(z, t, reduction="none")
+                level = F.cross_entropy(z, t, reduction="none")
+            per = self._scatter_rows(per, rows, level)
         return reduce_loss(per, None, reduction)
 
     # ------------------------------------------------------------------ inference
+    def _tail_topk(self, x: torch.Tensor, group_lp: torch.Tensor, k: int, beam: int):
+        """Beam search over the tail tree from the groups' log-probs: (values, tail positions), k each."""
+        roots = torch.arange(group_lp.shape[1], device=x.device)
+        scores, prefix = valid_first_topk(
+            group_lp, (roots > self._limits[0]).expand_as(group_lp), min(beam, group_lp.shape[1])
+        )
+        for h in range(1, self.codec.num_heads):
+            child = self._child_log_probs(h, self.query(h, x), prefix)  # (B, P, C)
+            total = (scores.unsqueeze(-1) + child).flatten(1)
+            size = self.codec.head_sizes[h]
+            ids = (prefix.unsqueeze(-1) * size + torch.arange(size, device=x.device)).flatten(1)
+            keep = k if h == self.codec.num_heads - 1 else beam
+            scores, pos = valid_first_topk(total, ids > self._limits[h], min(keep, total.shape[1]))
+            prefix = ids.gather(1, pos)
+        return scores[:, :k], prefix[:, :k]
+
     def _topk_flat(
         self, x: torch.Tensor, k: int, beam: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,19 +327,17 @@ class MHCHead(MHEHead):
         # valid-first, the beam keeps an invalid prefix only when too few valid ones exist, and since
         # beam >= k, the last level always has k valid leaves.
         beam = max(self.beam if beam is None else as_int(beam, "beam", minimum=1), k)
+        K = self.shortlist
         lp = F.log_softmax(upcast(self._root_logits(x)), -1)
-        roots = torch.arange(lp.shape[1], device=x.device)
-        scores, prefix = valid_first_topk(lp, (roots > self._limits[0]).expand_as(lp), min(beam, lp.shape[1]))
-        for h in range(1, self.codec.num_heads):
-            q = self.query(h, x)
-            child = self._child_log_probs(h, q, prefix)  # (B, P, C)
-            total = (scores.unsqueeze(-1) + child).flatten(1)
-            size = self.codec.head_sizes[h]
-            ids = (prefix.unsqueeze(-1) * size + torch.arange(size, device=x.device)).flatten(1)
-            keep = k if h == self.codec.num_heads - 1 else beam
-            scores, pos = valid_first_topk(total, ids > self._limits[h], min(keep, total.shape[1]))
-            prefix = ids.gather(1, pos)
-        return scores[:, :k], prefix[:, :k]
+        k_tail = min(k, self.codec.num_labels)
+        values, tail = self._tail_topk(x, lp[:, K:], k_tail, beam)
+        if not K:
+            return values, self.label_order.labels(tail)
+        short_v, short_pos = lp[:, :K].topk(min(k, K), dim=1)
+        cand_v = torch.cat([short_v, values], 1)
+        cand_pos = torch.cat([short_pos, tail + K], 1)
+        v, pick = valid_first_topk(cand_v, cand_pos >= self.num_labels, k)
+        return v, self.label_order.labels(cand_pos.gather(1, pick))
 
     @torch.no_grad()
     def topk(self, x: torch.Tensor, k: int, beam: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,11 +349,9 @@ class MHCHead(MHEHead):
 
     # ------------------------------------------------------------------ exact likelihood (NMT output layer)
     def tie_leaf_embedding(self, weight: nn.Parameter) -> None:
-        """Share the last level's node embeddings with ``weight`` (N', hidden), N' >= num_labels.
-
-        With contiguous id blocks the leaf of label v is node v, so a decoder's input embedding row of
-        token v becomes that token's output embedding (weight tying, as ``--share-decoder-input-output-embed``).
-        """
+        """Share the label embeddings (tail leaves and short list) with ``weight`` (N', hidden), N' >= N,
+        indexed by label id: a decoder's input embedding row of token v becomes that token's output
+        embedding (weight tying, as ``--share-decoder-input-output-embed``)."""
         if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
             raise ValueError(f"tie_leaf_embedding needs a 2-D nn.Parameter, got {type(weight).__name__}")
         rows, width = weight.shape
@@ -252,20 +364,25 @@ class MHCHead(MHEHead):
                 f"cannot tie leaf embeddings: weight has {rows} rows < num_labels={self.num_labels}"
             )
         self.node_embed[-1] = TiedNodeEmbedding(weight)
+        if self.shortlist:
+            del self.short_embed
 
     def level_log_probs(self, x: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
-        """Teacher-forced log p(sibling | true prefix) per level, each (B, C_h) float; masked siblings -inf.
+        """Teacher-forced log p(sibling | true prefix) per level, float; masked siblings -inf. Level 0 is
+        (B, K + C_0) for every item; tail levels (T, C_h) for the T tail items (all items when K = 0).
 
-        Only the C_0 groups and the C_h children of the true prefix are scored (batched gathers + bmm);
+        Only the root and the C_h children of the true prefix are scored (batched gathers + GEMMs);
         nothing |V|-wide is formed.
         """
-        flat, _ = self._flat(x)
-        target = check_class_ids(target, self.num_labels)
-        digits = self.codec.encode(target.reshape(-1))
-        logits, prefix = [self._root_logits(flat)], digits[:, 0]
+        flat, target, _ = self._checked_target(x, target)
+        return self._level_log_probs(flat, self._paths(target))
+
+    def _level_log_probs(self, flat: torch.Tensor, paths: _Paths) -> list[torch.Tensor]:
+        tail = self._rows(flat, paths.rows)
+        logits, prefix = [self._root_logits(flat)], paths.digits[:, 0]
         for h in range(1, self.codec.num_heads):
-            logits.append(self._sibling_logits(h, self.query(h, flat), prefix))
-            prefix = prefix * self.codec.head_sizes[h] + digits[:, h]
+            logits.append(self._sibling_logits(h, self.query(h, tail), prefix))
+            prefix = prefix * self.codec.head_sizes[h] + paths.digits[:, h]
         return [F.log_softmax(upcast(z), -1) for z in logits]
 
     GROUPED_MAX_PARENTS = 512  # above this many distinct parents in a batch, score per item instead
@@ -279,18 +396,15 @@ class MHCHead(MHEHead):
         it falls back to the per-item product.
         """
         size = self.codec.head_sizes[level]
-        weight, bias = self.node_embed[level - 1].weight, self.node_bias[level - 1].weight
+        bias = self.node_bias[level - 1]
+        arange = torch.arange(size, device=parent.device)
+        nodes = parent[:, None] * size + arange
         uniq, inverse, counts = torch.unique(parent, return_inverse=True, return_counts=True)
-        nodes = parent[:, None] * size + torch.arange(size, device=parent.device)
         if uniq.numel() > self.GROUPED_MAX_PARENTS:
-            emb = self.node_embed[level - 1](nodes)  # (B, C, hidden)
-            z = (emb * query[:, None, :]).sum(-1) + bias[:, 0][nodes]
+            z = (self._embed(level, nodes) * query[:, None, :]).sum(-1) + bias(nodes)[..., 0]
         else:
-            rows = bias.shape[0]  # prod(C[: level + 1]) nodes; a tied leaf table may have fewer rows
-            if weight.shape[0] < rows:
-                weight = F.pad(weight, (0, 0, 0, rows - weight.shape[0]))
-            tables = weight.view(-1, size, weight.shape[1]).index_select(0, uniq).unbind(0)
-            biases = bias.view(-1, size).index_select(0, uniq).unbind(0)
+            kids = uniq[:, None] * size + arange  # (U, C)
+            tables, biases = self._embed(level, kids).unbind(0), bias(kids)[..., 0].unbind(0)
             order = torch.argsort(inverse, stable=True)
             pieces = query.index_select(0, order).split(counts.tolist())
             z_sorted = torch.cat([q @ t.t() + b for q, t, b in zip(pieces, tables, biases)])
@@ -299,16 +413,18 @@ class MHCHead(MHEHead):
 
     def target_log_prob(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Exact log p(target) per item, shaped like ``target``: sum over levels of log p(digit | prefix)."""
-        target = check_class_ids(target, self.num_labels)
-        digits = self.codec.encode(target.reshape(-1))
-        lps = self.level_log_probs(x, target)
-        logp = sum(lp.gather(1, digits[:, h : h + 1]).squeeze(1) for h, lp in enumerate(lps))
+        flat, flat_t, _ = self._checked_target(x, target)
+        paths = self._paths(flat_t)
+        lps = self._level_log_probs(flat, paths)
+        logp = lps[0].gather(1, paths.root[:, None]).squeeze(1)
+        for h, lp in enumerate(lps[1:], start=1):
+            logp = self._scatter_rows(logp, paths.rows, lp.gather(1, paths.digits[:, h : h + 1]).squeeze(1))
         return logp.reshape(target.shape)
 
     def _leaves_under(self, level: int, nodes: torch.Tensor) -> torch.Tensor:
-        """Number of valid labels (< N) below each level-``level`` node id."""
+        """Number of valid tail positions below each level-``level`` node id."""
         stride = self.codec.strides[level]
-        return (self.num_labels - nodes * stride).clamp(0, stride)
+        return (self.codec.num_labels - nodes * stride).clamp(0, stride)
 
     def smoothed_nll(
         self, x: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
@@ -320,54 +436,123 @@ class MHCHead(MHEHead):
         nodes m of Q(m) * CE(q(.|m), p(.|m)), with Q(m) the target mass below m. The terms on the true path
         are kept exactly (children of the true prefix only); off-path subtrees take the model's own
         conditional as their target (zero gradient), since scoring them would need every label. So every
-        group and every sibling of the true label get exactly their uniform share, the true label 1 - eps.
-        ``nll`` = -log p(target), exact. With eps = 0 both are equal.
+        root leaf, every group and every sibling of the true label get exactly their uniform share, the
+        true label 1 - eps. ``nll`` = -log p(target), exact. With eps = 0 both are equal.
         """
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        eps = float(label_smoothing)
-        target = check_class_ids(target, self.num_labels)
-        flat_t = target.reshape(-1)
-        digits = self.codec.encode(flat_t)
-        lps = self.level_log_probs(x, target)
+        eps, K = float(label_smoothing), self.shortlist
+        flat, flat_t, _ = self._checked_target(x, target)
+        paths = self._paths(flat_t)
+        lps = self._level_log_probs(flat, paths)
         u = eps / (self.num_labels - 1) if self.num_labels > 1 else 0.0
-        nll = torch.zeros_like(lps[0][:, 0])
-        loss = torch.zeros_like(nll)
-        prefix = torch.zeros_like(flat_t)
-        for h, lp in enumerate(lps):
+        root = lps[0]
+        nodes = torch.arange(root.shape[1], device=root.device)
+        under = torch.cat([torch.ones(K, device=root.device), self._leaves_under(0, nodes[K:] - K).to(root)])
+        on_path = nodes == paths.root[:, None]
+        mass = u * under + (1.0 - eps - u) * on_path.to(root.dtype)
+        loss = -(mass * root.masked_fill(mass == 0, 0.0)).sum(-1)
+        nll = -root.gather(1, paths.root[:, None]).squeeze(1)
+        prefix = paths.digits[:, 0]
+        for h, lp in enumerate(lps[1:], start=1):
             size = self.codec.head_sizes[h]
             sib = torch.arange(size, device=lp.device)
-            nodes = prefix[:, None] * size + sib  # (B, C_h) ids of the siblings at level h
-            on_path = sib == digits[:, h : h + 1]
-            mass = u * self._leaves_under(h, nodes).to(lp.dtype) + (1.0 - eps - u) * on_path.to(lp.dtype)
-            loss = loss - (mass * lp.masked_fill(mass == 0, 0.0)).sum(-1)
-            nll = nll - lp.gather(1, digits[:, h : h + 1]).squeeze(1)
-            prefix = prefix * size + digits[:, h]
+            kids = prefix[:, None] * size + sib  # (T, C_h) ids of the siblings at level h
+            on = sib == paths.digits[:, h : h + 1]
+            mass = u * self._leaves_under(h, kids).to(lp.dtype) + (1.0 - eps - u) * on.to(lp.dtype)
+            loss = self._scatter_rows(loss, paths.rows, -(mass * lp.masked_fill(mass == 0, 0.0)).sum(-1))
+            nll = self._scatter_rows(nll, paths.rows, -lp.gather(1, paths.digits[:, h : h + 1]).squeeze(1))
+            prefix = prefix * size + paths.digits[:, h]
         return loss.reshape(target.shape), nll.reshape(target.shape)
 
-    def _level_logits_all(self, level: int, query: torch.Tensor) -> torch.Tensor:
-        """Logits of every level-``level`` node as one (B, hidden) x (hidden, nodes) matmul, masked."""
-        nodes = math.prod(self.codec.head_sizes[: level + 1])
-        weight = self.node_embed[level - 1].weight
-        rows = min(nodes, weight.shape[0])
+    def _nodes(self, level: int) -> int:
+        return math.prod(self.codec.head_sizes[: level + 1])
+
+    def _level_logits_all(
+        self, level: int, query: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits of every level-``level`` node as one (B, hidden) x (hidden, nodes) matmul, masked
+        (into ``out`` when given: inference only)."""
+        nodes = self._nodes(level)
+        if level == self.codec.num_heads - 1 and self.tied:
+            rows, K = self.codec.num_labels, self.shortlist
+            if self.label_order.identity:  # tail position t is label K + t: a slice, no gather
+                weight = self.node_embed[-1].weight[K : K + rows]
+            else:
+                weight = self._embed(level, torch.arange(rows, device=query.device))
+        else:
+            rows, weight = nodes, self.node_embed[level - 1].weight
         bias = self.node_bias[level - 1].weight[:rows, 0]
-        z = F.linear(query, weight[:rows], bias)  # one fused matmul + bias, as fast as nn.Linear
-        if rows < nodes:  # tied leaf table with N rows < prod(C_h) nodes: the rest are invalid anyway
+        if out is not None and rows == nodes and query.dtype == weight.dtype == out.dtype:
+            z = torch.addmm(bias, query, weight.t(), out=out)  # one fused matmul + bias, no new tensor
+        else:
+            z = F.linear(query, weight, bias)
+        if rows < nodes:  # tied leaves: only the N - K tail positions have rows; the rest are invalid anyway
             z = F.pad(z, (0, nodes - rows), value=float("-inf"))
-        if self._limits[level] < nodes - 1:
-            z = z.masked_fill(torch.arange(nodes, device=z.device) > self._limits[level], float("-inf"))
+        if self._limits[level] < nodes - 1:  # only the last few nodes are invalid: fill that slice alone
+            if z.requires_grad:
+                z = torch.cat(
+                    [
+                        z[:, : self._limits[level] + 1],
+                        z.new_full((z.shape[0], nodes - 1 - self._limits[level]), float("-inf")),
+                    ],
+                    1,
+                )
+            else:
+                z[:, self._limits[level] + 1 :] = float("-inf")
         return z
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact (..., N) log-probabilities (materialises N), one matmul per level: the queries times the
-        node tables directly, the cost of a dense d x N output layer (what beam search needs)."""
+        node tables directly, the cost of a dense d x N output layer (what beam search needs).
+
+        Per level one log-softmax over each parent's children plus the parent's log-prob, as a dense
+        layer's one log-softmax; invalid nodes are filled by slice, so no pass over all N scores is spent
+        on masking (profiled in fairseq-generate: logsumexp and full-width masked_fill cost MHC a third of
+        its decoding speed)."""
         flat, lead = self._flat(x)
-        lp = F.log_softmax(upcast(self._root_logits(flat)), -1)
+        if torch.is_grad_enabled() and (
+            flat.requires_grad or any(p.requires_grad for p in self.parameters())
+        ):
+            out = self._log_prob_differentiable(flat)
+        else:
+            out = self._log_prob_inference(flat)
+        return self.label_order.to_label_columns(out).reshape(*lead, self.num_labels)
+
+    def _log_prob_differentiable(self, flat: torch.Tensor) -> torch.Tensor:
+        K, tail = self.shortlist, self.codec.num_labels
+        root = F.log_softmax(upcast(self._root_logits(flat)), -1)
+        lp = root[:, K:]
         for h in range(1, self.codec.num_heads):
             z = upcast(self._level_logits_all(h, self.query(h, flat))).view(flat.shape[0], lp.shape[1], -1)
-            # log p(child) = z - (logsumexp over siblings - log p(parent)): one pass over the (B, N) scores,
-            # in place when no gradient is needed (beam search), instead of log_softmax + add + nan_to_num
-            lse = torch.logsumexp(z, -1, keepdim=True)
-            offset = torch.where(torch.isneginf(lse), math.inf, lse - lp.unsqueeze(-1))  # all-masked group
-            lp = (z - offset if z.requires_grad else z.sub_(offset)).flatten(1)
-        return lp[:, : self.num_labels].reshape(*lead, self.num_labels)
+            lp = self._dead_parents(h, F.log_softmax(z, -1) + lp.unsqueeze(-1)).flatten(1)
+        return torch.cat([root[:, :K], lp[:, :tail]], -1)
+
+    def _dead_parents(self, level: int, child: torch.Tensor) -> torch.Tensor:
+        """(B, P, C) child log-probs with the parents that have no valid child set to -inf (not NaN)."""
+        dead = self._limits[level - 1] + 1
+        if dead >= child.shape[1]:
+            return child
+        if not child.requires_grad:
+            child[:, dead:] = float("-inf")
+            return child
+        pad = child.new_full((child.shape[0], child.shape[1] - dead, child.shape[2]), float("-inf"))
+        return torch.cat([child[:, :dead], pad], 1)
+
+    def _log_prob_inference(self, flat: torch.Tensor) -> torch.Tensor:
+        """As the differentiable path, with every (B, nodes) temporary written into reused buffers and
+        the result into a reused one when its last holder has let it go (:mod:`.workspace`)."""
+        K, tail, b = self.shortlist, self.codec.num_labels, flat.shape[0]
+        root = F.log_softmax(upcast(self._root_logits(flat)), -1)
+        lp = root[:, K:]
+        for h in range(1, self.codec.num_heads):
+            z = self._level_logits_all(
+                h, self.query(h, flat), out=scratch(self, f"z{h}", (b, self._nodes(h)), flat)
+            )
+            z = upcast(z).view(b, lp.shape[1], -1)
+            child = torch.log_softmax(z, -1, out=scratch(self, f"lp{h}", tuple(z.shape), z))
+            lp = self._dead_parents(h, child.add_(lp.unsqueeze(-1))).flatten(1)
+        out = reusable_output(self, "out", (b, K + tail), lp)
+        out[:, :K] = root[:, :K]
+        out[:, K:] = lp[:, :tail]
+        return out

@@ -64,10 +64,13 @@ def build_head(
 ) -> MHEHead:
     """A head of ``kind`` (one of :data:`HEADS`) over ``num_labels`` labels on ``in_features``-dim inputs.
 
-    ``options`` go to the head's constructor (e.g. ``hidden_dim``/``beam`` for MHC, ``mode``/
+    ``options`` go to the head's constructor (e.g. ``hidden_dim``/``beam``/``shortlist``/``label_order``
+    for MHC, whose head sizes then describe the tail tree over N - shortlist labels, ``mode``/
     ``sampled_groups``/``margin`` for MHS, ``bias`` for the linear kinds).
     """
     if kind not in HEADS:
         raise ValueError(f"head kind must be one of {sorted(HEADS)}, got {kind!r}")
-    codec = codec_for(kind, num_labels, head_sizes, num_heads, num_groups)
-    return HEADS[kind](in_features, codec, **options)
+    cls = HEADS[kind]
+    # a head may cover part of the labels with its codec (MHC's short list sits at the root)
+    codec = codec_for(kind, cls.codec_labels(num_labels, options), head_sizes, num_heads, num_groups)
+    return cls(in_features, codec, **options)

@@ -1,0 +1,49 @@
+"""Cascade label orders: frequency short list first, tail groups that are exactly the codec's blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mhe_plugins import LabelCodec
+from mhe_plugins.grouping import balanced_kmeans, cascade_order, frequency_order
+
+
+def test_frequency_order_breaks_ties_by_id():
+    assert frequency_order([3, 9, 3, 0, 9]).tolist() == [1, 4, 0, 2, 3]
+
+
+def test_balanced_kmeans_finds_separated_clusters_in_exact_blocks():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 8)) * 10
+    truth = rng.permutation(np.repeat(np.arange(4), [10, 10, 10, 7]))  # 37 = 3 blocks of 10 + 7
+    x = centers[truth] + rng.normal(size=(37, 8)) * 0.1
+    got = balanced_kmeans(x, 4, seed=1)
+    assert np.bincount(got).tolist() == [10, 10, 10, 7]
+    # the same partition as the truth (cluster ids may differ)
+    pairs = {(int(a), int(b)) for a, b in zip(got, truth)}
+    assert len(pairs) == 4
+
+
+def test_cascade_order_puts_frequent_first_and_clusters_in_codec_blocks():
+    rng = np.random.default_rng(1)
+    n, k, g = 50, 8, 5  # tail of 42: blocks of 9, 9, 9, 9, 6
+    counts = rng.permutation(np.arange(1, n + 1) * 7)
+    tail = frequency_order(counts)[k:]
+    truth = np.zeros(n, dtype=int)
+    truth[tail] = rng.permutation(np.repeat(np.arange(g), [9, 9, 9, 9, 6]))
+    vectors = np.eye(g)[truth] * 5 + rng.normal(size=(n, g)) * 0.01
+    order = cascade_order(counts, k, g, vectors)
+    assert sorted(order.tolist()) == list(range(n))
+    assert order[:k].tolist() == frequency_order(counts)[:k].tolist()
+    codec = LabelCodec.from_spec(n - k, num_groups=g)
+    assert codec.head_sizes == (5, 9)
+    blocks = [order[k + i : k + i + 9] for i in range(0, n - k, 9)]
+    for b in blocks:  # every codec block is one cluster, frequency-sorted inside
+        assert len({int(truth[i]) for i in b}) == 1
+        assert np.all(np.diff(counts[b]) < 0)
+    assert cascade_order(counts, k, g).tolist() == frequency_order(counts).tolist()
+    with pytest.raises(ValueError, match="shortlist=50 must be smaller"):
+        cascade_order(counts, 50, g)
+    with pytest.raises(ValueError, match="one row per label"):
+        cascade_order(counts, k, g, vectors[:-1])
