@@ -31,14 +31,18 @@ from .grouping import set_label_order
 logger = logging.getLogger(__name__)
 
 METHODS = ("mhp", "mhc")
+DEFAULT_METHOD = "mhc"  # the en-de benchmark's recommendation (benchmarks/results/nmt_ende.md)
 # MHC defaults, measured on en-de (docs/fairseq.md): a few large frequency bins, and group scores through an
 # MLP as wide as the decoder FFN. Balanced sqrt(|V|) bins with a linear group layer trailed the dense layer
 # by ~0.38 bits of validation nll at 1,800 updates.
 MHC_GROUPS = 10
+SHORTLIST_DIVISOR = 16  # default --mhe-shortlist = |V| // 16 (chosen on en-de validation, docs/fairseq.md)
 
 __all__ = [
     "METHODS",
     "MHC_GROUPS",
+    "SHORTLIST_DIVISOR",
+    "default_shortlist",
     "TransformerMHEModel",
     "TransformerMHEDecoder",
     "codec_from_args",
@@ -46,16 +50,22 @@ __all__ = [
 ]
 
 
+def default_shortlist(vocab_size: int) -> int:
+    """The MHC short list when ``--mhe-shortlist`` is not given: the |V| // SHORTLIST_DIVISOR most frequent
+    tokens (chosen on en-de validation at 8k and 32k, docs/fairseq.md)."""
+    return int(vocab_size) // SHORTLIST_DIVISOR
+
+
 def shortlist_from_args(args, vocab_size: int) -> int:
     """``--mhe-shortlist K`` (MHC only): the K most frequent tokens are leaves of the root softmax."""
     k = getattr(args, "mhe_shortlist", None)
-    if k is None or (getattr(args, "mhe_method", None) or "mhp") != "mhc":
+    if (getattr(args, "mhe_method", None) or DEFAULT_METHOD) != "mhc":
         if k:
             raise ValueError(
                 f"--mhe-shortlist {k} is an MHC option (the cascade's root): use --mhe-method mhc"
             )
         return 0
-    k = int(k)
+    k = default_shortlist(vocab_size) if k is None else int(k)
     if not 0 <= k < vocab_size - 1:
         raise ValueError(f"--mhe-shortlist must be in [0, {vocab_size - 1}) for |V| = {vocab_size}, got {k}")
     return k
@@ -77,7 +87,9 @@ def codec_from_args(args, vocab_size: int) -> LabelCodec:
             parsed = [int(s) for s in str(sizes).split(",") if s.strip()]
         except ValueError:
             raise ValueError(f"--mhe-head-sizes must be comma-separated ints, got {sizes!r}") from None
-    mhc_groups = int(groups) if (getattr(args, "mhe_method", None) or "mhp") == "mhc" and groups else None
+    mhc_groups = (
+        int(groups) if (getattr(args, "mhe_method", None) or DEFAULT_METHOD) == "mhc" and groups else None
+    )
     try:
         return LabelCodec.from_spec(
             vocab_size, parsed, int(heads) if heads else None, None if parsed else mhc_groups
@@ -104,7 +116,7 @@ class TransformerMHEDecoder(TransformerDecoderBase):
         embed_tokens,
         codec: LabelCodec,
         no_encoder_attn: bool = False,
-        method: str = "mhp",
+        method: str = "mhc",
         hidden_dim: int | None = None,
         group_mlp_dim: int = 0,
         shortlist: int = 0,
@@ -250,7 +262,7 @@ class TransformerMHEModel(TransformerModel):
             "--mhe-method",
             choices=METHODS,
             help="mhp = product of heads (rank-1 over the digit grid; fewest params); mhc = cascade / "
-            "class-based softmax, exact factorisation p(group) p(token | group) (default mhp)",
+            "class-based softmax, exact factorisation p(group) p(token | group) (default mhc, the benchmark's recommendation)",
         )
         parser.add_argument(
             "--mhe-hidden-dim",
@@ -298,7 +310,7 @@ class TransformerMHEModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        method = getattr(args, "mhe_method", None) or "mhp"
+        method = getattr(args, "mhe_method", None) or DEFAULT_METHOD
         if method not in METHODS:
             raise ValueError(f"--mhe-method must be one of {METHODS}, got {method!r}")
         if (
@@ -332,7 +344,7 @@ class TransformerMHEModel(TransformerModel):
     def build_decoder(cls, args, tgt_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(args)
         codec = codec_from_args(args, len(tgt_dict))
-        method = getattr(args, "mhe_method", None) or "mhp"
+        method = getattr(args, "mhe_method", None) or DEFAULT_METHOD
         group_mlp_dim = getattr(args, "mhe_group_mlp_dim", None)
         if group_mlp_dim is None:  # MHC default: as wide as the decoder FFN; nothing for MHP
             group_mlp_dim = cfg.decoder.ffn_embed_dim if method == "mhc" else 0
@@ -359,7 +371,7 @@ def output_layer_params(decoder) -> int:
 def _mhe_defaults(args) -> None:
     args.mhe_heads = getattr(args, "mhe_heads", None) or 2
     args.mhe_head_sizes = getattr(args, "mhe_head_sizes", None)
-    args.mhe_method = getattr(args, "mhe_method", None) or "mhp"
+    args.mhe_method = getattr(args, "mhe_method", None) or DEFAULT_METHOD
     args.mhe_hidden_dim = getattr(args, "mhe_hidden_dim", None)
     args.mhe_group_mlp_dim = getattr(args, "mhe_group_mlp_dim", None)  # None: method's default
     if getattr(args, "mhe_groups", None) is None:

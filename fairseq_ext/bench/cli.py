@@ -16,10 +16,21 @@ from mhe_plugins.bench.store import RunStore
 from mhe_plugins.heads import codec_for
 
 from . import runs
-from .methods import METHODS, adaptive_cutoffs, budgets, data_fingerprint, for_vocab, mhc_codec, run_key
+from .methods import (
+    METHODS,
+    REPEATED,
+    adaptive_cutoffs,
+    budgets,
+    data_fingerprint,
+    for_vocab,
+    mhc_codec,
+    run_key,
+    run_name,
+    shortlist_for,
+)
 from .report import convergence, targets, write_report
 from .runs import LOG_INTERVAL, generate, output_params, preprocess, train
-from .timing import cached_scaling, cached_timings
+from .timing import cached_generation_timings, cached_scaling, cached_timings
 
 
 def run_store(a: argparse.Namespace) -> RunStore:
@@ -27,12 +38,8 @@ def run_store(a: argparse.Namespace) -> RunStore:
     return RunStore(Path(a.out_dir) / "runs" / a.name)
 
 
-def run_name(vocab: int, method: str) -> str:
-    return f"v{vocab}_{method}"
-
-
 def stored_path(a: argparse.Namespace, vocab: int, method: str) -> Path:
-    return run_store(a).path(run_name(vocab, method))
+    return run_store(a).path(run_name(vocab, method, a))
 
 
 def load_stored(path: Path, key: dict) -> dict | None:
@@ -70,23 +77,47 @@ def run_vocab(
             return {"key": key, "vocab_size": size, "result": r}
 
         saved = store.run_or_reuse(
-            run_name(vocab, method), run_one, key, may_run=method in chosen, on_stored=on_stored
+            run_name(vocab, method, a), run_one, key, may_run=method in chosen, on_stored=on_stored
         )
         if saved is not None:
             methods[method] = saved["result"]
             info["vocab_size"] = saved["vocab_size"]
     size = info.get("vocab_size")
+    shortlist = shortlist_for(a, size) if size else None
     return {
         "vocab_size": size,
         "head_sizes": list(codec_for("mhp", size).head_sizes) if size else None,
-        "mhc_head_sizes": list(mhc_codec(size, a.mhc_groups, a.mhc_head_sizes, a.mhc_shortlist).head_sizes)
+        "mhc_shortlist": shortlist,
+        "mhc_head_sizes": list(mhc_codec(size, a.mhc_groups, a.mhc_head_sizes, shortlist).head_sizes)
         if size
         else None,
         "adaptive_cutoffs": (a.adaptive_cutoffs or adaptive_cutoffs(size)) if size else None,
         "methods": methods,
         "missing": [m for m in METHODS if m not in methods],
         "convergence": {k: convergence(r["valid_curve"], r["num_updates"]) for k, r in methods.items()},
+        "repeats": stored_variants(vocab, store, a, data, seed=2),
+        "fixed_lr": stored_variants(vocab, store, a, data, scheduler="fixed", methods=("ce",)),
     }
+
+
+def stored_variants(
+    vocab: int,
+    store: RunStore,
+    a: argparse.Namespace,
+    data: dict,
+    seed: int = 1,
+    scheduler: str = "cosine",
+    methods: tuple[str, ...] = REPEATED,
+) -> dict:
+    """Stored runs of ``methods`` made with another seed or schedule (by their own bench invocations), for
+    the report: a repeat at a second seed, CE at a constant learning rate. Never trains."""
+    b = argparse.Namespace(**{**vars(a), "seed": seed, "lr_scheduler": scheduler})
+    out = {}
+    for method in methods:
+        found = store.find(run_name(vocab, method, b), run_key(vocab, method, b, data))
+        if found is not None:
+            out[method] = found["result"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,10 +146,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument(
         "--lr-scheduler",
-        choices=("cosine", "inverse_sqrt"),
+        choices=("cosine", "inverse_sqrt", "fixed"),
         default="cosine",
         help="cosine anneals to 0 at --max-update, so a fixed budget ends converged for that budget; "
-        "inverse_sqrt never anneals: CE's validation nll keeps falling at any budget a CPU affords",
+        "inverse_sqrt never anneals: CE's validation nll keeps falling at any budget a CPU affords; fixed "
+        "(constant after the warm-up) checks whether the budget, not the annealing, makes the curve flat",
     )
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument(
@@ -143,11 +175,16 @@ def main(argv: list[str] | None = None) -> dict:
         help="MHC: --mhe-group-mlp-dim (default 4 x --dim, fairseq's default, the decoder FFN width; 0 = linear)",
     )
     p.add_argument("--mhc-head-sizes", default=None, help="MHC: --mhe-head-sizes (overrides --mhc-groups)")
-    p.add_argument("--mhc-shortlist", type=int, default=0, help="MHC: --mhe-shortlist (root short list)")
+    p.add_argument(
+        "--mhc-shortlist",
+        type=int,
+        default=-1,
+        help="MHC: --mhe-shortlist (root short list; -1 = the model's default for each |V|, 0 = none)",
+    )
     p.add_argument(
         "--mhc-grouping",
         choices=("frequency", "context"),
-        default="frequency",
+        default="context",
         help="MHC tail groups: frequency bins, or python -m fairseq_ext.grouping --method context "
         "(written to WORK/v{V}/ and passed as --mhe-label-order)",
     )
@@ -235,6 +272,16 @@ def collect_and_report(
             m = by_vocab[v]["methods"]
             for k, t in per_method.items():
                 m[k] = {**m[k], "train_wps_run": m[k]["train_wps"], "train_wps": t["train_wps"], "timing": t}
+        for v, per_method in cached_generation_timings(by_vocab, a, work).items():
+            m = by_vocab[v]["methods"]
+            for k, t in per_method.items():
+                run_speed = m[k]["gen_sent_per_s"]
+                m[k] = {
+                    **m[k],
+                    "gen_sent_per_s_run": run_speed,
+                    "gen_sent_per_s": t["gen_sent_per_s"],
+                    "gen_timing": t,
+                }
     stats_path = a.data_dir / "stats.json"
     first = str(vocabs[0])
     result = {

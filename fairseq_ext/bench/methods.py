@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fairseq_ext.model import codec_from_args
+from fairseq_ext.model import SHORTLIST_DIVISOR, codec_from_args, default_shortlist
 from mhe_plugins import LabelCodec
 from mhe_plugins.bench.store import settings_key
 
@@ -85,9 +85,26 @@ def method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str
             if a.mhc_head_sizes
             else ["--mhe-groups", str(a.mhc_groups)]
         )
-        shape += ["--mhe-shortlist", str(a.mhc_shortlist)]
+        shape += ["--mhe-shortlist", str(shortlist_for(a, vocab_size))]
         return METHODS[method] + [*shape, "--mhe-group-mlp-dim", str(a.mhc_group_mlp_dim)]
     return METHODS[method]
+
+
+REPEATED = ("ce", "mhc")  # methods a --seed 2 run repeats (the report states the BLEU difference)
+
+
+def run_name(vocab: int, method: str, a: argparse.Namespace) -> str:
+    """``v{V}_{method}``, plus ``_seed{N}`` and ``_{scheduler}`` when not the defaults (seed 1, cosine), so
+    a repeat or a schedule check never overwrites the stored run it is compared with."""
+    name = f"v{vocab}_{method}"
+    name += f"_seed{_variant(a)[0]}" if _variant(a)[0] != 1 else ""
+    return name + (f"_{a.lr_scheduler}" if a.lr_scheduler != "cosine" else "")
+
+
+def shortlist_for(a: argparse.Namespace, vocab_size: int) -> int:
+    """``--mhc-shortlist``: -1 (the default) is the model's default for this vocabulary size."""
+    k = _variant(a)[1]
+    return default_shortlist(vocab_size) if k < 0 else k
 
 
 def mhc_codec(vocab_size: int, groups: int, head_sizes: str | None = None, shortlist: int = 0) -> LabelCodec:
@@ -106,35 +123,42 @@ def mhc_codec(vocab_size: int, groups: int, head_sizes: str | None = None, short
 def method_settings(method: str, a: argparse.Namespace) -> dict:
     """The bench options that shape only this method's output layer (part of its run key and dir); the
     short list and grouping only when set, so runs stored before they existed keep their keys."""
-    out = {"seed": a.seed} if a.seed != 1 else {}
+    seed, shortlist, grouping = _variant(a)
+    out = {"seed": seed} if seed != 1 else {}
     if method == "mhc":
         out.update({k: getattr(a, k) for k in ("mhc_groups", "mhc_group_mlp_dim", "mhc_head_sizes")})
-        if a.mhc_shortlist:
-            out["mhc_shortlist"] = a.mhc_shortlist
-        if a.mhc_grouping != "frequency":
-            out["mhc_grouping"] = a.mhc_grouping
+        if shortlist:  # -1: the model's default rule, which is part of the key
+            out["mhc_shortlist"] = shortlist if shortlist > 0 else f"|V|//{SHORTLIST_DIVISOR}"
+        if grouping != "frequency":
+            out["mhc_grouping"] = grouping
     return out
 
 
 def method_tag(method: str, a: argparse.Namespace) -> str:
     """``mhc`` with its shape spelled out (``mhc.g16.mlp512.k2000.context``), so that no run ever resumes
     a checkpoint of a differently shaped output layer; every other method is its name (+ ``.seedN``)."""
-    seed = f".seed{a.seed}" if a.seed != 1 else ""
+    seed_n, shortlist, grouping = _variant(a)
+    seed = f".seed{seed_n}" if seed_n != 1 else ""
     if method != "mhc":
         return method + seed
     tag = method + (".h" + a.mhc_head_sizes.replace(",", "x") if a.mhc_head_sizes else "")
     tag += f".g{a.mhc_groups}" if a.mhc_groups and not a.mhc_head_sizes else ""
     tag += f".mlp{a.mhc_group_mlp_dim}" if a.mhc_group_mlp_dim else ""
-    tag += f".k{a.mhc_shortlist}" if a.mhc_shortlist else ""
-    return tag + (f".{a.mhc_grouping}" if a.mhc_grouping != "frequency" else "") + seed
+    tag += f".k{shortlist}" if shortlist > 0 else (f".k1of{SHORTLIST_DIVISOR}" if shortlist < 0 else "")
+    return tag + (f".{grouping}" if grouping != "frequency" else "") + seed
+
+
+def _variant(a: argparse.Namespace) -> tuple[int, int, str]:
+    """(seed, MHC short list, MHC grouping) of a bench namespace (older ones: 1, none, frequency bins)."""
+    return getattr(a, "seed", 1), getattr(a, "mhc_shortlist", 0), getattr(a, "mhc_grouping", "frequency")
 
 
 def run_dir(work: Path, method: str, a: argparse.Namespace) -> Path:
     """Where one method trains and decodes. inverse_sqrt does not depend on ``--max-update``, so a larger
     budget continues the same run; the cosine schedule anneals to zero at ``--max-update``, so each budget
     is its own run (a killed run still resumes: same dir)."""
-    if a.lr_scheduler == "inverse_sqrt":
-        return work / method_tag(method, a)
+    if a.lr_scheduler in ("inverse_sqrt", "fixed"):
+        return work / f"{method_tag(method, a)}{'.fixed' if a.lr_scheduler == 'fixed' else ''}"
     return work / f"{method_tag(method, a)}.{a.lr_scheduler}{a.max_update}"
 
 

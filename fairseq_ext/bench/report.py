@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fairseq_ext.model import SHORTLIST_DIVISOR
 from mhe_plugins.bench.report import partial_banner, pyplot, save_figure, write_reports
 
 from .methods import METHODS, NAMES
@@ -27,77 +28,113 @@ def convergence(curve: list[dict], final: int) -> dict:
     }
 
 
+DENSE, ADAPTIVE = ("ce", "ce0"), ("adaptive", "adaptive_ls")
+
+
+def _best(m: dict, keys: tuple[str, ...]) -> tuple[str, dict]:
+    """The control with the higher BLEU among its smoothing settings."""
+    k = max((k for k in keys if k in m), key=lambda k: m[k]["bleu"])
+    return k, m[k]
+
+
 def targets(by_vocab: dict[str, dict]) -> list[dict]:
-    """The issue's targets, each with the measured figures and whether it is met (``None``: a method it
-    needs has not finished yet)."""
+    """The issue's targets, each with the measured figures and whether it is met (``None``: a run it
+    needs has not finished yet). Controls are compared at the better of their smoothing settings."""
     out = []
 
     def row(vocab: str, target: str, need: tuple[str, ...], m: dict, measure) -> dict:
         if any(k not in m for k in need):
             return {"vocab": vocab, "target": target, "measured": "pending", "met": None}
-        measured, met = measure(*(m[k] for k in need))
-        return {"vocab": vocab, "target": target, "measured": measured, "met": bool(met)}
+        measured, met = measure(m)
+        return {
+            "vocab": vocab,
+            "target": target,
+            "measured": measured,
+            "met": None if met is None else bool(met),
+        }
+
+    def vs_dense(m):
+        k, d = _best(m, DENSE)
+        gap = m["mhc"]["bleu"] - d["bleu"]
+        return f"{m['mhc']['bleu']:.2f} vs {d['bleu']:.2f} ({k}; {gap:+.2f})", gap >= -0.5
+
+    def vs_adaptive(m):
+        k, d = _best(m, ADAPTIVE)
+        gap = m["mhc"]["bleu"] - d["bleu"]
+        return f"{m['mhc']['bleu']:.2f} vs {d['bleu']:.2f} ({k}; {gap:+.2f})", gap >= 0.5
+
+    def nll(m):
+        gap = m["mhc"]["valid_nll_bits"] - m["ce"]["valid_nll_bits"]
+        return f"{m['mhc']['valid_nll_bits']:.3f} vs {m['ce']['valid_nll_bits']:.3f} ({gap:+.3f})", gap <= 0.1
 
     for v, res in by_vocab.items():
         m = res["methods"]
         out += [
+            row(v, "MHC BLEU >= dense BLEU - 0.5 (better of eps 0.1 / 0)", ("mhc", *DENSE), m, vs_dense),
             row(
                 v,
-                "MHC BLEU >= CE BLEU - 0.5",
-                ("mhc", "ce"),
+                "MHC BLEU >= adaptive BLEU + 0.5 (better of eps 0 / 0.1)",
+                ("mhc", *ADAPTIVE),
                 m,
-                lambda mhc, ce: (
-                    f"{mhc['bleu']:.2f} vs {ce['bleu']:.2f} ({mhc['bleu'] - ce['bleu']:+.2f})",
-                    mhc["bleu"] >= ce["bleu"] - 0.5,
-                ),
+                vs_adaptive,
             ),
-            row(
-                v,
-                "MHC valid nll <= CE + 0.2 bits",
-                ("mhc", "ce"),
-                m,
-                lambda mhc, ce: (
-                    f"{mhc['valid_nll_bits']:.3f} vs {ce['valid_nll_bits']:.3f} "
-                    f"({mhc['valid_nll_bits'] - ce['valid_nll_bits']:+.3f})",
-                    mhc["valid_nll_bits"] <= ce["valid_nll_bits"] + 0.2,
-                ),
-            ),
-            row(
-                v,
-                "MHC BLEU >= adaptive softmax BLEU",
-                ("mhc", "adaptive"),
-                m,
-                lambda mhc, ad: (f"{mhc['bleu']:.2f} vs {ad['bleu']:.2f}", mhc["bleu"] >= ad["bleu"]),
-            ),
+            row(v, "MHC valid nll <= dense (eps 0.1, as MHC) + 0.1 bits", ("mhc", "ce"), m, nll),
         ]
+        reps = res.get("repeats") or {}
+        if reps:
+
+            def seeds(m, reps=reps):
+                parts = [
+                    f"{k}: {m[k]['bleu']:.2f} / {reps[k]['bleu']:.2f} ({reps[k]['bleu'] - m[k]['bleu']:+.2f})"
+                    for k in ("ce", "mhc")
+                    if k in reps
+                ]
+                gaps = [reps[k]["bleu"] - reps["ce"]["bleu"] for k in ("mhc",) if k in reps and "ce" in reps]
+                more = f"; MHC - dense at seed 2: {gaps[0]:+.2f}" if gaps else ""
+                return "; ".join(parts) + more, None
+
+            out.append(row(v, "seed 1 / seed 2 BLEU (stated)", ("ce", "mhc"), m, seeds))
     big = max(by_vocab, key=int)
+    m = by_vocab[big]["methods"]
 
-    def speed(mhc: dict, ce: dict) -> tuple[str, bool]:
-        ratio = mhc["train_wps"] / ce["train_wps"]
-        how = "timed alone" if "timing" in mhc and "timing" in ce else "whole-run averages"
+    def train_speed(m):
+        mhc, ad = m["mhc"], m["adaptive"]
+        how = "timed alone" if "timing" in mhc and "timing" in ad else "whole-run averages"
+        return f"{mhc['train_wps']:,.0f} vs {ad['train_wps']:,.0f} words/s ({how})", mhc["train_wps"] >= ad[
+            "train_wps"
+        ]
+
+    def gen_speed(m):
+        dense = next((k for k in DENSE if k in m and "gen_timing" in m[k]), "ce")
+        mhc, d = m["mhc"], m[dense]
+        how = "decoded alone" if "gen_timing" in mhc and "gen_timing" in d else "whole-run decodes"
         return (
-            f"{ratio:.2f}x ({mhc['train_wps']:,.0f} vs {ce['train_wps']:,.0f} words/s, {how})",
-            ratio >= 1.3,
+            f"{mhc['gen_sent_per_s']:.1f} vs {d['gen_sent_per_s']:.1f} sentences/s ({dense}, {how})",
+            mhc["gen_sent_per_s"] >= d["gen_sent_per_s"],
         )
 
-    out.append(
-        row(
-            big,
-            "MHC train words/s >= 1.3x CE at the largest vocabulary",
-            ("mhc", "ce"),
-            by_vocab[big]["methods"],
-            speed,
-        )
-    )
+    out.append(row(big, "MHC train words/s >= adaptive softmax's", ("mhc", "adaptive"), m, train_speed))
+    out.append(row(big, "MHC generation sentences/s >= dense", ("mhc", "ce"), m, gen_speed))
     return out
 
 
 def mhc_shape(c: dict) -> str:
-    """The MHC settings of a report's config, in words (older configs: balanced, linear)."""
+    """The MHC settings of a report's config, in words (older configs: no short list, frequency bins)."""
     sizes, groups = c.get("mhc_head_sizes"), c.get("mhc_groups", 0)
-    shape = f"head sizes {sizes}" if sizes else (f"{groups} frequency bins" if groups else "2 balanced heads")
+    grouping = "context clusters" if c.get("mhc_grouping") == "context" else "frequency bins"
+    shape = (
+        f"tail head sizes {sizes}"
+        if sizes
+        else (f"{groups} tail {grouping}" if groups else "2 balanced heads")
+    )
+    k = c.get("mhc_shortlist", 0)
+    short = (
+        f"a short list of |V|//{SHORTLIST_DIVISOR} at the root"
+        if k < 0
+        else (f"a short list of {k}" if k else "no short list")
+    )
     mlp = c.get("mhc_group_mlp_dim", 0)
-    return shape + (f", group MLP {mlp} wide" if mlp else ", linear group layer")
+    return f"{short}, {shape}" + (f", group MLP {mlp} wide" if mlp else ", linear group layer")
 
 
 def run_threads(result: dict) -> str:
@@ -122,13 +159,14 @@ def write_report(result: dict, out_dir: Path, stem: str) -> None:
 def markdown(result: dict, stem: str) -> str:
     c = result["config"]
     lines = [
-        "# NMT en-de (Debian DDTP + LibreOffice): four output layers, same transformer and budget",
+        "# NMT en-de (Debian DDTP + LibreOffice): output layers and their smoothing, same transformer and budget",
         "",
         f"Data: {result['dataset']}. Model: transformer, {c['layers']}+{c['layers']} layers, d={c['dim']}, "
         f"FFN {4 * c['dim']}, {c['heads']} attention heads, untied output layers, dropout 0.1; "
         f"{budget_words(c)} x {c['max_tokens']} tokens, adam (0.9, 0.98) lr {c['lr']}, {c.get('lr_scheduler', 'inverse_sqrt')} "
-        f"with {c['warmup']} warm-up updates, clip-norm 1.0, label smoothing 0.1 (not for adaptive_loss, "
-        f"which has none); CPU, {run_threads(result)} thread(s) per training run. MHP: 2 balanced heads; MHC: "
+        f"with {c['warmup']} warm-up updates, clip-norm 1.0, label smoothing as each row says "
+        f"(fairseq's adaptive_loss has none; adaptive_label_smoothed_loss is this project's); seed {c.get('seed', 1)}; "
+        f"CPU, {run_threads(result)} thread(s) per training run. MHP: 2 balanced heads; MHC: "
         f"{mhc_shape(c)}. "
         f"Test: all {result['test_sentences']} sentences, beam {c['beam']}, "
         "sacreBLEU / chrF on detokenised output vs the raw references.",
@@ -141,6 +179,11 @@ def markdown(result: dict, stem: str) -> str:
     def wps(r: dict) -> str:
         run_avg = r.get("train_wps_run", r["train_wps"])
         return f"{r['train_wps']:,.0f} ({run_avg:,.0f})" if "timing" in r else f"{run_avg:,.0f}"
+
+    def gen(r: dict) -> str:
+        if "gen_timing" in r:
+            return f"{r['gen_sent_per_s']:.1f} ({r['gen_sent_per_s_run']:.1f})"
+        return f"({r['gen_sent_per_s']:.1f})" if timed else f"{r['gen_sent_per_s']:.1f}"
 
     if timed:
         t = next(
@@ -159,7 +202,9 @@ def markdown(result: dict, stem: str) -> str:
             f"Train words/s: each method timed alone, one after another, over {t['updates']} updates after "
             f"{LOG_INTERVAL} start-up updates, {c['threads']} thread(s) (1-min load average before each: "
             f"{min(loads):.2f}-{max(loads):.2f}; about the thread count is the previous timing itself); "
-            "in brackets the average over the whole run, which shared the machine with the other runs.",
+            "in brackets the average over the whole run, which shared the machine with the other runs. "
+            "Generation sentences/s: each checkpoint decoded alone, back to back; in brackets the run's own "
+            "decode (runs stored by an earlier session have only that: their checkpoints are gone).",
             "",
         ]
     for v, res in result["by_vocab"].items():
@@ -168,11 +213,12 @@ def markdown(result: dict, stem: str) -> str:
         size = f"{res['vocab_size']:,}" if res["vocab_size"] else "?"
         lines += [
             f"## Joint BPE {int(v):,} (|V| = {size}; MHP heads {res['head_sizes']}; "
-            f"MHC heads {res.get('mhc_head_sizes', res['head_sizes'])}; "
+            f"MHC short list {res.get('mhc_shortlist') or 0:,} + tail heads {res.get('mhc_head_sizes', res['head_sizes'])}; "
             f"adaptive cutoffs {res['adaptive_cutoffs']})",
             "",
             "| method | sacreBLEU | chrF | valid nll (bits) | output-layer params | total params "
-            f"| {'train words/s alone (whole run)' if timed else 'train words/s (whole run)'} | gen sent/s |",
+            f"| {'train words/s alone (whole run)' if timed else 'train words/s (whole run)'} "
+            f"| {'gen sent/s alone (run)' if timed else 'gen sent/s'} |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for k in METHODS:
@@ -182,8 +228,12 @@ def markdown(result: dict, stem: str) -> str:
             r = m[k]
             lines.append(
                 f"| {NAMES[k]} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['valid_nll_bits']:.3f} | "
-                f"{r['output_params']:,} | {r['total_params']:,} | {wps(r)} | "
-                f"{r['gen_sent_per_s']:.1f} |"
+                f"{r['output_params']:,} | {r['total_params']:,} | {wps(r)} | {gen(r)} |"
+            )
+        for k, r in (res.get("repeats") or {}).items():
+            lines.append(
+                f"| {NAMES[k]}, seed 2 | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['valid_nll_bits']:.3f} | "
+                f"{r['output_params']:,} | {r['total_params']:,} | {r['train_wps']:,.0f} | {r['gen_sent_per_s']:.1f} |"
             )
         moved = "n/a" if conv["delta_bits"] is None else f"{conv['delta_bits']:+.3f} bits"
         verdict = "converged" if conv["converged"] else "NOT converged - rerun with a larger --max-update"
@@ -194,8 +244,23 @@ def markdown(result: dict, stem: str) -> str:
             f"Budget check: CE's valid nll moved {moved} from update {conv['from_update']} to "
             f"{conv['to_update']} (last fifth; converged means |change| < {CONVERGED_BITS}): "
             f"**{verdict}**.",
-            "",
         ]
+        fixed = (res.get("fixed_lr") or {}).get("ce")
+        if fixed:
+            fc = convergence(fixed["valid_curve"], fixed["num_updates"])
+            flat = fc["converged"]
+            lines.append(
+                f"At a constant learning rate (same budget, `--lr-scheduler fixed`) CE's valid nll moved "
+                f"{fc['delta_bits']:+.3f} bits over the last fifth (updates {fc['from_update']}-{fc['to_update']}), "
+                f"ending at {fixed['valid_nll_bits']:.3f} bits: "
+                + (
+                    "**flat: the budget is enough for the dense model**."
+                    if flat
+                    else "**still falling: the budget limits the dense model here** (the cosine run's flat end "
+                    "is the annealing's)."
+                )
+            )
+        lines.append("")
     lines += ["## Targets", "", "| |V| | target | measured | met |", "|---:|---|---|---|"]
     for t in result["targets"]:
         lines.append(
@@ -210,7 +275,8 @@ def markdown(result: dict, stem: str) -> str:
             "",
             f"d={sc['dim']}; train step = projection + label-smoothed loss fwd+bwd on {sc['tokens']} tokens; "
             f"beam step = full-|V| log-probs for {sc['beam_rows']} rows (64 sentences x beam 5); "
-            f"median of {sc['reps']}; MHC hidden width = d, group MLP {sc['by_vocab'][next(iter(sc['by_vocab']))].get('mhc_group_mlp_dim', 0)} wide.",
+            f"median of {sc['reps']}; MHC hidden width = d, group MLP {sc['by_vocab'][next(iter(sc['by_vocab']))].get('mhc_group_mlp_dim', 0)} wide, "
+            f"short list {', '.join(str(r.get('mhc_shortlist', 0)) for r in sc['by_vocab'].values())} (|V|//{SHORTLIST_DIVISOR}).",
             "",
             "| |V| | MHP heads | MHC heads | CE params | MHP params | MHC params | CE step ms | MHP step ms | MHC step ms "
             "| CE beam ms | MHP beam ms | MHC beam ms |",
@@ -230,7 +296,7 @@ def plot(result: dict, path: Path) -> None:
     vocabs = list(result["by_vocab"])
     fig, axes = pyplot().subplots(1, len(vocabs), figsize=(5.5 * len(vocabs), 4), squeeze=False)
     for ax, v in zip(axes[0], vocabs):
-        for k, style in zip(METHODS, ("o-", "^-", "s-", "d-")):
+        for k, style in zip(METHODS, ("o-", "o--", "^-", "^--", "s-", "d-")):
             if k not in result["by_vocab"][v]["methods"]:
                 continue
             curve = result["by_vocab"][v]["methods"][k]["valid_curve"]

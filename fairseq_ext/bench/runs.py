@@ -21,7 +21,7 @@ from fairseq_ext import USER_DIR
 from mhe_plugins.bench.env import thread_env
 from mhe_plugins.training import atomic_write_text
 
-from .methods import method_args, model_args, run_dir
+from .methods import method_args, model_args, run_dir, shortlist_for
 
 THREADS = {"n": 1}
 
@@ -188,22 +188,18 @@ def train_cmd(
     return cmd
 
 
-def label_order_args(method: str, bin_dir: Path, work: Path, a: argparse.Namespace) -> list[str]:
+def label_order_args(
+    method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_size: int
+) -> list[str]:
     """MHC with ``--mhc-grouping context``: write the order file once per (short list, groups) and pass it."""
     if method != "mhc" or getattr(a, "mhc_grouping", "frequency") == "frequency":
         return []
     src, tgt = a.langs.split("-")
-    out = work / f"order.k{a.mhc_shortlist}.g{a.mhc_groups}.{a.mhc_grouping}.txt"
+    k = shortlist_for(a, vocab_size)
+    out = work / f"order.k{k}.g{a.mhc_groups}.{a.mhc_grouping}.txt"
     if not out.is_file():
         cmd = [sys.executable, "-m", "fairseq_ext.grouping", str(bin_dir), "-s", src, "-t", tgt]
-        cmd += [
-            "--shortlist",
-            str(a.mhc_shortlist),
-            "--groups",
-            str(a.mhc_groups),
-            "--method",
-            a.mhc_grouping,
-        ]
+        cmd += ["--shortlist", str(k), "--groups", str(a.mhc_groups), "--method", a.mhc_grouping]
         run(cmd + ["--out", str(out)], work / "grouping.log")
     return ["--mhe-label-order", str(out)]
 
@@ -213,7 +209,7 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_s
     save.mkdir(parents=True, exist_ok=True)
     log = save / "train.log"
     cmd = train_cmd(method, bin_dir, save, a, vocab_size, a.max_update, a.lr_scheduler)
-    cmd += label_order_args(method, bin_dir, work, a)
+    cmd += label_order_args(method, bin_dir, work, a, vocab_size)
     done = save / "DONE"  # holds the --max-update reached; a larger budget continues from checkpoint_last.pt
     if _done_updates(done) < a.max_update:
         run(cmd, log)
@@ -245,15 +241,37 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_s
     }
 
 
+def generate_cmd(bin_dir: Path, ckpt: Path, a: argparse.Namespace) -> list[str]:
+    """``fairseq-generate`` of the full test set with beam ``--beam`` (no sentence dropped)."""
+    cmd = [sys.executable, "-m", "fairseq_cli.generate", str(bin_dir), "--user-dir", USER_DIR]
+    cmd += ["--task", "translation", "--path", str(ckpt), "--gen-subset", "test", "--beam", str(a.beam)]
+    cmd += ["--batch-size", str(a.gen_batch), "--required-batch-size-multiple", "1", "--cpu"]
+    return cmd + [
+        "--remove-bpe",
+        "sentencepiece",
+        "--num-workers",
+        "0",
+        "--max-len-a",
+        "1.2",
+        "--max-len-b",
+        "10",
+    ]
+
+
+def generation_speed(out: str, where: Path) -> tuple[float, float]:
+    """(sentences/s, seconds) from fairseq-generate's closing line."""
+    speed = re.search(r"Translated ([\d,]+) sentences .* in ([\d.]+)s \(([\d.]+) sentences/s", out)
+    if speed is None:
+        raise RuntimeError(f"{where}: no 'Translated N sentences ... sentences/s' line from fairseq-generate")
+    return float(speed.group(3)), float(speed.group(2))
+
+
 def generate(method: str, bin_dir: Path, work: Path, refs: list[str], a: argparse.Namespace) -> dict:
     import sacrebleu
 
     rdir = run_dir(work, method, a)
     ckpt = rdir / "checkpoint_last.pt"
-    cmd = [sys.executable, "-m", "fairseq_cli.generate", str(bin_dir), "--user-dir", USER_DIR]
-    cmd += ["--task", "translation", "--path", str(ckpt), "--gen-subset", "test", "--beam", str(a.beam)]
-    cmd += ["--batch-size", str(a.gen_batch), "--required-batch-size-multiple", "1", "--cpu"]
-    cmd += ["--remove-bpe", "sentencepiece", "--num-workers", "0", "--max-len-a", "1.2", "--max-len-b", "10"]
+    cmd = generate_cmd(bin_dir, ckpt, a)
     out_path = rdir / "generate.txt"
     if not out_path.exists() or out_path.stat().st_mtime < ckpt.stat().st_mtime:  # stale after more training
         out = run(cmd, rdir / "generate.log")
@@ -262,11 +280,7 @@ def generate(method: str, bin_dir: Path, work: Path, refs: list[str], a: argpars
     hyps = {int(m.group(1)): m.group(2) for m in re.finditer(r"^D-(\d+)\t[^\t]*\t(.*)$", out, re.M)}
     if len(hyps) != len(refs):
         raise RuntimeError(f"{out_path}: {len(hyps)} hypotheses for {len(refs)} references")
-    speed = re.search(r"Translated ([\d,]+) sentences .* in ([\d.]+)s \(([\d.]+) sentences/s", out)
-    if speed is None:
-        raise RuntimeError(
-            f"{out_path}: no 'Translated N sentences ... sentences/s' line from fairseq-generate"
-        )
+    sent_s, seconds = generation_speed(out, out_path)
     sys_out = [hyps[i] for i in range(len(refs))]
     metric = sacrebleu.metrics.BLEU()
     bleu = metric.corpus_score(sys_out, [refs])
@@ -276,8 +290,8 @@ def generate(method: str, bin_dir: Path, work: Path, refs: list[str], a: argpars
         "chrf": round(chrf.score, 2),
         "bleu_detail": str(bleu),
         "bleu_signature": str(metric.get_signature()),
-        "gen_sent_per_s": float(speed.group(3)),
-        "gen_seconds": float(speed.group(2)),
+        "gen_sent_per_s": sent_s,
+        "gen_seconds": seconds,
     }
 
 

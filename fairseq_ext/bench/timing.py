@@ -16,11 +16,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fairseq_ext.model import SHORTLIST_DIVISOR, default_shortlist
 from mhe_plugins.bench.store import KeyedFile, cached_result
 from mhe_plugins.heads import build_head
 
-from .methods import METHODS, data_fingerprint, for_vocab, method_tag, mhc_codec, run_key
-from .runs import LOG_INTERVAL, parse_log, preprocess, run, train_cmd, train_words_and_wall
+from .methods import METHODS, data_fingerprint, for_vocab, method_tag, mhc_codec, run_dir, run_key
+from .runs import (
+    LOG_INTERVAL,
+    generate_cmd,
+    generation_speed,
+    parse_log,
+    preprocess,
+    run,
+    train_cmd,
+    train_words_and_wall,
+)
 
 
 def time_training(method: str, bin_dir: Path, vwork: Path, a: argparse.Namespace, vocab_size: int) -> dict:
@@ -70,6 +80,48 @@ def cached_timings(by_vocab: dict[str, dict], a: argparse.Namespace, work: Path)
     return out
 
 
+def time_generation(method: str, bin_dir: Path, vwork: Path, a: argparse.Namespace) -> dict | None:
+    """Generation sentences/s of one method decoded alone: the run's checkpoint, the full test set, beam
+    ``--beam``, into a scratch dir (the run's own decode is kept). None when the checkpoint is gone (a run
+    stored on another machine): its whole-run decode speed is all there is."""
+    ckpt = run_dir(vwork, method, a) / "checkpoint_last.pt"
+    if not ckpt.is_file():
+        return None
+    out = vwork / "timing" / f"gen.{method_tag(method, a)}"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    load_before = os.getloadavg()[0]
+    text = run(generate_cmd(bin_dir, ckpt, a), out / "generate.log")
+    sent_s, seconds = generation_speed(text, out / "generate.log")
+    return {"gen_sent_per_s": sent_s, "gen_seconds": seconds, "load_before": round(load_before, 2)}
+
+
+def cached_generation_timings(
+    by_vocab: dict[str, dict], a: argparse.Namespace, work: Path
+) -> dict[str, dict]:
+    """``time_generation`` for every finished (vocabulary, method) whose checkpoint is here, back to back;
+    kept in ``WORK/timing.json`` under the run key like the training timings."""
+    done = KeyedFile(work / "timing.json")
+    langs = tuple(a.langs.split("-"))
+    out: dict[str, dict] = {}
+    todo = [(v, m) for v, res in by_vocab.items() for m in METHODS if m in res["methods"]]
+    for v, method in tqdm(todo, desc="timing generation, one method at a time"):
+        data = data_fingerprint(a.data_dir, int(v), langs)  # type: ignore[arg-type]
+        av = for_vocab(a, int(v))
+        key = {**run_key(int(v), method, av, data), "timing": "generation"}
+        found = done.get(f"{v}:{method}:gen", key)
+        if found is None:
+            vwork = work / f"v{v}"
+            bin_dir = preprocess(a.data_dir, int(v), vwork, langs)  # type: ignore[arg-type]
+            measured = time_generation(method, bin_dir, vwork, av)
+            if measured is None:
+                continue
+            found = done.put(f"{v}:{method}:gen", key, measured)
+        out.setdefault(v, {})[method] = found
+    return out
+
+
 def _time(fn, reps: int) -> float:
     fn()  # warm-up
     ts = []
@@ -81,14 +133,18 @@ def _time(fn, reps: int) -> float:
 
 
 def _scaling_one(v: int, dim: int, tokens: int, rows: int, reps: int, mhc_groups: int) -> dict:
-    """MHP balanced, MHC with the runs' shape: ``mhc_groups`` bins and a group MLP 4 x ``dim`` wide."""
+    """MHP balanced, MHC with the model's defaults: the |V| // SHORTLIST_DIVISOR short list, ``mhc_groups``
+    tail bins and a group MLP 4 x ``dim`` wide."""
     x = torch.randn(tokens, dim, requires_grad=True)
     y = torch.randint(0, v, (tokens,))
     xr = torch.randn(rows, dim)
     dense = build_head("linear", dim, v, bias=False)
     mhp = build_head("mhp", dim, v, bias=False)
-    mhc_sizes = mhc_codec(v, mhc_groups)
-    mhc = build_head("mhc", dim, v, head_sizes=mhc_sizes.head_sizes, hidden_dim=dim, group_mlp_dim=4 * dim)
+    k = default_shortlist(v)
+    mhc_sizes = mhc_codec(v, mhc_groups, shortlist=k)
+    mhc = build_head(
+        "mhc", dim, v, head_sizes=mhc_sizes.head_sizes, hidden_dim=dim, group_mlp_dim=4 * dim, shortlist=k
+    )
     loss_kw = {"label_smoothing": 0.1, "smoothing": "label", "reduction": "sum"}
 
     def dense_step():
@@ -115,6 +171,7 @@ def _scaling_one(v: int, dim: int, tokens: int, rows: int, reps: int, mhc_groups
     r = {
         "head_sizes": list(mhp.codec.head_sizes),
         "mhc_head_sizes": list(mhc_sizes.head_sizes),
+        "mhc_shortlist": k,
         "mhc_group_mlp_dim": 4 * dim,
         "ce_params": dense.classifier_parameters(),
         "mhp_params": mhp.classifier_parameters(),
@@ -153,6 +210,8 @@ def cached_scaling(path: Path, a: argparse.Namespace) -> dict:
         "methods": ["ce", "mhp", "mhc"],
         "mhc_groups": a.mhc_groups,
         "mhc_group_mlp_dim": 4 * a.scaling_dim,
+        "mhc_shortlist": f"|V|//{SHORTLIST_DIVISOR}",
+        "log_prob": "reused buffers",  # the beam-step timing of MHC changed with them: not reused from before
     }
     vocabs = [int(v) for v in a.scaling_vocabs.split(",")]
     return cached_result(

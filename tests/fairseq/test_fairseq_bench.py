@@ -19,8 +19,8 @@ from fairseq.modules import AdaptiveSoftmax  # noqa: E402
 
 from fairseq_ext import bench  # noqa: E402
 from fairseq_ext.datasets import corpus  # noqa: E402
-from fairseq_ext.model import MHC_GROUPS  # noqa: E402
-from mhe_plugins import LabelCodec, MHCHead  # noqa: E402
+from fairseq_ext.model import MHC_GROUPS, SHORTLIST_DIVISOR  # noqa: E402
+from mhe_plugins import LabelCodec, build_head  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "ddtp_sample"
 
@@ -99,14 +99,14 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     # docs: methods may run as separate processes; a run with a subset trains those and writes a PARTIAL report
     part = bench.main([*argv, "--methods", "ce,adaptive"])
     assert part["by_vocab"]["300"]["methods"].keys() == {"ce", "adaptive"} and part["partial"]
-    assert part["by_vocab"]["300"]["missing"] == ["mhp", "mhc"]
+    assert part["by_vocab"]["300"]["missing"] == ["ce0", "adaptive_ls", "mhp", "mhc"]
     md = (out / "nmt_ende.md").read_text()
     assert "PARTIAL RESULTS" in md and "mhp at 300" in md and "pending" in md
-    assert [t["met"] for t in part["targets"]] == [None] * 4  # every target needs MHC
+    assert [t["met"] for t in part["targets"]] == [None] * 5  # every target needs MHC
     stored = out / "runs" / "nmt_ende"
     assert sorted(f.name for f in stored.iterdir()) == ["v300_adaptive.json", "v300_ce.json"]
 
-    # a fresh machine (work dir gone) finds ce + adaptive in the committed store and trains only mhp + mhc
+    # a fresh machine (work dir gone) finds ce + adaptive in the committed store and trains only the rest
     import shutil
 
     shutil.rmtree(data / "bench")
@@ -114,14 +114,26 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
     ce_now = dict(res["by_vocab"]["300"]["methods"]["ce"])  # the stored run, plus its timing alone
     ce_now["train_wps"], _ = ce_now.pop("train_wps_run"), ce_now.pop("timing")
     assert ce_now == part["by_vocab"]["300"]["methods"]["ce"]
-    assert not res["partial"] and not list((data / "bench" / "v300").glob("ce*"))
+    assert not res["partial"] and not list((data / "bench" / "v300").glob("ce.*"))
     # the default schedule anneals to zero at --max-update (fairseq's cosine with period max_update - warmup)
     # MHC trains with the bench's defaults: MHC_GROUPS bins, a group MLP 4 x --dim wide (its own run dir)
-    log = (data / "bench" / "v300" / f"mhc.g{MHC_GROUPS}.mlp64.cosine4" / "train.log").read_text()
+    log = (
+        data
+        / "bench"
+        / "v300"
+        / f"mhc.g{MHC_GROUPS}.mlp64.k1of{SHORTLIST_DIVISOR}.context.cosine4"
+        / "train.log"
+    ).read_text()
     assert "'lr_scheduler': {'_name': 'cosine', 'warmup_updates': 1," in log
 
     saved = json.loads((out / "nmt_ende.json").read_text())
-    bench_args = argparse.Namespace(mhc_groups=MHC_GROUPS, mhc_group_mlp_dim=64, mhc_head_sizes=None)
+    bench_args = argparse.Namespace(
+        mhc_groups=MHC_GROUPS,
+        mhc_group_mlp_dim=64,
+        mhc_head_sizes=None,
+        mhc_shortlist=-1,
+        mhc_grouping="context",
+    )
     assert saved["by_vocab"].keys() == {"300"} and saved["methods"].keys() == set(bench.METHODS)
     assert saved["methods"] == saved["by_vocab"]["300"]["methods"]
     for res_v in saved["by_vocab"].values():
@@ -130,8 +142,18 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
         m = res_v["methods"]
         assert m["ce"]["output_params"] == 16 * v  # Linear(d, |V|), no bias
         assert m["mhp"]["output_params"] == 16 * sum(codec.head_sizes)  # Linear(d, sum C_h)
-        mhc = MHCHead(16, LabelCodec.for_groups(v, MHC_GROUPS), hidden_dim=16, group_mlp_dim=64)
-        assert m["mhc"]["output_params"] == _params(mhc)  # untied here
+        mhc = build_head(
+            "mhc",
+            16,
+            v,
+            num_groups=MHC_GROUPS,
+            hidden_dim=16,
+            group_mlp_dim=64,
+            shortlist=v // SHORTLIST_DIVISOR,
+        )
+        assert m["mhc"]["output_params"] == _params(mhc)  # untied here, the default short list
+        assert m["adaptive_ls"]["output_params"] == m["adaptive"]["output_params"]
+        assert m["ce0"]["output_params"] == m["ce"]["output_params"]
         cut = [int(c) for c in res_v["adaptive_cutoffs"].split(",")]
         assert cut == [v // 4, v * 3 // 4]
         assert m["adaptive"]["output_params"] == _params(AdaptiveSoftmax(v, 16, cut, dropout=0.0, factor=4.0))
@@ -152,6 +174,10 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
                 (data / "bench" / "v300" / "timing").glob("*/*.pt")
             )
             assert r["gen_sent_per_s"] > 0 and r["valid_nll_bits"] > 0
+            if k not in ("ce", "adaptive"):  # their checkpoints went with the first work dir
+                assert (
+                    r["gen_timing"]["gen_sent_per_s"] == r["gen_sent_per_s"] and r["gen_sent_per_s_run"] > 0
+                )
             assert r["num_updates"] == 4 and [p["updates"] for p in r["valid_curve"]] == [2, 4]
             assert r["threads"] == 1  # recorded with the run (not part of its key)
         # valid points at 2 and 4: nothing inside the last fifth to compare with, so never "converged"
@@ -161,16 +187,27 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
             "delta_bits": None,
             "converged": False,
         }
-    assert len(saved["targets"]) == 4 and all(isinstance(t["met"], bool) for t in saved["targets"])
+    assert len(saved["targets"]) == 5 and all(isinstance(t["met"], bool) for t in saved["targets"])
     s1200 = saved["scaling"]["by_vocab"]["1200"]
     assert s1200["ce_params"] == 8 * 1200
     # the timed MHC has the runs' shape: MHC_GROUPS bins, group MLP 4 x --scaling-dim
-    scaled = MHCHead(8, LabelCodec.for_groups(1200, MHC_GROUPS), hidden_dim=8, group_mlp_dim=32)
+    scaled = build_head(
+        "mhc",
+        8,
+        1200,
+        num_groups=MHC_GROUPS,
+        hidden_dim=8,
+        group_mlp_dim=32,
+        shortlist=1200 // SHORTLIST_DIVISOR,
+    )
     assert s1200["mhc_params"] == _params(scaled) and s1200["mhc_head_sizes"] == list(scaled.codec.head_sizes)
     md = (out / "nmt_ende.md").read_text()
     assert all(name in md for name in bench.NAMES.values()) and "## Targets" in md
-    assert "each method timed alone" in md and "words/s, timed alone)" in md
-    assert f"MHC: {MHC_GROUPS} frequency bins, group MLP 64 wide" in md
+    assert "each method timed alone" in md and "words/s (timed alone)" in md and "(ce0, decoded alone)" in md
+    assert (
+        f"MHC: a short list of |V|//{SHORTLIST_DIVISOR} at the root, {MHC_GROUPS} tail context clusters, group MLP 64 wide"
+        in md
+    )
     assert "4 updates x 800 tokens" in md and "CPU, 1 thread(s) per training run" in md
     assert (out / "nmt_ende.png").stat().st_size > 10_000
 
@@ -219,18 +256,37 @@ def test_run_dir_per_schedule_and_budget(tmp_path, capsys):
         == tmp_path / "mhc"
     )
     assert bench.run_dir(tmp_path, "ce", mhc(512, "20,400")) == tmp_path / "ce.cosine8000"
-    assert bench.method_args("mhc", 8000, mhc(512, "20,400"))[-4:] == [
+    assert bench.method_args("mhc", 8000, mhc(512, "20,400"))[-6:] == [
         "--mhe-head-sizes",
         "20,400",
+        "--mhe-shortlist",
+        "0",
         "--mhe-group-mlp-dim",
         "512",
     ]
-    assert bench.method_args("mhc", 8000, mhc(512, None))[-4:] == [
+    assert bench.method_args("mhc", 8000, mhc(512, None))[-6:] == [
         "--mhe-groups",
         "16",
+        "--mhe-shortlist",
+        "0",
         "--mhe-group-mlp-dim",
         "512",
     ]
+    # the short list (default: the model's |V| // SHORTLIST_DIVISOR), grouping and seed shape dir, key, name
+    var = argparse.Namespace(
+        **{**vars(mhc(512, None)), "mhc_shortlist": -1, "mhc_grouping": "context", "seed": 2}
+    )
+    assert bench.method_args("mhc", 8000, var)[-4:-2] == ["--mhe-shortlist", str(8000 // SHORTLIST_DIVISOR)]
+    assert (
+        bench.run_dir(tmp_path, "mhc", var)
+        == tmp_path / f"mhc.g16.mlp512.k1of{SHORTLIST_DIVISOR}.context.seed2.cosine8000"
+    )
+    assert bench.method_settings("mhc", var)["mhc_shortlist"] == f"|V|//{SHORTLIST_DIVISOR}"
+    assert bench.method_settings("ce", var) == {"seed": 2}
+    assert bench.run_name(8000, "mhc", var) == "v8000_mhc_seed2"
+    fixed = argparse.Namespace(**{**vars(mhc(0, None)), "lr_scheduler": "fixed"})
+    assert bench.run_name(8000, "ce", fixed) == "v8000_ce_fixed"
+    assert bench.run_dir(tmp_path, "ce", fixed) == tmp_path / "ce.fixed"
     assert bench.method_settings("mhc", mhc(512, None)) == {
         "mhc_groups": 16,
         "mhc_group_mlp_dim": 512,
@@ -282,31 +338,56 @@ def test_convergence_check():
     assert bench.convergence(curve[:1], 200)["converged"] is False  # one point says nothing
 
 
-def _methods(bleu: dict, nll: dict, wps: dict) -> dict:
-    return {"methods": {k: {"bleu": bleu[k], "valid_nll_bits": nll[k], "train_wps": wps[k]} for k in bleu}}
+def _methods(bleu: dict, nll: dict, wps: dict, gen: dict | None = None) -> dict:
+    gen = gen or {k: 10.0 for k in bleu}
+    return {
+        "methods": {
+            k: {"bleu": bleu[k], "valid_nll_bits": nll[k], "train_wps": wps[k], "gen_sent_per_s": gen[k]}
+            for k in bleu
+        }
+    }
 
 
 def test_targets_over_two_vocabularies():
+    """Controls count at the better of their smoothing settings; speed targets at the largest |V|."""
     small = _methods(
-        {"ce": 20.0, "adaptive": 19.0, "mhp": 15.0, "mhc": 19.6},
-        {"ce": 4.0, "adaptive": 4.1, "mhp": 5.0, "mhc": 4.15},
-        {"ce": 1000.0, "adaptive": 1100.0, "mhp": 2000.0, "mhc": 1200.0},
+        {"ce": 20.0, "ce0": 19.0, "adaptive": 18.0, "adaptive_ls": 19.0, "mhp": 15.0, "mhc": 19.6},
+        {"ce": 4.0, "ce0": 3.9, "adaptive": 4.1, "adaptive_ls": 4.2, "mhp": 5.0, "mhc": 4.05},
+        {
+            "ce": 1000.0,
+            "ce0": 1000.0,
+            "adaptive": 1100.0,
+            "adaptive_ls": 1100.0,
+            "mhp": 2000.0,
+            "mhc": 1200.0,
+        },
     )
     big = _methods(
-        {"ce": 20.0, "adaptive": 20.5, "mhp": 15.0, "mhc": 19.4},
-        {"ce": 4.0, "adaptive": 4.1, "mhp": 5.0, "mhc": 4.25},
-        {"ce": 500.0, "adaptive": 900.0, "mhp": 2000.0, "mhc": 700.0},
+        {"ce": 20.0, "ce0": 20.5, "adaptive": 19.5, "adaptive_ls": 19.0, "mhp": 15.0, "mhc": 19.9},
+        {"ce": 4.0, "ce0": 3.9, "adaptive": 4.1, "adaptive_ls": 4.2, "mhp": 5.0, "mhc": 4.25},
+        {"ce": 500.0, "ce0": 500.0, "adaptive": 900.0, "adaptive_ls": 900.0, "mhp": 2000.0, "mhc": 950.0},
+        {"ce": 40.0, "ce0": 40.0, "adaptive": 41.0, "adaptive_ls": 41.0, "mhp": 50.0, "mhc": 39.0},
     )
     rows = bench.targets({"8000": small, "32000": big})
-    assert [t["vocab"] for t in rows] == ["8000"] * 3 + ["32000"] * 4
-    assert [t["met"] for t in rows] == [True, True, True, False, False, False, True]  # 700/500 = 1.4x
-    assert rows[-1]["vocab"] == "32000" and rows[-1]["measured"].startswith("1.40x")
-    big["methods"]["mhc"]["train_wps"] = 640.0
-    assert bench.targets({"8000": small, "32000": big})[-1]["met"] is False  # 1.28x
-    assert "whole-run averages" in rows[-1]["measured"]  # says where the words/s came from
+    assert [t["vocab"] for t in rows] == ["8000"] * 3 + ["32000"] * 5
+    # 8k: 19.6 >= 20.0 - 0.5; 19.6 >= 19.0 + 0.5; 4.05 <= 4.0 + 0.1
+    # 32k: 19.9 < 20.5 (ce0, the better dense) - 0.5; 19.9 >= 19.5 + 0.5 (the better adaptive: no smoothing)
+    assert [t["met"] for t in rows] == [True, True, True, False, False, False, True, False]
+    assert "(ce0; -0.60)" in rows[3]["measured"] and "(adaptive; +0.40)" in rows[4]["measured"]
+    assert "whole-run averages" in rows[-2]["measured"] and "whole-run decodes" in rows[-1]["measured"]
     for m in big["methods"].values():
         m["timing"] = {"train_wps": m["train_wps"]}
-    assert "timed alone" in bench.targets({"8000": small, "32000": big})[-1]["measured"]
+        m["gen_timing"] = {}
+    rows = bench.targets({"8000": small, "32000": big})
+    assert "timed alone" in rows[-2]["measured"] and "(ce, decoded alone)" in rows[-1]["measured"]
+    # a second seed is stated at the size that has it
+    small["repeats"] = {"ce": {"bleu": 19.8}, "mhc": {"bleu": 19.9}}
+    seeds = [t for t in bench.targets({"8000": small, "32000": big}) if t["target"].startswith("seed")]
+    assert len(seeds) == 1 and seeds[0]["met"] is None
+    assert (
+        seeds[0]["measured"]
+        == "ce: 20.00 / 19.80 (-0.20); mhc: 19.60 / 19.90 (+0.30); MHC - dense at seed 2: +0.10"
+    )
 
 
 def test_stored_run_reused_only_with_the_same_settings(tmp_path, capsys):

@@ -31,6 +31,7 @@ def _task(n_words: int = 33) -> TranslationTask:
 
 
 def _model(task, arch="transformer_mhe", **over) -> torch.nn.Module:
+    over.setdefault("mhe_method", "mhp")  # this file's first half tests the product layer
     args = argparse.Namespace(
         arch=arch,
         encoder_layers=1,
@@ -190,6 +191,7 @@ def test_config_errors():
 # ---------------------------------------------------------------- MHC (cascade) output layer
 def _mhc(task, **over):
     over.setdefault("mhe_head_sizes", "5,8")  # 40 >= 37 types: ids 37..39 must get no mass
+    over.setdefault("mhe_shortlist", 0)  # the plain cascade (the short list: test_fairseq_shortlist.py)
     return _model(task, mhe_method="mhc", **over)
 
 
@@ -299,18 +301,23 @@ def test_mhc_criterion_loss_nll_accuracy_exact():
         MHECrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.0, mhe_loss="bce")(model, sample)
 
 
-def test_mhc_training_step_has_no_vocab_wide_tensor():
-    """Every matrix created in forward + backward of the criterion is narrower than |V| in its last dim."""
+@pytest.mark.parametrize("shortlist", [0, None])
+def test_mhc_training_step_has_no_vocab_wide_tensor(shortlist):
+    """Every matrix created in forward + backward of the criterion is narrower than |V| in its last dim
+    (with the default short list of |V| / 4 too: the root is K + C_0 wide)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     d = Dictionary()
     for i in range(400):
         d.add_symbol(f"w{i}")
     task = TranslationTask(TranslationConfig(), d, d)
-    model = _mhc(task, mhe_head_sizes=None)
+    from fairseq_ext.model import SHORTLIST_DIVISOR
+
+    model = _mhc(task, mhe_head_sizes=None, mhe_shortlist=shortlist)
     v = len(d)
     sizes = model.decoder.codec.head_sizes
-    assert v == 404 and max(sizes) < 64
+    k = model.decoder.output_projection.shortlist
+    assert v == 404 and max(sizes) < 64 and k == (0 if shortlist == 0 else 404 // SHORTLIST_DIVISOR)
 
     class Widest(TorchDispatchMode):
         def __init__(self):
@@ -331,7 +338,7 @@ def test_mhc_training_step_has_no_vocab_wide_tensor():
         loss, _, _ = crit(model, sample)
         loss.backward()
     # widest: max(C_0, C_1, d, ffn) -- never |V| (a dense output layer would give 404 here)
-    assert mode.widest[0] <= max(*sizes, 32), mode.widest
+    assert mode.widest[0] <= max(k + sizes[0], *sizes, 32) < v, mode.widest
     # the same model through get_normalized_probs does produce |V| (the probe can see it)
     with Widest() as probe:
         model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)

@@ -21,6 +21,7 @@ register()
 from fairseq_ext.adaptive_criterion import AdaptiveLabelSmoothedLoss  # noqa: E402
 from fairseq_ext.criterion import MHECrossEntropyCriterion  # noqa: E402
 from fairseq_ext.grouping import read_label_order  # noqa: E402
+from fairseq_ext.model import SHORTLIST_DIVISOR  # noqa: E402
 
 
 def _task(n_words: int = 40) -> TranslationTask:
@@ -96,7 +97,8 @@ def test_shortlist_model_exact_log_probs_and_loss(tmp_path):
     torch.testing.assert_close(rebuilt(**sample["net_input"])[0], out[0])
     # a checkpoint with another short list is refused with the fix
     with pytest.raises(ValueError, match="short list of 10 tokens, this model 0"):
-        _model(task).load_state_dict(state)
+        _model(task, mhe_shortlist=0).load_state_dict(state)
+    assert _model(task).decoder.output_projection.shortlist == 44 // SHORTLIST_DIVISOR  # the default
     with pytest.raises(ValueError, match="--mhe-shortlist must be in"):
         _model(task, mhe_shortlist=44)
 
