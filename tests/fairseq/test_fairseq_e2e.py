@@ -176,3 +176,40 @@ def test_interactive_wrapper_translates_raw_text(data, trained):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(re.findall(r"^H-\d+\t-\d+\.\d+\t", proc.stdout, re.M)) == 2, proc.stdout[-2000:]
+
+
+def test_label_order_file_trains_and_travels_in_the_checkpoint(data, tmp_path):
+    """docs/fairseq.md: python -m fairseq_ext.grouping writes the order; training stores it in the
+    checkpoint; fairseq-generate then needs neither the file nor the flag."""
+    order = tmp_path / "order.txt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fairseq_ext.grouping", str(data / "bin600"), "-s", "en", "-t", "de",
+         "--shortlist", "40", "--groups", "10", "--out", str(order)],
+        capture_output=True, text=True, env=ENV, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokens = order.read_text(encoding="utf-8").splitlines()
+    dict_tokens = [line.split()[0] for line in (data / "bin600" / "dict.de.txt").read_text().splitlines()]
+    assert sorted(tokens) == sorted(["<s>", "<pad>", "</s>", "<unk>", *dict_tokens])
+    ckpt = tmp_path / "ckpt"
+    _cli(
+        "fairseq-train", str(data / "bin600"), "--user-dir", USER_DIR, *TINY, "--mhe-shortlist", "40",
+        "--mhe-label-order", str(order), "--max-update", "10", "--save-dir", str(ckpt),
+    )  # fmt: skip
+    import argparse
+
+    import torch
+
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    state = torch.load(ckpt / "checkpoint_last.pt", map_location="cpu", weights_only=True)["model"]
+    stored = state["decoder.output_projection.label_order.order"].tolist()
+    from fairseq.data import Dictionary
+
+    d = Dictionary.load(str(data / "bin600" / "dict.de.txt"))
+    assert [d[i] for i in stored] == tokens  # by name, in the file's order
+    order.rename(tmp_path / "moved.txt")  # decoding needs the checkpoint only
+    out = _cli(
+        "fairseq-generate", str(data / "bin600"), "--user-dir", USER_DIR, "--path", str(ckpt / "checkpoint_last.pt"),
+        "--gen-subset", "valid", "--beam", "2", "--max-len-b", "5", "--cpu", "--batch-size", "16",
+    )  # fmt: skip
+    assert re.search(r"Translated \d+ sentences", out)
