@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,54 +35,13 @@ from ..codec import LabelCodec
 from ..decode import valid_first_topk
 from .base import HeadOutput, MHEHead, check_smoothing, reduce_loss, upcast
 from .label_order import LabelOrder
-from .workspace import reusable_output, scratch
+from .mhc_full import FullDistribution
+from .mhc_layers import MHCOutput, TiedNodeEmbedding, _embedding, _Paths, _residual_mlp
 
 __all__ = ["MHCHead", "MHCOutput", "TiedNodeEmbedding"]
 
 
-class TiedNodeEmbedding(nn.Module):
-    """Label embeddings borrowed from elsewhere, e.g. a decoder's input embeddings (N, hidden), indexed
-    by label id (the head maps tree positions to labels first)."""
-
-    def __init__(self, weight: nn.Parameter):
-        super().__init__()
-        self.weight = weight
-
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        return F.embedding(labels, self.weight)
-
-
-def _residual_mlp(in_features: int, width: int, out_features: int) -> nn.Sequential:
-    """Linear-GELU-Linear whose output layer starts at zero (adds nothing until trained)."""
-    mlp = nn.Sequential(nn.Linear(in_features, width), nn.GELU(), nn.Linear(width, out_features))
-    nn.init.zeros_(mlp[2].weight)
-    nn.init.zeros_(mlp[2].bias)
-    return mlp
-
-
-def _embedding(rows: int, width: int) -> tuple[nn.Embedding, nn.Embedding]:
-    emb = nn.Embedding(rows, width)
-    nn.init.xavier_uniform_(emb.weight)
-    bias = nn.Embedding(rows, 1)
-    nn.init.zeros_(bias.weight)
-    return emb, bias
-
-
-class MHCOutput(NamedTuple):
-    logits: list[torch.Tensor]  # per level (rows_h, K + C_0 | C_h): sibling logits under the true prefix
-    targets: list[torch.Tensor]  # per level (rows_h,): the ground-truth digit (root: position among K + C_0)
-    rows: list[
-        torch.Tensor | None
-    ] = []  # per level: the items it covers (None: all; tail levels: tail items)
-
-
-class _Paths(NamedTuple):
-    root: torch.Tensor  # (B,) index among the K + C_0 root nodes
-    rows: torch.Tensor | None  # tail items (None: all items are in the tail)
-    digits: torch.Tensor  # (T, H) tail digits of the tail items
-
-
-class MHCHead(MHEHead):
+class MHCHead(FullDistribution, MHEHead):
     """Loss keywords: ``label_smoothing``, ``smoothing`` (``"head"``: every level's sibling CE smoothed by
     eps; ``"label"``: the true label keeps 1 - eps, :meth:`smoothed_nll`), ``reduction``."""
 
@@ -464,95 +423,3 @@ class MHCHead(MHEHead):
             nll = self._scatter_rows(nll, paths.rows, -lp.gather(1, paths.digits[:, h : h + 1]).squeeze(1))
             prefix = prefix * size + paths.digits[:, h]
         return loss.reshape(target.shape), nll.reshape(target.shape)
-
-    def _nodes(self, level: int) -> int:
-        return math.prod(self.codec.head_sizes[: level + 1])
-
-    def _level_logits_all(
-        self, level: int, query: torch.Tensor, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Logits of every level-``level`` node as one (B, hidden) x (hidden, nodes) matmul, masked
-        (into ``out`` when given: inference only)."""
-        nodes = self._nodes(level)
-        if level == self.codec.num_heads - 1 and self.tied:
-            rows, K = self.codec.num_labels, self.shortlist
-            if self.label_order.identity:  # tail position t is label K + t: a slice, no gather
-                weight = self.node_embed[-1].weight[K : K + rows]
-            else:
-                weight = self._embed(level, torch.arange(rows, device=query.device))
-        else:
-            rows, weight = nodes, self.node_embed[level - 1].weight
-        bias = self.node_bias[level - 1].weight[:rows, 0]
-        if out is not None and rows == nodes and query.dtype == weight.dtype == out.dtype:
-            z = torch.addmm(bias, query, weight.t(), out=out)  # one fused matmul + bias, no new tensor
-        else:
-            z = F.linear(query, weight, bias)
-        if rows < nodes:  # tied leaves: only the N - K tail positions have rows; the rest are invalid anyway
-            z = F.pad(z, (0, nodes - rows), value=float("-inf"))
-        if self._limits[level] < nodes - 1:  # only the last few nodes are invalid: fill that slice alone
-            if z.requires_grad:
-                z = torch.cat(
-                    [
-                        z[:, : self._limits[level] + 1],
-                        z.new_full((z.shape[0], nodes - 1 - self._limits[level]), float("-inf")),
-                    ],
-                    1,
-                )
-            else:
-                z[:, self._limits[level] + 1 :] = float("-inf")
-        return z
-
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact (..., N) log-probabilities (materialises N), one matmul per level: the queries times the
-        node tables directly, the cost of a dense d x N output layer (what beam search needs).
-
-        Per level one log-softmax over each parent's children plus the parent's log-prob, as a dense
-        layer's one log-softmax; invalid nodes are filled by slice, so no pass over all N scores is spent
-        on masking (profiled in fairseq-generate: logsumexp and full-width masked_fill cost MHC a third of
-        its decoding speed)."""
-        flat, lead = self._flat(x)
-        if torch.is_grad_enabled() and (
-            flat.requires_grad or any(p.requires_grad for p in self.parameters())
-        ):
-            out = self._log_prob_differentiable(flat)
-        else:
-            out = self._log_prob_inference(flat)
-        return self.label_order.to_label_columns(out).reshape(*lead, self.num_labels)
-
-    def _log_prob_differentiable(self, flat: torch.Tensor) -> torch.Tensor:
-        K, tail = self.shortlist, self.codec.num_labels
-        root = F.log_softmax(upcast(self._root_logits(flat)), -1)
-        lp = root[:, K:]
-        for h in range(1, self.codec.num_heads):
-            z = upcast(self._level_logits_all(h, self.query(h, flat))).view(flat.shape[0], lp.shape[1], -1)
-            lp = self._dead_parents(h, F.log_softmax(z, -1) + lp.unsqueeze(-1)).flatten(1)
-        return torch.cat([root[:, :K], lp[:, :tail]], -1)
-
-    def _dead_parents(self, level: int, child: torch.Tensor) -> torch.Tensor:
-        """(B, P, C) child log-probs with the parents that have no valid child set to -inf (not NaN)."""
-        dead = self._limits[level - 1] + 1
-        if dead >= child.shape[1]:
-            return child
-        if not child.requires_grad:
-            child[:, dead:] = float("-inf")
-            return child
-        pad = child.new_full((child.shape[0], child.shape[1] - dead, child.shape[2]), float("-inf"))
-        return torch.cat([child[:, :dead], pad], 1)
-
-    def _log_prob_inference(self, flat: torch.Tensor) -> torch.Tensor:
-        """As the differentiable path, with every (B, nodes) temporary written into reused buffers and
-        the result into a reused one when its last holder has let it go (:mod:`.workspace`)."""
-        K, tail, b = self.shortlist, self.codec.num_labels, flat.shape[0]
-        root = F.log_softmax(upcast(self._root_logits(flat)), -1)
-        lp = root[:, K:]
-        for h in range(1, self.codec.num_heads):
-            z = self._level_logits_all(
-                h, self.query(h, flat), out=scratch(self, f"z{h}", (b, self._nodes(h)), flat)
-            )
-            z = upcast(z).view(b, lp.shape[1], -1)
-            child = torch.log_softmax(z, -1, out=scratch(self, f"lp{h}", tuple(z.shape), z))
-            lp = self._dead_parents(h, child.add_(lp.unsqueeze(-1))).flatten(1)
-        out = reusable_output(self, "out", (b, K + tail), lp)
-        out[:, :K] = root[:, :K]
-        out[:, K:] = lp[:, :tail]
-        return out
