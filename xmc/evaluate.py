@@ -35,17 +35,20 @@ def rank_documents(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     amp: bool = False,
+    order: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (ids, scores), each (n, k), for documents 0..n-1; ids -1 where fewer than k exist."""
+    """Top-k (ids, scores), each (n, k), for documents 0..n-1; ids -1 where fewer than k exist. ``order``: the
+    documents in the order to batch them (e.g. by token length, for a transformer); results are unchanged."""
     was_training = model.training
     model.eval()
     device = torch.device(device)
     world, rank = get_world_size(), get_rank()
+    docs = np.arange(n) if order is None else np.asarray(order)
     starts = list(range(0, n, batch_size))[rank::world]
     idx_parts, id_parts, sc_parts = [], [], []
     try:
         for s in starts:
-            batch = to_device(collator(list(range(s, min(s + batch_size, n)))), device)
+            batch = to_device(collator(docs[s : s + batch_size].tolist()), device)
             with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
                 scores, ids = model.topk(batch["inputs"], k)
             idx_parts.append(batch["index"].to(device))
@@ -74,7 +77,15 @@ def compute_metrics(
 class TrainedModel:
     """Everything in an output dir needed to rank new documents."""
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", which: str = "model.pt"):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str | torch.device = "cpu",
+        which: str = "model.pt",
+        ranker: bool = True,
+    ):
+        """``ranker=False`` ranks with the hand-weighted score even when ``model.pt`` holds a learned ranker
+        (the ablation without it)."""
         self.dir = Path(model_dir)
         cfg_path = self.dir / "config.json"
         if not cfg_path.exists():
@@ -85,10 +96,10 @@ class TrainedModel:
         self.device = torch.device(device)
         hf_config = None
         self.featurizer = self.tokenizer = None
-        if self.cfg["encoder"] == "tfidf":
+        if self.cfg["encoder"] in ("tfidf", "hybrid"):
             if self.meta["format"] == "raw":
                 self.featurizer = TfidfFeaturizer.load(self.dir / "tfidf.json")
-        else:
+        if self.cfg["encoder"] != "tfidf":
             from transformers import AutoConfig
 
             hf_config = AutoConfig.from_pretrained(str(self.dir / "encoder"), local_files_only=True)
@@ -102,7 +113,9 @@ class TrainedModel:
                 print(f"[mhe-xmc] {self.dir}: {note}", file=sys.stderr)
         else:
             state = load_checkpoint(self.dir / which, map_location="cpu")
+        self.model.attach_ranker_for(state["state_dict"])
         self.model.load_state_dict(state["state_dict"])
+        self.model.use_ranker = ranker
         self.model.to(self.device).eval()
         prop = self.dir / "propensities.npy"
         self.propensities = np.load(prop) if prop.exists() else None
@@ -113,7 +126,12 @@ class TrainedModel:
         elif self.meta["format"] == "bow" and features is not None:
             features = l2_rows(features)
         return Collator(
-            labels, features=features, texts=texts, tokenizer=self.tokenizer, max_len=self.cfg["max_len"]
+            labels,
+            features=features,
+            texts=texts,
+            tokenizer=self.tokenizer,
+            max_len=self.cfg["max_len"],
+            tokens=self.tokenizer is not None,
         )
 
 
@@ -164,10 +182,12 @@ def evaluate_model_dir(
     batch_size: int = 256,
     device: str = "cpu",
     out: str | Path | None = None,
+    ranker: bool = True,
 ) -> dict[str, float]:
     """Metrics of a trained model on a split (percent); also written to ``out`` when given. Read-only on
-    ``model_dir``: evaluating never writes into the run folder unless ``out`` points there."""
-    tm = TrainedModel(model_dir, device)
+    ``model_dir``: evaluating never writes into the run folder unless ``out`` points there. ``ranker=False``:
+    without the learned ranker (hand-weighted scores)."""
+    tm = TrainedModel(model_dir, device, ranker=ranker)
     ds = load_dataset(
         data_dir, tm.meta["format"], label_vocab=tm.label_vocab if tm.meta["format"] == "raw" else None
     )
@@ -177,7 +197,8 @@ def evaluate_model_dir(
         raise ValueError(f"{data_dir}: {ds.num_labels} labels but the model has {len(tm.label_vocab)}")
     part = ds.splits[split]
     col = tm.collator(texts=part.texts, features=part.features, labels=part.labels)
-    ids, _ = rank_documents(tm.model, col, len(part), 5, batch_size, tm.device)
+    order = np.argsort([len(t) for t in part.texts], kind="stable") if tm.tokenizer is not None else None
+    ids, _ = rank_documents(tm.model, col, len(part), 5, batch_size, tm.device, order=order)
     result = compute_metrics(ids, part.labels, tm.propensities)
     if out is not None and get_rank() == 0:
         atomic_write_json(result, out)
@@ -185,10 +206,15 @@ def evaluate_model_dir(
 
 
 def predict_lines(
-    model_dir: str | Path, lines: list[str], top_k: int = 5, batch_size: int = 256, device: str = "cpu"
+    model_dir: str | Path,
+    lines: list[str],
+    top_k: int = 5,
+    batch_size: int = 256,
+    device: str = "cpu",
+    ranker: bool = True,
 ) -> list[list[tuple[str, float]]]:
     """Top-k (label token, score) per input line (raw text, or ``f:v ...`` lines for a BoW model)."""
-    tm = TrainedModel(model_dir, device)
+    tm = TrainedModel(model_dir, device, ranker=ranker)
     if tm.meta["format"] == "bow":
         feats = _parse_bow_lines(lines, tm.meta["num_features"])
         col = tm.collator(features=feats)

@@ -7,212 +7,139 @@ Both heads take the padded label tensor (B, L; -1 = padding) through the one con
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.preprocessing import normalize
 from torch import nn
 
 from mhe_plugins.heads import build_head
 from mhe_plugins.heads.linear import ranked_candidates
-from xmc.encoders import HFEncoder, SparseEncoder
+from xmc.encoders import HFEncoder, HybridEncoder, SparseEncoder
+from xmc.scorers import (  # noqa: F401  (re-exported: xmc.model is where callers find them)
+    LexicalScorer,
+    NeighbourScorer,
+    _bag_to_csr,
+    _csr_buffers,
+    _csr_view,
+    _set_csr_buffers,
+    group_centroids,
+    label_centroids,
+)
+
+BAG_KEYS = ("input", "offsets", "weights")
+SPARSE_ENCODERS = ("tfidf", "hybrid")  # encoders whose batches carry the TF-IDF bag
 
 
-def label_centroids(features: sp.csr_matrix, labels: sp.csr_matrix) -> sp.csr_matrix:
-    """(N, F) L2-normalised mean TF-IDF of each label's training documents (PECOS's PIFA); empty rows for
-    labels without training documents."""
-    return normalize((labels.T.tocsr().astype(np.float32) @ features).tocsr(), norm="l2", axis=1).tocsr()
+class LearnedRanker(nn.Module):
+    """A sparse/low-rank linear re-ranker over the top ``shortlist`` labels of the hand-weighted score
+    (cascade + lexical term + neighbour votes), fitted after training (:mod:`xmc.ranker`).
 
-
-def group_centroids(
-    features: sp.csr_matrix, labels: sp.csr_matrix, group_of: np.ndarray, g: int
-) -> sp.csr_matrix:
-    """(G, F) L2-normalised mean TF-IDF of the documents having a label in each group."""
-    member = sp.csr_matrix(
-        (np.ones(len(group_of), np.float32), (np.arange(len(group_of)), group_of)), shape=(len(group_of), g)
-    )
-    hits = (labels @ member).tocsr()
-    hits.data[:] = 1.0
-    return label_centroids(features, hits)
-
-
-def _csr_buffers(module: nn.Module, prefix: str, rows: int, nnz: int, values: bool = True) -> None:
-    """Register ``{prefix}crow/col[/val]`` buffers holding a CSR matrix, so ``model.pt`` carries it."""
-    module.register_buffer(f"{prefix}crow", torch.zeros(rows + 1, dtype=torch.int64))
-    module.register_buffer(f"{prefix}col", torch.zeros(nnz, dtype=torch.int64))
-    if values:
-        module.register_buffer(f"{prefix}val", torch.zeros(nnz, dtype=torch.float32))
-
-
-def _set_csr_buffers(module: nn.Module, prefix: str, m: sp.csr_matrix, values: bool = True) -> None:
-    getattr(module, f"{prefix}crow").copy_(torch.from_numpy(m.indptr.astype(np.int64)))
-    getattr(module, f"{prefix}col").copy_(torch.from_numpy(m.indices.astype(np.int64)))
-    if values:
-        getattr(module, f"{prefix}val").copy_(torch.from_numpy(m.data.astype(np.float32)))
-
-
-def _csr_view(module: nn.Module, prefix: str, shape: tuple[int, int], values: bool = True) -> sp.csr_matrix:
-    """The scipy view of ``_csr_buffers``, rebuilt only when the buffers change (load_state_dict, .to)."""
-    bufs = [getattr(module, f"{prefix}{n}") for n in (("crow", "col", "val") if values else ("crow", "col"))]
-    key = tuple((t.data_ptr(), t._version) for t in bufs)
-    cache = module.__dict__.setdefault("_csr_views", {})
-    if prefix not in cache or cache[prefix][0] != key:
-        col = bufs[1].cpu().numpy()
-        data = bufs[2].cpu().numpy() if values else np.ones(len(col), np.float32)
-        cache[prefix] = (key, sp.csr_matrix((data, col, bufs[0].cpu().numpy()), shape=shape))
-    return cache[prefix][1]
-
-
-def _bag_to_csr(
-    input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, cols: int
-) -> sp.csr_matrix:
-    """An EmbeddingBag-style sparse batch (ids, offsets, per-id weights) as a (B, cols) scipy CSR matrix."""
-    indptr = np.append(offsets.cpu().numpy(), input.numel())
-    return sp.csr_matrix(
-        (weights.detach().float().cpu().numpy(), input.cpu().numpy(), indptr), shape=(offsets.numel(), cols)
-    )
-
-
-class LexicalScorer(nn.Module):
-    """Cosine of a document's sparse TF-IDF with each label centroid (and, for MHC, each group centroid),
-    times a learned weight: the lexical signal that a low-rank neural score misses on short keyword-like
-    texts, added to the ranker's logits (and to the group logits, so the right groups become candidates).
-
-    The centroids are stored transposed (F, N [+ G]) as CSR buffers so ``model.pt`` carries them; ``nnz``
-    fixes the buffer sizes when a saved model is rebuilt. The product runs in scipy on the CPU.
+    Per (document, label) pair it combines the features of :data:`RANKER_FEATURES` (the cascade's label and
+    group logits and product score, the raw lexical cosines, the neighbour vote, the label prior, the cosine
+    of the transformer embedding with the label's embedding centroid, and ``linear``: per-label sparse weights
+    on the TF-IDF, ``x . W_l + b_l``, trained on the cascade's hard negatives of the training documents) with
+    standardised, learned coefficients; the score is ``sigmoid(a * coef . phi + b)``. Everything is a
+    tensor buffer (``W`` as transposed CSR), so ``model.pt`` carries it and loads with ``weights_only``.
     """
 
-    def __init__(
-        self, num_features: int, num_labels: int, nnz: int, weight: float = 4.0, num_groups: int = 0
-    ):
+    def __init__(self, num_features: int, num_labels: int, nnz: int, shortlist: int = 100, emb_dim: int = 0):
         super().__init__()
+        p = len(RANKER_FEATURES)
         self.num_labels = num_labels
-        self.shape = (num_features, num_labels + num_groups)
-        _csr_buffers(self, "", num_features, nnz)
-        self.weight = nn.Parameter(torch.tensor(float(weight)))
-        self.group_weight = nn.Parameter(torch.tensor(float(weight))) if num_groups else None
+        self.w_shape = (num_features, num_labels)
+        _csr_buffers(self, "w_", num_features, nnz)
+        self.register_buffer("bias", torch.zeros(num_labels))
+        self.register_buffer("prior", torch.zeros(num_labels))
+        self.register_buffer("coef", torch.zeros(p))
+        self.register_buffer("mean", torch.zeros(p))
+        self.register_buffer("scale", torch.ones(p))
+        self.register_buffer("calib", torch.tensor([1.0, 0.0]))
+        self.register_buffer("shortlist", torch.tensor(int(shortlist)))
+        self.emb_dim = int(emb_dim)
+        if emb_dim:
+            self.register_buffer("emb_centroids", torch.zeros(num_labels, emb_dim))
+        else:
+            self.emb_centroids = None
 
-    def set_centroids(self, centroids: sp.csr_matrix) -> None:
-        ct = centroids.T.tocsr()
-        ct.sort_indices()
-        if ct.shape != self.shape or ct.nnz != self.col.numel():
-            raise ValueError(
-                f"centroids {ct.shape} nnz {ct.nnz} do not fit {self.shape} nnz {self.col.numel()}"
-            )
-        _set_csr_buffers(self, "", ct)
-
-    def forward(
-        self, input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weighted cosines (B, N) with the labels and (B, G) with the groups (None without groups)."""
-        x = _bag_to_csr(input, offsets, weights, self.shape[0])
-        # scipy's sparse product: torch's CSR @ CSR on CPU leaked ~20 MB per call (torch 2.14) and is slower
-        cos = torch.from_numpy((x @ _csr_view(self, "", self.shape)).toarray()).to(weights.device)
-        n = self.num_labels
-        groups = self.group_weight * cos[:, n:] if self.group_weight is not None else None
-        return self.weight * cos[:, :n], groups
-
-
-class NeighbourScorer(nn.Module):
-    """Label votes of the document's nearest training documents in TF-IDF space (cosine, top ``k``,
-    weights cos^``power`` normalised to sum 1): a non-parametric signal a low-rank neural ranker misses,
-    added at inference as ``weight * votes`` to the model's label scores.
-
-    The training TF-IDF (transposed, (F, D)) and labels ((D, N), binary) are CSR buffers, so ``model.pt``
-    carries them; the products run in scipy on the CPU. The votes do not depend on the trained weights, so
-    they are cached per batch (validation sees the same batches every epoch). A training document ranked by
-    this model finds itself among its neighbours: evaluate on held-out documents.
-    """
-
-    CACHE_BATCHES = 256
-
-    def __init__(
-        self,
-        num_features: int,
-        num_docs: int,
-        num_labels: int,
-        nnz_docs: int,
-        nnz_labels: int,
-        k: int = 30,
-        power: float = 2.0,
-        weight: float = 1.0,
-    ):
-        super().__init__()
-        if k < 1:
-            raise ValueError(f"neighbours k must be >= 1, got {k}")
-        self.k, self.power = int(k), float(power)
-        self.docs_shape, self.labels_shape = (num_features, num_docs), (num_docs, num_labels)
-        _csr_buffers(self, "docs_", num_features, nnz_docs)
-        _csr_buffers(self, "labels_", num_docs, nnz_labels, values=False)
-        self.register_buffer("weight", torch.tensor(float(weight)))
-        self._cache: OrderedDict[bytes, sp.csr_matrix] = OrderedDict()
+    @classmethod
+    def from_state(cls, state: dict, prefix: str = "ranker.") -> LearnedRanker:
+        """An empty ranker shaped to load ``state`` (sizes come from the tensors)."""
+        emb = state.get(f"{prefix}emb_centroids")
+        return cls(
+            int(state[f"{prefix}w_crow"].numel() - 1),
+            int(state[f"{prefix}bias"].numel()),
+            int(state[f"{prefix}w_col"].numel()),
+            int(state[f"{prefix}shortlist"]),
+            int(emb.shape[1]) if emb is not None else 0,
+        )
 
     def extra_repr(self) -> str:
-        return f"docs={self.docs_shape[1]}, labels={self.labels_shape[1]}, k={self.k}, power={self.power}"
+        return f"labels={self.num_labels}, nnz={self.w_col.numel()}, shortlist={int(self.shortlist)}"
 
-    def set_data(self, features: sp.csr_matrix, labels: sp.csr_matrix) -> None:
-        """``features`` (D, F) L2-normalised training TF-IDF, ``labels`` (D, N) their label sets."""
-        docs_t = features.T.tocsr()
-        docs_t.sort_indices()
-        lab = sp.csr_matrix(labels)
-        lab.sort_indices()
-        if docs_t.shape != self.docs_shape or lab.shape != self.labels_shape:
-            raise ValueError(
-                f"neighbour data {docs_t.shape}/{lab.shape} != {self.docs_shape}/{self.labels_shape}"
-            )
-        if docs_t.nnz != self.docs_col.numel() or lab.nnz != self.labels_col.numel():
-            raise ValueError("neighbour data nnz does not match the buffers")
-        _set_csr_buffers(self, "docs_", docs_t)
-        _set_csr_buffers(self, "labels_", lab, values=False)
-        self._cache.clear()
+    def set_weights(self, w_t: sp.csr_matrix) -> None:
+        """The per-label sparse weights, transposed (F, N) CSR with exactly the buffers' nnz."""
+        w_t = sp.csr_matrix(w_t)
+        w_t.sort_indices()
+        if w_t.shape != self.w_shape or w_t.nnz != self.w_col.numel():
+            raise ValueError(f"ranker weights {w_t.shape}/{w_t.nnz} != {self.w_shape}/{self.w_col.numel()}")
+        _set_csr_buffers(self, "w_", w_t)
 
-    def votes(self, x: sp.csr_matrix) -> sp.csr_matrix:
-        """(B, N) sparse votes for the (B, F) sparse documents ``x``: the neighbour weights of each row sum to
-        1, so a label's vote is the weighted share of the neighbours that carry it."""
-        docs = _csr_view(self, "docs_", self.docs_shape)
-        labels = _csr_view(self, "labels_", self.labels_shape, values=False)
-        sims = (x @ docs).tocsr()
-        rows, cols, vals = [], [], []
-        for i in range(sims.shape[0]):
-            s, e = sims.indptr[i], sims.indptr[i + 1]
-            idx, val = sims.indices[s:e], sims.data[s:e]
-            if len(val) > self.k:
-                top = np.argpartition(-val, self.k - 1)[: self.k]
-                idx, val = idx[top], val[top]
-            w = np.power(np.maximum(val, 0.0), self.power)
-            total = float(w.sum())
-            if total > 0:
-                rows.append(np.full(len(idx), i))
-                cols.append(idx)
-                vals.append(w / total)
-        if not rows:
-            return sp.csr_matrix((sims.shape[0], labels.shape[1]), dtype=np.float32)
-        near = sp.csr_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=sims.shape
-        )
-        return (near @ labels).tocsr()
+    def linear_scores(self, x: sp.csr_matrix) -> torch.Tensor:
+        """Dense (B, N) ``x . W_l + b_l`` for the (B, F) sparse documents."""
+        lin = torch.from_numpy((x @ _csr_view(self, "w_", self.w_shape)).toarray())
+        return lin.to(self.bias.device) + self.bias
 
-    def forward(self, input: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Dense (B, N) ``weight * votes`` for an EmbeddingBag-style sparse batch."""
-        data = (self.docs_crow, self.docs_col, self.docs_val, self.labels_crow, self.labels_col)
-        key = hashlib.blake2b(  # the batch, and the version of the neighbour data (load_state_dict, .to)
-            repr([(t.data_ptr(), t._version) for t in data]).encode()
-            + b"".join(t.detach().cpu().numpy().tobytes() for t in (input, offsets, weights)),
-            digest_size=16,
-        ).digest()
-        votes = self._cache.get(key)
-        if votes is None:
-            votes = self.votes(_bag_to_csr(input, offsets, weights, self.docs_shape[0]))
-            self._cache[key] = votes
-            if len(self._cache) > self.CACHE_BATCHES:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-        return self.weight * torch.from_numpy(votes.toarray()).to(weights.device)
+    def features(self, comp: dict, ids: torch.Tensor) -> torch.Tensor:
+        """(B, R, P) features of the (B, R) label ids from :meth:`XMCModel.score_components`."""
+        cols = []
+        for name in RANKER_FEATURES:
+            if name == "linear":
+                v = self.linear_scores(comp["x_csr"]).gather(1, ids)
+            elif name == "prior":
+                v = self.prior[ids]
+            elif name == "embedding":
+                e = comp.get("emb")
+                if e is None or self.emb_centroids is None:
+                    v = torch.zeros(ids.shape, device=ids.device)
+                else:
+                    e = torch.nn.functional.normalize(e.float(), dim=-1)
+                    v = torch.einsum("brd,bd->br", self.emb_centroids[ids], e)
+            elif name == "log_head":
+                v = torch.log(comp["head"].gather(1, ids) + 1e-4)
+            elif name == "sqrt_vote":
+                v = comp["votes"].gather(1, ids).clamp_min(0).sqrt()
+            else:
+                v = comp[RANKER_SOURCE.get(name, name)].gather(1, ids)
+            cols.append(v.float())
+        return torch.stack(cols, dim=-1)
+
+    def logits(self, phi: torch.Tensor) -> torch.Tensor:
+        return ((phi - self.mean) / self.scale) @ self.coef
+
+    def scores(self, phi: torch.Tensor) -> torch.Tensor:
+        a, b = self.calib
+        return torch.sigmoid(a * self.logits(phi) + b)
+
+
+#: the per-pair features of :class:`LearnedRanker` (the order of its ``coef``)
+RANKER_FEATURES = (
+    "stage0",  # the hand-weighted score (cascade + votes), what the shortlist is cut on
+    "head",  # sigmoid(label) * sigmoid(group); 0 for a label the cascade did not rank
+    "log_head",
+    "candidate",  # 1 when the cascade ranked the label
+    "label_logit",  # the cascade's label logit (with the lexical term), 0 when not a candidate
+    "group_logit",  # the logit of the label's group (with the lexical term)
+    "vote",  # the neighbour vote
+    "sqrt_vote",
+    "lexical",  # raw cosine with the label centroid
+    "lexical_group",  # raw cosine with the group centroid
+    "linear",  # per-label sparse weights on the TF-IDF + per-label bias
+    "prior",  # log(1 + training documents of the label)
+    "embedding",  # cosine of the transformer embedding with the label's embedding centroid
+)
+RANKER_SOURCE = {"vote": "votes"}
 
 
 def default_hidden_dim(feature_dim: int) -> int:
@@ -230,7 +157,10 @@ class XMCModel(nn.Module):
         self.cfg = dict(cfg)
         self.candidate_loss = cfg.get("candidate_loss", "bce")
         self.lexical = None
-        if cfg["encoder"] == "tfidf":
+        self.ranker: LearnedRanker | None = None
+        self.use_ranker = True
+        kind = cfg["encoder"]
+        if kind == "tfidf":
             self.encoder = SparseEncoder(
                 num_features,
                 cfg["tfidf_dim"],
@@ -238,12 +168,34 @@ class XMCModel(nn.Module):
                 layers=cfg.get("tfidf_layers", 0),
                 sparse=cfg.get("sparse_grad", False),
             )
-        else:
+        elif kind == "hybrid":
+            self.encoder = HybridEncoder(
+                num_features,
+                cfg.get("model_path"),
+                cfg["tfidf_dim"],
+                cfg["dropout"],
+                tfidf_layers=cfg.get("tfidf_layers", 0),
+                sparse=cfg.get("sparse_grad", False),
+                config=hf_config,
+                pooling=cfg.get("pooling") or "mean",
+                freeze_layers=cfg.get("freeze_layers"),
+                frozen=cfg.get("encoder_mode") == "frozen",
+                feature_layers=cfg.get("feature_layers", 1),
+            )
+        elif kind == "hf":
             if cfg.get("lexical_nnz") is not None:
                 raise ValueError("the lexical ranker term needs the TF-IDF encoder (sparse input)")
             self.encoder = HFEncoder(
-                cfg.get("model_path"), cfg["feature_layers"], cfg["dropout"], config=hf_config
+                cfg.get("model_path"),
+                cfg["feature_layers"],
+                cfg["dropout"],
+                config=hf_config,
+                pooling=cfg.get("pooling") or "lightxml",
+                freeze_layers=10**6 if cfg.get("encoder_mode") == "frozen" else cfg.get("freeze_layers"),
             )
+        else:
+            raise ValueError(f"unknown encoder {kind!r} (tfidf|hybrid|hf)")
+        self.sparse_input = kind in SPARSE_ENCODERS
         d = self.encoder.out_features
         if cfg["head"] == "flat":
             self.head = build_head("linear_multilabel", d, num_labels)
@@ -260,12 +212,12 @@ class XMCModel(nn.Module):
         else:
             raise ValueError(f"unknown head {cfg['head']!r} (mhc|flat)")
         lexical_nnz = cfg.get("lexical_nnz")
-        if cfg["encoder"] == "tfidf" and lexical_nnz is not None:
+        if self.sparse_input and lexical_nnz is not None:
             g = self.head.num_groups if cfg["head"] == "mhc" else 0
             self.lexical = LexicalScorer(num_features, num_labels, lexical_nnz, cfg["lexical_weight"], g)
         self.neighbours = None
         nb = cfg.get("neighbour_nnz")
-        if cfg["encoder"] == "tfidf" and nb is not None:
+        if self.sparse_input and nb is not None:
             self.neighbours = NeighbourScorer(
                 num_features,
                 nb["docs"],
@@ -276,7 +228,20 @@ class XMCModel(nn.Module):
                 power=cfg.get("neighbour_power", 2.0),
                 weight=cfg.get("neighbour_weight", 1.0),
             )
+        self.num_features = num_features
 
+    # ------------------------------------------------------------------ ranker
+    def attach_ranker(self, ranker: LearnedRanker | None) -> None:
+        self.ranker = ranker
+
+    def attach_ranker_for(self, state: dict) -> None:
+        """Before ``load_state_dict``: give the model the (empty) ranker that ``state`` holds, if any."""
+        if any(k.startswith("ranker.") for k in state):
+            self.ranker = LearnedRanker.from_state(state).to(next(self.parameters()).device)
+        else:
+            self.ranker = None
+
+    # ------------------------------------------------------------------ encoding
     def lexical_centroids(self, features: sp.csr_matrix, labels: sp.csr_matrix) -> sp.csr_matrix:
         """(N [+ G], F) label (and group) centroids of the training documents, for :class:`LexicalScorer`."""
         c = label_centroids(features, labels)
@@ -285,14 +250,30 @@ class XMCModel(nn.Module):
         group_of = self.head.group_of_global().cpu().numpy()
         return sp.vstack([c, group_centroids(features, labels, group_of, self.head.num_groups)]).tocsr()
 
-    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.encoder(**inputs)
+    @staticmethod
+    def bag(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: inputs[k] for k in BAG_KEYS}
 
-    def _bias(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the head's input feature, the transformer's pooled embedding or None)."""
+        if isinstance(self.encoder, HybridEncoder):
+            emb = self.encoder.embedding(inputs)
+            return self.encoder(inputs, emb=emb), emb
+        if isinstance(self.encoder, SparseEncoder):
+            return self.encoder(**self.bag(inputs)), None
+        tok = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in inputs}
+        return self.encoder(**tok), None
+
+    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encode(inputs)[0]
+
+    def _bias(self, inputs: dict[str, torch.Tensor], cos: torch.Tensor | None = None) -> dict:
         """The lexical term as the head's external logits: per label, and per group for the cascade."""
         if self.lexical is None:
             return {}
-        lex, lex_groups = self.lexical(**inputs)
+        lex, lex_groups = self.lexical.weighted(
+            cos if cos is not None else self.lexical.cosines(**self.bag(inputs))
+        )
         bias = {"label_bias": lex}
         if lex_groups is not None:
             bias["group_bias"] = lex_groups
@@ -303,19 +284,99 @@ class XMCModel(nn.Module):
         x = self.features(inputs)
         return self.head(x, labels, candidate_loss=self.candidate_loss, **self._bias(inputs)).loss
 
+    def _votes_on(self) -> bool:
+        return self.neighbours is not None and float(self.neighbours.weight) > 0
+
     @torch.no_grad()
-    def topk(self, inputs: dict[str, torch.Tensor], k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores in [0, 1], label ids) of the head, mixed with the neighbour votes when they are on:
-        ((head score, 0 for labels the head did not rank) + weight * votes) / (1 + weight)."""
-        x = self.features(inputs)
-        bias = self._bias(inputs)
-        near = (
-            self.neighbours(**inputs) if self.neighbours is not None and self.neighbours.weight > 0 else None
-        )
-        if near is None:
-            return self.head.topk(x, k, **bias)
+    def stage0(self, inputs: dict[str, torch.Tensor], x: torch.Tensor, bias: dict) -> tuple:
+        """The hand-weighted ranking: (scores, ids) of the head's candidates, or with the neighbour votes
+        ((head score, 0 for labels the head did not rank) + weight * votes) / (1 + weight) over all N."""
+        if not self._votes_on():
+            return self.head.candidate_scores(x, **bias)
+        near = self.neighbours(**self.bag(inputs))
         scores, ids = self.head.candidate_scores(x, **bias)
         total = near.float().clone()
         total.scatter_add_(1, ids.clamp_min(0), torch.where(ids >= 0, scores, torch.zeros_like(scores)))
         total = total / (1.0 + self.neighbours.weight)  # scores stay in [0, 1]; the ranking is unchanged
-        return ranked_candidates(total, torch.arange(total.shape[1], device=total.device).expand_as(total), k)
+        return total, torch.arange(total.shape[1], device=total.device).expand_as(total)
+
+    @torch.no_grad()
+    def score_components(self, inputs: dict[str, torch.Tensor], exclude: np.ndarray | None = None) -> dict:
+        """Dense (B, N) per-label signals for the learned ranker: ``stage0`` (the hand-weighted score),
+        ``head``, ``candidate``, ``label_logit``, ``group_logit``, ``votes`` (unweighted; leave-one-out for the
+        training documents ``exclude``), ``lexical``, ``lexical_group``; plus ``x_csr`` (the sparse TF-IDF)
+        and ``emb`` (the transformer embedding or None)."""
+        if not self.sparse_input:
+            raise ValueError("the learned ranker needs the TF-IDF features (--encoder tfidf or hybrid)")
+        x, emb = self.encode(inputs)
+        bag = self.bag(inputs)
+        n = self.head.num_labels
+        b = x.shape[0]
+        dev = x.device
+        cos = self.lexical.cosines(**bag) if self.lexical is not None else None
+        bias = self._bias(inputs, cos)
+        zeros = torch.zeros(b, n, device=dev)
+        comp = {"x_csr": _bag_to_csr(*bag.values(), self.num_features), "emb": emb}
+        if self.cfg["head"] == "mhc":
+            out = self.head.candidates(x, None, **bias)
+            ids = torch.where(out.candidate_mask, self.head.candidate_global_ids(out), -1)
+            ok = ids >= 0
+            safe = ids.clamp_min(0)
+            ll = out.candidate_logits.float()
+            score = torch.sigmoid(ll) * out.group_scores.float()
+            # scatter_add: the dummy slots (id -1 -> 0, value 0) must not overwrite label 0
+            comp["head"] = zeros.clone().scatter_add_(1, safe, torch.where(ok, score, 0.0))
+            comp["label_logit"] = zeros.clone().scatter_add_(1, safe, torch.where(ok, ll, 0.0))
+            comp["candidate"] = zeros.clone().scatter_add_(1, safe, ok.float())
+            group_of = self.head.group_of_global()
+            comp["group_logit"] = out.group_logits.float()[:, group_of]
+        else:
+            scores, _ = self.head.candidate_scores(x, **bias)
+            comp["head"] = scores.float()
+            comp["label_logit"] = torch.logit(scores.float(), eps=1e-6)
+            comp["candidate"] = torch.ones(b, n, device=dev)
+            comp["group_logit"] = zeros
+        if cos is not None:
+            comp["lexical"] = cos[:, :n].float()
+            if cos.shape[1] > n:
+                comp["lexical_group"] = cos[:, n:].float()[:, self.head.group_of_global()]
+            else:
+                comp["lexical_group"] = zeros
+        else:
+            comp["lexical"] = comp["lexical_group"] = zeros
+        if self.neighbours is not None:
+            if exclude is None and self._votes_on():  # the per-batch cache of the votes
+                votes = self.neighbours(**bag) / self.neighbours.weight
+            else:
+                votes = torch.from_numpy(self.neighbours.votes(comp["x_csr"], exclude).toarray())
+            comp["votes"] = votes.float().to(dev)
+            w = self.neighbours.weight.float()
+            comp["stage0"] = (comp["head"] + w * comp["votes"]) / (1.0 + w)
+        else:
+            comp["votes"] = zeros
+            comp["stage0"] = comp["head"]
+        return comp
+
+    @torch.no_grad()
+    def ranked(self, comp: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores, ids) of the learned ranker over the stage-0 shortlist of ``comp``."""
+        r = min(max(int(self.ranker.shortlist), k), comp["stage0"].shape[1])
+        _, ids = comp["stage0"].topk(r, dim=1)
+        # ranked on the logits (the sigmoid of the calibrated score can tie at 1.0), reported as probabilities
+        vals, top = ranked_candidates(self.ranker.logits(self.ranker.features(comp, ids)), ids, k)
+        a, b = self.ranker.calib
+        return torch.where(top >= 0, torch.sigmoid(a * vals + b), torch.full_like(vals, -1.0)), top
+
+    @torch.no_grad()
+    def topk(self, inputs: dict[str, torch.Tensor], k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores in [0, 1], label ids): the learned ranker's when the model has one (and
+        ``use_ranker``), else the head's mixed with the neighbour votes when they are on:
+        ((head score, 0 for labels the head did not rank) + weight * votes) / (1 + weight)."""
+        if self.ranker is not None and self.use_ranker:
+            return self.ranked(self.score_components(inputs), k)
+        x = self.features(inputs)
+        bias = self._bias(inputs)
+        if not self._votes_on():
+            return self.head.topk(x, k, **bias)
+        scores, ids = self.stage0(inputs, x, bias)
+        return ranked_candidates(scores, ids, k)

@@ -10,13 +10,11 @@ gradient accumulation steps after every ``grad_accum`` micro-batches (not at ste
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
-import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +28,6 @@ from mhe_plugins import metrics as M
 from mhe_plugins.training import (
     Amp,
     TrainState,
-    atomic_write,
-    atomic_write_json,
     atomic_write_text,
     check_finite_loss,
     prepare_output_dir,
@@ -42,145 +38,19 @@ from mhe_plugins.training import (
     warmup_linear_decay,
 )
 from mhe_plugins.training.dist import (
-    DEFAULT_TIMEOUT_S,
     barrier,
     collective_timeout_guard,
     init_distributed_from_env,
     wrap_ddp,
 )
 from mhe_plugins.training.metric_log import open_metric_logger
-from xmc.batching import Collator, IndexDataset, to_device
-from xmc.data import XMCDataset, load_dataset
-from xmc.encoders import TfidfFeaturizer, l2_rows, load_tokenizer
+from xmc.batching import IndexDataset, LengthBucketBatchSampler, to_device
+from xmc.config import TrainConfig
+from xmc.data import load_dataset
+from xmc.encoders import minilm_path
 from xmc.evaluate import compute_metrics, rank_documents
-from xmc.io import read_lines
+from xmc.featurise import Featurised, check_resume_matches, write_static_files
 from xmc.model import XMCModel
-
-
-@dataclass
-class TrainConfig:
-    data_dir: str
-    output: str
-    format: str = "auto"  # raw | bow | auto
-    head: str = "mhc"  # mhc | flat
-    encoder: str = "tfidf"  # tfidf | hf
-    model_path: str | None = None  # local HF model dir (encoder=hf)
-    num_groups: int | None = None  # default ~ sqrt(N) (balanced two-head split)
-    candidates_topk: int | None = None  # default ~ sqrt(G), >= 16
-    hidden_dim: int | None = None  # MHC label-embedding width; default feature_dim // 4 in [32, 300]
-    permutation_seed: int | None = None  # random label-id permutation before grouping
-    epochs: int = 10  # WordNet-XMC plateaus after ~4, FOLDOC-XMC still gains at 12 (docs/xmc.md)
-    batch_size: int = 128
-    lr: float | None = None  # default 2e-3 (tfidf) / 1e-4 (hf)
-    weight_decay: float = 0.01
-    warmup: float = 0.05  # fraction of optimizer steps
-    grad_accum: int = 1
-    amp: bool = True  # only on CUDA
-    swa: bool = True
-    swa_start: int | None = None  # epoch (0-based) at which averaging starts; default: the last quarter
-    swa_every: int = 50  # optimizer steps between SWA updates
-    eval_every: int = 0  # optimizer steps between validations (0: once per epoch)
-    select_metric: str = "P@5"
-    dropout: float | None = None  # default 0.2 (tfidf) / 0.5 (hf)
-    tfidf_dim: int = 512
-    tfidf_layers: int = 0  # residual MLP blocks after the TF-IDF projection
-    sparse_grad: bool = True  # sparse gradients for the TF-IDF bag, updated by SparseAdam
-    ngram_max: int = 1  # 2: word bigrams in the TF-IDF vocabulary (raw text only)
-    lexical: bool | None = (
-        None  # cosine(doc TF-IDF, label/group centroids) in the ranker; None: on with tfidf
-    )
-    lexical_weight: float = 10.0  # its initial weight (learned)
-    candidate_loss: str = "bce"  # bce | softmax (MHC candidates)
-    neighbours: int | None = None  # kNN label votes from K nearest training docs; None: 30 with tfidf; 0: off
-    neighbour_weight: float = 1.0  # their weight against the model's label scores (docs/xmc.md)
-    max_features: int = 100_000
-    feature_layers: int = 5
-    max_len: int = 128
-    valid_size: float = 0.05  # used only when the dataset has no valid split
-    propensity_a: float = 0.55
-    propensity_b: float = 1.5
-    seed: int = 6088
-    threads: int | None = None
-    device: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    max_steps: int | None = None  # stop early (smoke tests); None = full epochs
-    progress: bool = True
-    dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds a collective waits for a stuck rank
-    tensorboard: bool = True  # TensorBoard scalars next to log.jsonl (docs/logging.md)
-    log_dir: str | None = None  # their folder; None: OUTPUT/tensorboard
-    wandb: bool = False  # also to Weights & Biases (needs wandb installed)
-    wandb_project: str | None = None
-
-    def __post_init__(self) -> None:
-        _check_types(self)
-        choices = {"format": ("auto", "raw", "bow"), "head": ("mhc", "flat"), "encoder": ("tfidf", "hf")}
-        choices["candidate_loss"] = ("bce", "softmax")
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"TrainConfig.{name}: {getattr(self, name)!r} is not one of {allowed}")
-        for name in ("epochs", "batch_size", "grad_accum", "swa_every", "tfidf_dim", "ngram_max"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.neighbours is not None and self.neighbours < 0:
-            raise ValueError(f"TrainConfig.neighbours must be >= 0 (0 = off), got {self.neighbours}")
-        if self.neighbours and self.encoder != "tfidf":
-            raise ValueError("TrainConfig.neighbours needs the TF-IDF encoder (--encoder tfidf)")
-        if self.lexical and self.encoder != "tfidf":
-            raise ValueError("TrainConfig.lexical needs the TF-IDF encoder (--encoder tfidf)")
-
-    def use_lexical(self) -> bool:
-        """The lexical term is on by default with the TF-IDF encoder (it needs sparse input)."""
-        return self.lexical if self.lexical is not None else self.encoder == "tfidf"
-
-    def num_neighbours(self) -> int:
-        """kNN votes are on by default (30 neighbours) with the TF-IDF encoder (they need sparse input)."""
-        if self.neighbours is not None:
-            return self.neighbours
-        return 30 if self.encoder == "tfidf" else 0
-
-    def swa_start_epoch(self) -> int:
-        """SWA averages only the last part of training (default: the last quarter of the epochs)."""
-        return self.swa_start if self.swa_start is not None else (3 * self.epochs) // 4
-
-    def model_cfg(self) -> dict:
-        hf = self.encoder != "tfidf"
-        return {
-            "encoder": self.encoder,
-            "head": self.head,
-            "model_path": self.model_path,
-            "num_groups": self.num_groups,
-            "candidates_topk": self.candidates_topk,
-            "hidden_dim": self.hidden_dim,
-            "permutation_seed": self.permutation_seed,
-            "dropout": self.dropout if self.dropout is not None else (0.5 if hf else 0.2),
-            "tfidf_dim": self.tfidf_dim,
-            "tfidf_layers": self.tfidf_layers,
-            "sparse_grad": self.sparse_grad and not hf,
-            "candidate_loss": self.candidate_loss,
-            "lexical_weight": self.lexical_weight,
-            "neighbours": self.num_neighbours(),
-            "neighbour_weight": self.neighbour_weight,
-            "neighbour_power": 2.0,
-            "feature_layers": self.feature_layers,
-            "max_len": self.max_len,
-        }
-
-
-def _check_types(cfg: TrainConfig) -> None:
-    """Refuse a config whose field has the wrong type (e.g. ``epochs="5"`` from a JSON file), naming it."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(cfg):
-        val, hint = getattr(cfg, f.name), hints[f.name]
-        allowed = tuple(t for t in typing.get_args(hint) if isinstance(t, type)) or (hint,)
-        if val is None and type(None) in allowed:
-            continue
-        ok = isinstance(val, allowed) and not (isinstance(val, bool) and bool not in allowed)
-        if float in allowed and isinstance(val, int) and not isinstance(val, bool):
-            ok = True
-        if not ok:
-            names = " | ".join(t.__name__ for t in allowed)
-            raise TypeError(f"TrainConfig.{f.name} must be {names}, got {val!r} ({type(val).__name__})")
 
 
 def _sparse_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -188,14 +58,30 @@ def _sparse_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [m.weight for m in model.modules() if isinstance(m, torch.nn.EmbeddingBag) and m.sparse]
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def _param_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float, encoder_lr: float | None = None
+) -> list[dict]:
+    """Decay / no-decay groups; with ``encoder_lr`` the transformer's parameters get their own two groups."""
+    groups: dict[tuple[bool, bool], list] = {}
     sparse = {id(p) for p in _sparse_params(model)}
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in sparse:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        hf = encoder_lr is not None and (".hf." in f".{name}" or name.startswith("encoder.model."))
+        no_decay = p.ndim < 2 or "norm" in name.lower()
+        groups.setdefault((hf, no_decay), []).append(p)
+    out = []
+    for hf in (False, True):
+        for no_decay in (False, True):
+            if (hf, no_decay) in groups or (not hf):
+                group = {
+                    "params": groups.get((hf, no_decay), []),
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                }
+                if hf:
+                    group["lr"] = encoder_lr
+                out.append(group)
+    return out
 
 
 def _adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
@@ -205,97 +91,17 @@ def _adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=lr)
 
 
-def _optimizers(model: torch.nn.Module, weight_decay: float, lr: float) -> list[torch.optim.Optimizer]:
-    """AdamW for the dense parameters; SparseAdam (lazy Adam: moments of untouched rows stay put, no weight
-    decay) for sparse-gradient bags. Dense AdamW over a 40 M-row bag costs more than the model's forward."""
-    opts = [_adamw(_param_groups(model, weight_decay), lr)]
+def _optimizers(
+    model: torch.nn.Module, weight_decay: float, lr: float, encoder_lr: float | None = None
+) -> list[torch.optim.Optimizer]:
+    """AdamW for the dense parameters (the transformer at ``encoder_lr`` when given); SparseAdam (lazy Adam:
+    moments of untouched rows stay put, no weight decay) for sparse-gradient bags. Dense AdamW over a 40
+    M-row bag costs more than the model's forward."""
+    opts = [_adamw(_param_groups(model, weight_decay, lr, encoder_lr), lr)]
     sparse = _sparse_params(model)
     if sparse:
         opts.append(torch.optim.SparseAdam(sparse, lr=lr))
     return opts
-
-
-class _Featurised:
-    """Per-split encoder inputs (TF-IDF matrices are computed once) and the saved featurizer state."""
-
-    def __init__(self, cfg: TrainConfig, ds: XMCDataset, out: Path):
-        self.tokenizer = self.featurizer = None
-        self.features: dict = {}
-        self.num_features = ds.num_features
-        if cfg.encoder == "tfidf":
-            if ds.format == "raw":
-                path = out / "tfidf.json"
-                if cfg.resume and path.exists():
-                    self.featurizer = TfidfFeaturizer.load(path)
-                else:
-                    self.featurizer = TfidfFeaturizer(
-                        max_features=cfg.max_features, ngram_max=cfg.ngram_max
-                    ).fit(ds.splits["train"].texts)
-                self.num_features = self.featurizer.num_features
-                self.features = {s: self.featurizer.transform(p.texts) for s, p in ds.splits.items()}
-            else:
-                if cfg.ngram_max != 1:
-                    raise ValueError("--ngram-max needs raw text: BoW files come with their own features")
-                self.features = {s: l2_rows(p.features) for s, p in ds.splits.items()}
-        else:
-            if ds.format != "raw":
-                raise ValueError(
-                    "--encoder hf needs raw text (format raw); BoW files only work with --encoder tfidf"
-                )
-            self.tokenizer = load_tokenizer(cfg.model_path)
-
-    def collator(self, ds: XMCDataset, split: str, max_len: int) -> Collator:
-        part = ds.splits[split]
-        return Collator(part.labels, self.features.get(split), part.texts, self.tokenizer, max_len)
-
-
-def _write_static_files(
-    cfg: TrainConfig, ds: XMCDataset, feats: _Featurised, model: XMCModel, out: Path, prop
-) -> None:
-    meta = {
-        "format": ds.format,
-        "num_labels": ds.num_labels,
-        "num_features": feats.num_features,
-        "model": model.cfg,
-        "train_config": asdict(cfg),
-        "classifier_parameters": model.head.classifier_parameters(),
-        "head_resolved": {
-            k: getattr(model.head, k, None)
-            for k in ("num_groups", "group_size", "candidates_topk", "hidden_dim")
-        },
-    }
-    if cfg.encoder != "tfidf":
-        model.encoder.model.config.save_pretrained(out / "encoder")
-        feats.tokenizer.save_pretrained(out / "encoder")
-    if feats.featurizer is not None:
-        feats.featurizer.save(out / "tfidf.json")
-    atomic_write_text("".join(t + "\n" for t in ds.label_vocab), out / "labels.txt")
-    atomic_write(out / "propensities.npy", lambda fh: np.save(fh, prop.astype(np.float32)))
-    atomic_write_json(meta, out / "config.json")
-
-
-def _check_resume_matches(out: Path, ds: XMCDataset, feats: _Featurised, model: XMCModel) -> None:
-    """On ``--resume``, the data and model must be the run's own: labels by name and order, the feature
-    space and the model config. Checked before any file is written; a mismatch names the first difference."""
-    labels_file = out / "labels.txt"
-    if not labels_file.is_file():
-        raise FileNotFoundError(f"cannot resume: {labels_file} is missing (the run's label names)")
-    saved = read_lines(labels_file)
-    if saved != list(ds.label_vocab):
-        where = next((i for i, (a, b) in enumerate(zip(saved, ds.label_vocab)) if a != b), None)
-        detail = (
-            f"{len(saved)} labels in the run, {len(ds.label_vocab)} in the data"
-            if where is None
-            else f"{labels_file.name}:{where + 1} is {saved[where]!r}, the data's label {where + 1} is "
-            f"{ds.label_vocab[where]!r}"
-        )
-        raise ValueError(f"cannot resume {out} on this dataset: its labels differ ({detail})")
-    meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    for key, now in (("num_features", feats.num_features), ("model", model.cfg), ("format", ds.format)):
-        if meta.get(key) != json.loads(json.dumps(now)):
-            raise ValueError(
-                f"cannot resume {out}: config.json has {key}={meta.get(key)!r}, this run would use {now!r}"
-            )
 
 
 def validation_tags(rec: dict) -> dict[str, float]:
@@ -303,6 +109,8 @@ def validation_tags(rec: dict) -> dict[str, float]:
     of the weights kept (``valid/swa_selected`` = 1 when the SWA average won) and, once SWA validates too,
     ``valid_raw/<metric>`` and ``valid_swa/<metric>`` of both candidates."""
     metrics = {k: v for k, v in rec.items() if "@" in k}
+    if rec.get("stage") == "ranker":
+        return {f"ranker/{k}": v for k, v in metrics.items()}
     tags = {"train/loss": rec["train_loss"], "train/lr": rec["lr"], "valid/swa_selected": float(rec["swa"])}
     tags.update({f"valid/{k}": v for k, v in metrics.items()})
     if rec.get("other"):
@@ -321,6 +129,54 @@ RUN_FILES = [
     "metrics.json",
     "tensorboard",
 ]
+
+
+def _ranker_row(report: dict, step: int) -> dict:
+    """The log row of the learned ranker: its cross-fitted valid metrics (no ``epoch``: it is not one)."""
+    return {
+        "stage": "ranker",
+        "step": step,
+        "split": "valid",
+        **report["ranker_crossfit"],
+        "hand_weights": report["stage0"],
+        "valid_docs": report["valid_docs"],
+        "wall": report["wall"],
+    }
+
+
+def _fit_and_commit_ranker(
+    cfg: TrainConfig, ds, feats: Featurised, mcfg: dict, ckpt: TrainState, train_col, valid_col, prop,
+    device, step: int, logger, say,
+) -> dict:  # fmt: skip
+    """Fit the learned ranker on the selected weights (model.pt) and commit them with it: a new commit whose
+    best state is model.pt plus the ranker (so a kill anywhere leaves the old model.pt or the new one)."""
+    from xmc.ranker import RankerSettings, fit_ranker
+
+    best_state, _ = ckpt.load_best("cpu")
+    model = XMCModel(mcfg, ds.num_labels, feats.num_features)
+    model.load_state_dict(best_state["state_dict"])
+    model.to(device)
+    settings = RankerSettings(
+        shortlist=cfg.ranker_shortlist,
+        negatives=cfg.ranker_negatives,
+        epochs=cfg.ranker_epochs,
+        train_docs=cfg.ranker_train_docs,
+        batch_size=cfg.batch_size * 2,
+        seed=cfg.seed,
+    )
+    x_tr = feats.features["train"]
+    report = fit_ranker(
+        model, train_col, valid_col, x_tr, ds.splits["train"].labels, ds.splits["valid"].labels, prop,
+        settings, device, say=say,
+    )  # fmt: skip
+    last = ckpt.load_resume()  # the committed training state, unchanged
+    last["ranker"] = report
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    best = {**{k: v for k, v in best_state.items() if not k.startswith("_")}, "state_dict": state}
+    best["ranker"] = report
+    ckpt.commit(last, best)
+    logger.log(_ranker_row(report, step))
+    return report
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -347,7 +203,12 @@ def _train(cfg: TrainConfig) -> dict:
         prepare_output_dir(out, resume=False, overwrite=False, run_files=RUN_FILES, main_process=rank == 0)
     # data is read and validated before anything is written
     ds = load_dataset(cfg.data_dir, cfg.format, valid_size=cfg.valid_size)
-    feats = _Featurised(cfg, ds, out)
+    say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    say(f"[mhe-xmc] encoder: {cfg.describe_encoder()}")
+    if cfg.auto_resolved and cfg.encoder == "tfidf" and minilm_path() is not None:
+        say("[mhe-xmc] (--encoder auto = tfidf: xmc.config.AUTO_ENCODER is 'tfidf'; the offline MiniLM is "
+            "installed: --encoder hybrid --model-path DIR uses it, docs/xmc.md)")  # fmt: skip
+    feats = Featurised(cfg, ds, out, say=say)
     prop = M.jain_propensity(ds.splits["train"].labels, A=cfg.propensity_a, B=cfg.propensity_b)
 
     mcfg = cfg.model_cfg()
@@ -369,26 +230,41 @@ def _train(cfg: TrainConfig) -> dict:
         model.neighbours.set_data(x_tr, y_tr)
     model.to(device)
     if resumed is not None:
-        _check_resume_matches(out, ds, feats, model)
+        check_resume_matches(out, ds, feats, model)
     prepare_output_dir(
         out, resume=cfg.resume, overwrite=cfg.overwrite, run_files=RUN_FILES, main_process=rank == 0
     )
     if rank == 0 and resumed is None:
-        _write_static_files(cfg, ds, feats, model, out, prop)
+        write_static_files(cfg, ds, feats, model, out, prop)
     hf = cfg.encoder != "tfidf"
-    lr = cfg.lr if cfg.lr is not None else (1e-4 if hf else 2e-3)
-    optimizers = _optimizers(model, cfg.weight_decay, lr)
+    lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.encoder == "hf" else 2e-3)
+    encoder_lr = None
+    if cfg.encoder == "hybrid" and not cfg.frozen():
+        encoder_lr = cfg.encoder_lr if cfg.encoder_lr is not None else 1e-4
+    elif cfg.encoder == "hf" and cfg.encoder_lr is not None:
+        encoder_lr = cfg.encoder_lr
+    optimizers = _optimizers(model, cfg.weight_decay, lr, encoder_lr)
     train_col = feats.collator(ds, "train", cfg.max_len)
     valid_col = feats.collator(ds, "valid", cfg.max_len)
-    sampler = DistributedSampler(
-        IndexDataset(len(ds.splits["train"])), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed
-    )
-    loader = DataLoader(
-        IndexDataset(len(ds.splits["train"])),
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        collate_fn=train_col,
-    )
+    valid_order = None
+    if cfg.tokens_in_training():  # length-bucketed batches: far less padding for the transformer
+        sampler = LengthBucketBatchSampler(
+            train_col.lengths(), cfg.batch_size, seed=cfg.seed, rank=rank, world=world
+        )
+        loader = DataLoader(
+            IndexDataset(len(ds.splits["train"])), batch_sampler=sampler, collate_fn=train_col
+        )
+        valid_order = np.argsort(valid_col.lengths(), kind="stable")
+    else:
+        sampler = DistributedSampler(
+            IndexDataset(len(ds.splits["train"])), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed
+        )
+        loader = DataLoader(
+            IndexDataset(len(ds.splits["train"])),
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            collate_fn=train_col,
+        )
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     schedule = warmup_linear_decay(int(cfg.warmup * total_steps), total_steps)
@@ -398,6 +274,7 @@ def _train(cfg: TrainConfig) -> dict:
     swa_start = cfg.swa_start_epoch()
     # HF encoders carry a pooler the loss never uses; buffers (lexical centroids) never change
     ddp = wrap_ddp(model, device, find_unused_parameters=hf, broadcast_buffers=False)
+    ranker_report = None
 
     logger = open_metric_logger(
         out / "log.jsonl",
@@ -424,8 +301,15 @@ def _train(cfg: TrainConfig) -> dict:
         if swa_model is not None and ck.get("swa") is not None:
             swa_model.load_state_dict(ck["swa"])
         start_epoch, step, best, best_epoch = ck["epoch"] + 1, ck["step"], ck["best"], ck["best_epoch"]
-        history = [r for r in logger.read() if r["epoch"] <= ck["epoch"]]
-        logger.truncate(lambda r: r["epoch"] <= ck["epoch"])  # rows after the commit are logged again
+        ranker_report = ck.get("ranker")
+
+        def kept(r: dict) -> bool:  # rows after the commit are logged again
+            if "epoch" in r:
+                return r["epoch"] <= ck["epoch"]
+            return r.get("stage") == "ranker" and ranker_report is not None
+
+        history = [r for r in logger.read() if "epoch" in r and r["epoch"] <= ck["epoch"]]
+        logger.truncate(kept)
         set_rng_state(ck["rng"])
     pending_best: dict | None = None  # best weights since the last commit, written with the checkpoint
 
@@ -441,8 +325,9 @@ def _train(cfg: TrainConfig) -> dict:
         scored = []
         for name, m in cands:
             ids, _ = rank_documents(
-                m, valid_col, len(ds.splits["valid"]), 5, cfg.batch_size * 2, device, amp.enabled
-            )
+                m, valid_col, len(ds.splits["valid"]), 5, cfg.batch_size * 2, device, amp.enabled,
+                order=valid_order,
+            )  # fmt: skip
             scored.append((name, m, compute_metrics(ids, ds.splits["valid"].labels, prop)))
         name, m, res = max(scored, key=lambda t: t[2][cfg.select_metric])  # raw wins ties
         rec = {
@@ -534,15 +419,38 @@ def _train(cfg: TrainConfig) -> dict:
             barrier()
             if stop:
                 break
+    train_s = round(time.time() - t0, 2)
+    if cfg.use_ranker() and rank == 0 and ranker_report is None:
+        ranker_report = _fit_and_commit_ranker(
+            cfg, ds, feats, mcfg, ckpt, train_col, valid_col, prop, device, step, logger, say
+        )
+    elif (
+        ranker_report is not None and rank == 0 and not any(r.get("stage") == "ranker" for r in logger.read())
+    ):  # committed, but killed before its log row
+        logger.log(_ranker_row(ranker_report, step))
     summary = {
         "best_epoch": best_epoch,
         f"best_valid_{cfg.select_metric}": best,
-        "train_s": round(time.time() - t0, 2),
+        "encoder": cfg.describe_encoder(),
+        "embeddings_reused": feats.embed_reused,
+        "train_s": train_s,
         "steps": step,
         "world_size": world,
         "classifier_parameters": model.head.classifier_parameters(),
         "num_labels": ds.num_labels,
         "history": history,
+    }
+    ranker_s = ranker_report["wall"]["fit_s"] if ranker_report is not None else 0.0
+    if ranker_report is not None:
+        summary["ranker"] = ranker_report
+    # seconds (under "wall": timings differ between runs): the transformer embeddings as computed (also when
+    # reused from the cache), the training loop with its validations, the ranker fit, and their sum = the
+    # wall time to the reported model
+    summary["wall"] = {
+        "embed_s": round(feats.embed_s, 2),
+        "train_s": train_s,
+        "ranker_s": ranker_s,
+        "total_s": round(feats.embed_s + train_s + ranker_s, 2),
     }
     logger.close()
     if rank == 0:

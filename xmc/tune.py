@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from mhe_plugins import metrics as M
+from xmc.anchors import TREES
 from xmc.data import load_dataset
 from xmc.evaluate import compute_metrics
 from xmc.train import TrainConfig, train
@@ -25,9 +26,10 @@ def _done(path: Path) -> set[str]:
 
 
 def run_tree(name: str, data_dir: str, work: Path, threads: int) -> dict:
-    """omikuji / napkinxc with library defaults on the same unigram TF-IDF, scored on valid."""
-    from xmc.bench import run_napkinxc, run_omikuji
-    from xmc.encoders import TfidfFeaturizer
+    """An anchor of the bench (omikuji, omikuji-bonsai, napkinxc, knn) on the same unigram TF-IDF, scored
+    on valid."""
+    from xmc.anchors import run_tree as run_anchor
+    from xmc.encoders import TfidfFeaturizer, l2_rows
 
     ds = load_dataset(data_dir)
     tr, va = ds.splits["train"], ds.splits["valid"]
@@ -35,12 +37,11 @@ def run_tree(name: str, data_dir: str, work: Path, threads: int) -> dict:
         feat = TfidfFeaturizer().fit(tr.texts)
         x_tr, x_va = feat.transform(tr.texts), feat.transform(va.texts)
     else:
-        x_tr, x_va = tr.features, va.features
-    runner = run_omikuji if name == "omikuji" else run_napkinxc
+        x_tr, x_va = l2_rows(tr.features), l2_rows(va.features)
     work.mkdir(parents=True, exist_ok=True)
-    pred, train_s, _ = runner(x_tr, tr.labels, x_va, threads, work)
+    r = run_anchor(name, x_tr, tr.labels, {"valid": x_va}, threads, work)
     prop = M.jain_propensity(tr.labels, A=0.55, B=1.5)
-    return {**compute_metrics(pred, va.labels, prop), "train_s": round(train_s, 1)}
+    return {**compute_metrics(r["preds"]["valid"], va.labels, prop), "train_s": round(r["train_s"], 1)}
 
 
 def run_config(name: str, kw: dict, data_dir: str, work: Path, threads: int) -> dict:
@@ -51,10 +52,15 @@ def run_config(name: str, kw: dict, data_dir: str, work: Path, threads: int) -> 
     summary = train(cfg)
     best = summary["history"][[r["epoch"] for r in summary["history"]].index(summary["best_epoch"])]
     keep = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5", "epoch", "weights")
+    row = {k: best[k] for k in keep}
+    if summary.get("ranker"):  # the learned ranker's cross-fitted valid figures; the hand weights' beside
+        row.update({k: summary["ranker"]["ranker_crossfit"][k] for k in keep if "@" in k})
+        row["hand_weights"] = {k: summary["ranker"]["stage0"][k] for k in keep if "@" in k}
     return {
-        **{k: best[k] for k in keep},
+        **row,
         "curve_P@1": [r["P@1"] for r in summary["history"]],
         "train_s": round(time.time() - t0, 1),
+        "total_s": summary.get("wall", {}).get("total_s"),
         "steps": summary["steps"],
     }
 
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         "--config",
         action="append",
         required=True,
-        help="NAME=JSON of TrainConfig fields, or omikuji / napkinxc",
+        help="NAME=JSON of TrainConfig fields, or an anchor: omikuji, omikuji-bonsai, napkinxc, knn",
     )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         name, _, js = spec.partition("=")
         if name in _done(out):
             continue
-        if name in ("omikuji", "napkinxc"):
+        if name in TREES:
             res = run_tree(name, args.data_dir, work / name, args.threads)
             kw = {}
         else:

@@ -33,3 +33,23 @@ def wordnet_small(tmp_path_factory) -> Path:
         labels = [[ds.label_vocab[j] for j in lists[i] if j in keep] for i in rows]
         write_raw(out, split, texts, labels)
     return out
+
+
+def tiny_bert(path, texts):
+    """A tiny random-weight BERT (2 layers, 32-d) and its tokenizer saved in ``path`` (no hub access)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = sorted({w for t in texts for w in t.lower().replace(";", " ").replace(",", " ").split()})[:800]
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    cfg = BertConfig(
+        vocab_size=805,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(path)

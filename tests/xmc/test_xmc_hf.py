@@ -3,28 +3,10 @@
 import json
 import shutil
 
-import torch
-
 from xmc.evaluate import TrainedModel, evaluate_model_dir, predict_lines
 from xmc.train import TrainConfig, train
 
-
-def _tiny_bert(path, texts):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    words = sorted({w for t in texts for w in t.lower().replace(";", " ").replace(",", " ").split()})[:800]
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
-    cfg = BertConfig(
-        vocab_size=805,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    BertModel(cfg).save_pretrained(path)
+from .conftest import tiny_bert as _tiny_bert
 
 
 def test_hf_encoder_trains_saves_and_reloads_without_the_original_dir(wordnet_small, tmp_path):

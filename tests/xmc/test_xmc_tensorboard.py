@@ -22,7 +22,7 @@ def scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:
 
 def test_validation_rows_become_scalars(wordnet_small, tmp_path):
     out = tmp_path / "run"
-    cfg = dict(head="mhc", epochs=2, batch_size=128, tfidf_dim=32, num_groups=20, swa_every=5)
+    cfg = dict(head="mhc", epochs=2, batch_size=128, tfidf_dim=32, num_groups=20, swa_every=5, ranker=False)
     train(TrainConfig(data_dir=str(wordnet_small), output=str(out), threads=1, progress=False, **cfg))
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     got = scalars(out / "tensorboard")

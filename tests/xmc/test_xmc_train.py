@@ -41,9 +41,10 @@ def test_mhc_converges_well_above_popularity_baseline(mhc_run, wordnet_small):
     pop = M.xmc_metrics(np.tile(top, (len(ds.splits["test"]), 1)), ds.splits["test"].labels)
     assert res["P@1"] > pop["P@1"] + 15, (res, pop)
     assert res["P@5"] > pop["P@5"] + 5, (res, pop)
-    # selection used validation only; log has one record per epoch
+    # selection used validation only; log has one record per epoch (+ the learned ranker's, no epoch)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["split"] for r in log] == ["valid"] * 12 and 0 <= summary["best_epoch"] < 12
+    assert [r["split"] for r in log] == ["valid"] * 13 and 0 <= summary["best_epoch"] < 12
+    assert [r.get("stage") for r in log if "epoch" not in r] == ["ranker"]
 
 
 def test_swa_average_is_saved_and_raw_weights_stay_in_checkpoint(mhc_run):
@@ -57,6 +58,7 @@ def test_swa_average_is_saved_and_raw_weights_stay_in_checkpoint(mhc_run):
     assert not torch.equal(swa[key], raw[key])  # the average was never swapped into the raw weights
     # late SWA (last quarter = epochs 9..11): from then on both weights are validated, the better is kept
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = [r for r in log if "epoch" in r]
     for r in log:
         assert ("other" in r) == (r["epoch"] >= 9), r
         if "other" in r:
