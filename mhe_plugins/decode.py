@@ -10,6 +10,10 @@ head's C_h scores plus a top-k over k*k sums: O(B * (C_h + k^2)) per level, neve
 Which ids can be returned never depends on the score values: digits that would leave the valid range are
 dropped by position, not by a -inf fill (a -inf or NaN score would tie with the fill), so NaN, +-inf or
 overflowing scores still give ids < N (their values are then NaN/inf: see ``checks.check_finite``).
+
+:func:`chunked_topk` is the other exact top-k, over the rows of one big classifier (a dense layer, MHS's
+class rows): classes in chunks, queries in blocks, so no B x N score tensor exists at 10^6-10^7 classes;
+it also gives the exact log-sum-exp of the same scores in the same pass (dense log-probabilities).
 """
 
 from __future__ import annotations
@@ -21,7 +25,14 @@ import torch
 from .checks import as_int
 from .codec import LabelCodec
 
-__all__ = ["product_topk", "log_valid_mass", "full_product_scores", "valid_first_topk"]
+__all__ = [
+    "product_topk",
+    "log_valid_mass",
+    "full_product_scores",
+    "valid_first_topk",
+    "merge_topk",
+    "chunked_topk",
+]
 
 
 def product_topk(
@@ -121,3 +132,81 @@ def valid_first_topk(
     key = torch.where(torch.isnan(scores), lo, scores.clamp(lo, hi)).masked_fill(invalid, float("-inf"))
     pos = key.topk(k, dim=1).indices
     return scores.gather(1, pos), pos
+
+
+def merge_topk(
+    best: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise top-k of two (values, ids) candidate lists (B, k1) and (B, k2); ``best`` None = none yet."""
+    if best is not None:
+        new = (torch.cat([best[0], new[0]], 1), torch.cat([best[1], new[1]], 1))
+    v, pos = new[0].topk(min(k, new[0].shape[1]), dim=1)
+    return v, new[1].gather(1, pos)
+
+
+#: scores held at once by :func:`chunked_topk` (a query block x a class chunk, fp32: 64 MiB)
+TILE_ELEMENTS = 1 << 24
+
+
+def chunked_topk(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk: int = 16384,
+    cosine: bool = False,
+    scale: float | None = None,
+    offset: int = 0,
+    with_logsumexp: bool = False,
+    tile: int = TILE_ELEMENTS,
+) -> tuple[torch.Tensor, ...]:
+    """Exact top-k over the rows of ``weight`` (M, d) of the scores ``x @ weight.T (+ bias)`` for ``x``
+    (B, d), never holding more than ``tile`` scores: queries in blocks, classes in chunks of ``chunk``
+    rows, each chunk's top-k kept and merged once at the end (equal to ``torch.topk`` of the full B x M
+    scores, ties aside). ``cosine``: scores are cosines of the normalised vectors; ``scale`` multiplies
+    the scores (a margin head's s). Ids are row numbers + ``offset`` (a shard's first global id).
+
+    ``with_logsumexp`` also returns the exact row-wise ``logsumexp`` over all M scores, computed in the
+    same pass (what turns top-k logits into exact log-probabilities without a B x M log-softmax).
+    Returns (values (B, k') fp32, ids (B, k') int64[, lse (B,)]) with k' = min(k, M).
+    """
+    b, m = x.shape[0], weight.shape[0]
+    kk = min(int(k), m)
+    if b == 0 or m == 0:
+        out = (x.new_zeros(b, kk, dtype=torch.float32), torch.zeros(b, kk, dtype=torch.long, device=x.device))
+        return (*out, x.new_full((b,), float("-inf"), dtype=torch.float32)) if with_logsumexp else out
+    chunk = max(1, min(int(chunk), m))
+    # traced/exported graphs (dynamic batch): one query block, so no loop depends on the batch size
+    traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    block = b if traced else max(1, min(b, tile // chunk))
+    if cosine:
+        x = torch.nn.functional.normalize(x, dim=-1)
+    vals, ids, lses = [], [], []
+    for r0 in range(0, b, block):
+        xb = x[r0 : r0 + block]
+        cv, ci, cl = [], [], []
+        for c0 in range(0, m, chunk):
+            w = weight[c0 : c0 + chunk]
+            if cosine:
+                w = torch.nn.functional.normalize(w, dim=-1)
+            if bias is not None:
+                z = torch.addmm(bias[c0 : c0 + chunk].to(xb.dtype), xb, w.t())
+            else:
+                z = xb @ w.t()
+            if z.dtype in (torch.float16, torch.bfloat16):
+                z = z.float()
+            if scale is not None:
+                z.mul_(scale)
+            v, i = z.topk(min(kk, z.shape[1]), dim=1)
+            cv.append(v)
+            ci.append(i + (c0 + offset))
+            if with_logsumexp:
+                cl.append(torch.logsumexp(z, 1))
+        v, pos = torch.cat(cv, 1).topk(kk, dim=1)
+        vals.append(v)
+        ids.append(torch.cat(ci, 1).gather(1, pos))
+        if with_logsumexp:
+            lses.append(torch.logsumexp(torch.stack(cl, 1), 1))
+    out = (torch.cat(vals), torch.cat(ids))
+    return (*out, torch.cat(lses)) if with_logsumexp else out

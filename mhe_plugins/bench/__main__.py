@@ -1,4 +1,5 @@
-"""``python -m mhe_plugins.bench heads --num-classes N --dim D --batch B [--heads H] [--json PATH]``."""
+"""``python -m mhe_plugins.bench heads --num-classes N --dim D --batch B [--heads H] [--json PATH]``;
+``python -m mhe_plugins.bench scale [--num-classes N ...] [--methods M ...]`` (docs/scale.md)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     h.add_argument("--json", default=None, help="write all figures to this JSON file")
     h.add_argument("--markdown", default=None, help="also write the table to this markdown file")
+    _add_scale(sub)
     a = ap.parse_args(argv)
+    if a.command == "scale":
+        from .scale import run_benchmark
+
+        res = run_benchmark(a)
+        if res:
+            print(f"report: {a.out_dir}/{a.report}.md" + (" (PARTIAL)" if res.get("partial") else ""))
+        return
     for name, v in (
         ("--num-classes", a.num_classes),
         ("--dim", a.dim),
@@ -63,6 +72,46 @@ def main(argv: list[str] | None = None) -> None:
         write_markdown(
             f"N={c['num_classes']:,}, D={c['dim']}, B={c['batch']}, H={c['heads']}\n\n{table}\n", a.markdown
         )
+
+
+def _add_scale(sub) -> None:
+    from .scale import DEFAULTS
+    from .scale_train import METHODS
+
+    p = sub.add_parser(
+        "scale", help="train end to end at 10^5-10^7 classes: every head vs the oracle (docs/scale.md)"
+    )
+    p.add_argument("--num-classes", type=int, nargs="+", default=[10**5, 10**6, 10**7])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        help=f"of {METHODS}, each with optional overrides: mhs@head_optim=lazy_sgd,mhs_group=16",
+    )
+    p.add_argument("--sharded", type=int, nargs="*", default=[], help="N at which mhs/pfc also run sharded")
+    p.add_argument("--nproc-per-node", type=int, default=2, help="ranks of the --sharded runs (torchrun)")
+    p.add_argument("--equal-time", default=None, help="train the other methods for this method's time")
+    p.add_argument("--memory-limit", type=float, default=0.0, help="GiB per run (0: 80%% of MemAvailable)")
+    p.add_argument("--out-dir", default="benchmarks/results", help="report + run store (runs/scale/)")
+    p.add_argument("--work-dir", default="runs/scale", help="per-run specs and metric logs")
+    p.add_argument(
+        "--report",
+        default="scale",
+        help="report name: OUT_DIR/REPORT.{json,md,png}, of this command's runs (the store is shared)",
+    )
+    p.add_argument("--log-every", type=int, default=200, help="steps between logged metric rows")
+    p.add_argument(
+        "--checkpoint-every", type=float, default=1800.0, help="seconds between mid-run checkpoints (0: none)"
+    )
+    p.add_argument("--force", action="store_true", help="rerun cells that have a record")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and estimates, rewrite the report")
+    for key, value in DEFAULTS.items():
+        flag = "--" + key.replace("_", "-")
+        what = f"a run setting (docs/scale.md), default {value}; per method: {key}=... after @"
+        if isinstance(value, bool):
+            p.add_argument(flag, action="store_true", default=value, help=what)
+        else:
+            p.add_argument(flag, type=type(value), default=value, help=what)
 
 
 if __name__ == "__main__":

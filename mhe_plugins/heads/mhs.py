@@ -41,6 +41,7 @@ from torch import nn
 
 from ..checks import check_class_ids
 from ..codec import LabelCodec
+from ..decode import chunked_topk
 from ..distributed import all_gather_batch, dist_softmax_cross_entropy, group_world_rank, shard_range
 from ..margins import CombinedMargin
 from .base import HeadOutput, MHEHead, check_smoothing, upcast
@@ -446,29 +447,24 @@ class MHSHead(MHEHead):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(upcast(self.full_logits(x)), -1)
 
+    #: classes per chunk of :meth:`topk` (at most ``chunk_size``)
+    TOPK_CHUNK = 4096
+
     def _topk_flat(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k of the full classifier's logits, chunked over classes (B x N scores never coexist).
+        """Exact top-k of the full classifier's logits, classes in chunks and queries in blocks
+        (:func:`~mhe_plugins.decode.chunked_topk`: B x N scores never coexist, at any B).
 
         Values are logits (scaled cosines under a margin), like a dense classifier's ``topk``; the
         softmax normaliser would cost more than the matmul itself. ``log_prob`` gives normalised values.
         """
-        w = self.class_weights()
-        scale = self.margin.s if self.margin is not None else None
-        if x.shape[0] == 0:
-            empty = x.new_zeros(0, k)
-            return empty, empty.long()
-        best_v = best_i = None
-        for start in range(0, self.num_labels, self.chunk_size):
-            sc = upcast(self._scores(x, w[start : start + self.chunk_size]))
-            kk = min(k, sc.shape[1])
-            v, i = sc.topk(kk, dim=1)
-            i = i + start
-            if best_v is None:
-                best_v, best_i = v, i
-            else:
-                v, pos = torch.cat([best_v, v], 1).topk(min(k, best_v.shape[1] + kk), dim=1)
-                best_i, best_v = torch.cat([best_i, i], 1).gather(1, pos), v
-        return (best_v * scale if scale is not None else best_v), best_i
+        return chunked_topk(
+            x,
+            self.class_weights(),
+            k,
+            chunk=min(self.chunk_size, self.TOPK_CHUNK),
+            cosine=self.margin is not None,
+            scale=self.margin.s if self.margin is not None else None,
+        )
 
 
 def _reduce(per: torch.Tensor, reduction: str) -> torch.Tensor:
