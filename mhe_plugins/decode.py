@@ -32,6 +32,7 @@ __all__ = [
     "valid_first_topk",
     "merge_topk",
     "chunked_topk",
+    "in_graph_capture",
 ]
 
 
@@ -134,6 +135,12 @@ def valid_first_topk(
     return scores.gather(1, pos), pos
 
 
+def in_graph_capture() -> bool:
+    """True while torch.compile, torch.export (ONNX dynamo export) or jit tracing captures a graph: code
+    whose loops depend on the batch size must then take one shape-free path (a dynamic batch)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def merge_topk(
     best: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor], k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,18 +180,17 @@ def chunked_topk(
     """
     b, m = x.shape[0], weight.shape[0]
     kk = min(int(k), m)
-    if b == 0 or m == 0:
+    # traced/exported graphs (dynamic batch): one query block, no Python branch or loop on the batch size
+    traced = in_graph_capture()
+    if m == 0 or (not traced and b == 0):
         out = (x.new_zeros(b, kk, dtype=torch.float32), torch.zeros(b, kk, dtype=torch.long, device=x.device))
         return (*out, x.new_full((b,), float("-inf"), dtype=torch.float32)) if with_logsumexp else out
     chunk = max(1, min(int(chunk), m))
-    # traced/exported graphs (dynamic batch): one query block, so no loop depends on the batch size
-    traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
-    block = b if traced else max(1, min(b, tile // chunk))
     if cosine:
         x = torch.nn.functional.normalize(x, dim=-1)
     vals, ids, lses = [], [], []
-    for r0 in range(0, b, block):
-        xb = x[r0 : r0 + block]
+    blocks = [x] if traced else x.split(max(1, min(b, tile // chunk)))
+    for xb in blocks:
         cv, ci, cl = [], [], []
         for c0 in range(0, m, chunk):
             w = weight[c0 : c0 + chunk]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..checks import as_int, check_class_ids
 from ..codec import LabelCodec
-from ..decode import chunked_topk, valid_first_topk
+from ..decode import chunked_topk, in_graph_capture, valid_first_topk
 from .base import HeadOutput, MHEHead, check_smoothing, reduce_loss, upcast
 
 __all__ = ["LinearHead", "LinearMultiLabelHead", "MultiLabelHead"]
@@ -90,7 +90,7 @@ class LinearHead(MHEHead):
         logits minus their log-sum-exp. Above: top-k and log-sum-exp of each class chunk in one pass
         (:func:`~mhe_plugins.decode.chunked_topk`), so no B x N logits exist (1 GB at B = 256, N = 10^6); at
         10^6 classes, B = 128, d = 256 it took about as long as the full-logits path here (1.1-1.6 s each)."""
-        if self.num_labels <= self.TOPK_CHUNK or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if self.num_labels <= self.TOPK_CHUNK or in_graph_capture():
             z = upcast(self.fc(x))  # top-k of the logits, normalised after: no B x N log-softmax is written
             values, ids = z.topk(k, dim=-1)
             return values - torch.logsumexp(z, -1, keepdim=True), ids
