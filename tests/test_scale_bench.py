@@ -85,7 +85,7 @@ def test_method_overrides_and_run_names():
     ]
     assert task[1]["spec"]["tree_aligned"] is True and task[0]["name"] == cells[0]["name"]
     mhs = next(c for c in cells if c["label"] == "mhs")["spec"]
-    assert mhs["head_optim"] == scale_mod.SPARSE_OPTIM and mhs["head_lr"] == scale_mod.SPARSE_HEAD_LR
+    assert mhs["head_optim"] == scale_mod.SPARSE_OPTIM and mhs["head_lr"] == scale_mod.HEAD_LR
     oracle = cells[0]["spec"]
     assert "lr" not in oracle and oracle["noise"] == DEFAULTS["noise"]  # the oracle's key is the data's
     assert mhp_heads_for(10**5) == 2 and mhp_heads_for(10**7) == 3
