@@ -52,19 +52,8 @@ def state_bytes(opt: torch.optim.Optimizer, params=None) -> int:
     return total
 
 
-class LazySGD(torch.optim.Optimizer):
-    """Row-lazy SGD (momentum, optional Nesterov, L2 weight decay) for embedding-like parameters (dim 0 = rows)."""
-
-    def __init__(
-        self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
-    ):
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(
-                f"invalid LazySGD hyper-parameters lr={lr}, momentum={momentum}, weight_decay={weight_decay}"
-            )
-        if nesterov and momentum == 0:
-            raise ValueError("nesterov needs momentum > 0")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+class _PerParameterOptimizer(torch.optim.Optimizer):
+    """``step`` = ``_update(p, group)`` for every parameter with a gradient (dense or row-sparse)."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -77,6 +66,24 @@ class LazySGD(torch.optim.Optimizer):
                 if p.grad is not None:
                     self._update(p, group)
         return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+
+class LazySGD(_PerParameterOptimizer):
+    """Row-lazy SGD (momentum, optional Nesterov, L2 weight decay) for embedding-like parameters (dim 0 = rows)."""
+
+    def __init__(
+        self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
+    ):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(
+                f"invalid LazySGD hyper-parameters lr={lr}, momentum={momentum}, weight_decay={weight_decay}"
+            )
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         lr, mom, wd, nest = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
@@ -104,7 +111,7 @@ class LazySGD(torch.optim.Optimizer):
             flat.index_add_(0, idx, vals, alpha=-lr)
 
 
-class LazyAdam(torch.optim.Optimizer):
+class LazyAdam(_PerParameterOptimizer):
     """Row-lazy Adam (decoupled weight decay, as AdamW) for embedding-like parameters (dim 0 = rows).
 
     A row-sparse gradient updates only its rows: their moments, then their weights; the other rows keep
@@ -143,18 +150,6 @@ class LazyAdam(torch.optim.Optimizer):
                 rowwise=rowwise,
             ),
         )
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``Optimizer.load_state_dict``, which casts every float state to the parameter's dtype: the

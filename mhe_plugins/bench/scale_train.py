@@ -42,6 +42,7 @@ from ..heads import build_head
 from ..optim import LazyAdam, LazySGD, state_bytes
 from .scale_ckpt import Checkpointer, Progress
 from .scale_data import ScaleData
+from .worker import reset_peak_rss
 
 __all__ = ["METHODS", "HEAD_OPTIMS", "run_spec", "mhp_heads_for", "estimate_bytes", "data_of", "peak_rss"]
 
@@ -150,15 +151,6 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def cpu_seconds() -> float:

@@ -33,7 +33,7 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where not permitted."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -118,7 +118,7 @@ def measure_memory(method: str, n: int, d: int, batch: int, heads: int, warmup: 
         step()
     gc.collect()
     _malloc_trim()  # give freed warm-up memory back so the steps' working set is counted, not hidden
-    can_reset = _reset_peak()
+    can_reset = reset_peak_rss()
     base_kb = _status_kb("VmRSS")
     for _ in range(2):
         step()
