@@ -18,7 +18,7 @@ import torch
 from .checks import as_int
 from .codec import group_split
 
-__all__ = ["balanced_kmeans", "cascade_order", "frequency_order"]
+__all__ = ["balanced_kmeans", "balanced_tree_order", "cascade_order", "frequency_order"]
 
 
 def frequency_order(counts: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -120,3 +120,75 @@ def cascade_order(
     # stable sort by cluster rank keeps frequency order inside each cluster
     tail = tail[np.argsort(rank[cluster], kind="stable")]
     return np.concatenate([short, tail])
+
+
+def _segment_means(x: torch.Tensor, seg: torch.Tensor, count: int) -> torch.Tensor:
+    """(count, D) mean of the rows of ``x`` in each segment id of ``seg`` (empty segments: 0)."""
+    sums = torch.zeros(count, x.shape[1], dtype=torch.float64).index_add_(0, seg, x.double())
+    n = torch.bincount(seg, minlength=count).clamp(min=1)
+    return (sums / n[:, None]).float()
+
+
+def balanced_tree_order(
+    vectors: np.ndarray | torch.Tensor, leaf_size: int, iters: int = 10, seed: int = 0, balance: float = 0.5
+) -> np.ndarray:
+    """``order[position] = label`` from recursive balanced 2-means over per-label vectors (e.g. the mean
+    input features of each label's examples: PIFA, as Parabel and XR-Linear build their label trees).
+
+    Every split halves a segment at a multiple of ``leaf_size`` (the left part gets ceil(groups / 2)
+    blocks), so blocks of ``leaf_size`` consecutive positions are leaves of the tree and any aligned block
+    of ``leaf_size * 2^j`` positions is a subtree: codes that follow the labels' structure for an MHE head
+    whose digits split positions into such blocks. All segments of a level are split at once
+    (vectorised sorts, O(N D) memory), so 10^7 labels take minutes, not the O(N * groups) of
+    :func:`balanced_kmeans`.
+    """
+    x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+    leaf_size = as_int(leaf_size, "leaf_size", minimum=1)
+    if x.dim() != 2 or x.shape[0] < 1:
+        raise ValueError(f"balanced_tree_order needs (N, D) vectors, got {tuple(x.shape)}")
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.arange(n)
+    starts = torch.tensor([0])  # segment starts (positions), each segment still to split
+    sizes = torch.tensor([n])
+    while True:
+        split = sizes > leaf_size
+        if not bool(split.any()):
+            break
+        starts, sizes = starts[split], sizes[split]
+        groups = -(-sizes // leaf_size)
+        left = torch.minimum(leaf_size * (-(-groups // 2)), sizes)
+        lo_blocks = torch.clamp(torch.floor(groups * balance), min=1)
+        hi_blocks = torch.clamp(groups - lo_blocks, min=1)
+        k = starts.numel()
+        # the positions of every splitting segment and the segment each belongs to
+        seg = torch.repeat_interleave(torch.arange(k), sizes)
+        pos = starts[seg] + (
+            torch.arange(seg.numel()) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+        )
+        members = order[pos]
+        xm = x[members]
+        # two seeds per segment: random distinct members
+        a = (torch.rand(k, generator=gen) * sizes).long()
+        b = (a + 1 + (torch.rand(k, generator=gen) * (sizes - 1)).long()) % sizes
+        first = sizes.cumsum(0) - sizes  # offset of each segment inside pos
+        c1, c2 = xm[first + a], xm[first + b]
+        rank_in_seg = None
+        for _ in range(max(1, int(iters))):
+            diff = c1 - c2  # nearer c1 <=> larger x.(c1 - c2) - (|c1|^2 - |c2|^2) / 2
+            score = (xm * diff[seg]).sum(1) - 0.5 * ((c1 * c1).sum(1) - (c2 * c2).sum(1))[seg]
+            by_score = torch.argsort(-score, stable=True)
+            idx = by_score[torch.argsort(seg[by_score], stable=True)]  # by segment, best c1 first
+            rank_in_seg = torch.empty_like(idx)
+            rank_in_seg[idx] = torch.arange(idx.numel()) - first[seg[idx]]
+            if balance < 0.5:  # the natural split (members nearer c1), in whole blocks, within the bounds
+                near = torch.bincount(seg, weights=(score > 0).double(), minlength=k).round().long()
+                blocks = torch.clamp(torch.round(near / leaf_size), lo_blocks, hi_blocks).long()
+                left = torch.minimum(blocks * leaf_size, sizes - 1)
+            side = (rank_in_seg >= left[seg]).long()  # 0: left part, 1: right part
+            means = _segment_means(xm, seg * 2 + side, 2 * k).view(k, 2, -1)
+            c1, c2 = means[:, 0], means[:, 1]
+        order[pos[first[seg] + rank_in_seg]] = members
+        starts = torch.cat([starts, starts + left])
+        sizes = torch.cat([left, sizes - left])
+    return order.numpy()

@@ -120,16 +120,24 @@ class _Killed(Exception):
     pass
 
 
-def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_if_never_killed(tmp_path, monkeypatch):
-    from mhe_plugins.bench import scale_ckpt
+@pytest.mark.parametrize("method", ["pfc", "mhs@codes=pifa"])
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_if_never_killed(tmp_path, monkeypatch, method):
+    # pfc: random negatives + bf16 stochastic rounding; mhs with learned codes: the codes come back from the
+    # checkpoint (never learned twice, so a resumed run cannot train on other codes)
+    from mhe_plugins.bench import scale_ckpt, scale_train
     from mhe_plugins.bench.scale_train import run_spec
 
     tiny = dict(DEFAULTS, train_per_class=3.0, epochs=2.0, eval_examples=200, batch=64, hidden=16,
                 embed_dim=8, threads=1, log_every=2)  # fmt: skip
-    spec = plan(tiny, [400], ["pfc"], [], 1)[1]["spec"]  # pfc: random negatives + bf16 stochastic rounding
+    spec = plan(tiny, [400], [method], [], 1)[1]["spec"]
+    learned = []
+    real_learn = scale_train.learn_codes
+    monkeypatch.setattr(scale_train, "learn_codes", lambda *a: learned.append(1) or real_learn(*a))
     spec.update(progress=False, checkpoint_every=1e-9)  # a checkpoint after every step
     ref = run_spec({**spec, "work_dir": str(tmp_path / "a"), "log_path": str(tmp_path / "a" / "log.jsonl")})
     assert ref["resumes"] == 0 and ref["steps"] == 36
+    assert (ref["codes_s"] > 0) == (len(learned) == 1) == ("codes" in method)
+    learned.clear()
 
     work = tmp_path / "b"
     saves = []
@@ -145,12 +153,16 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_if_never_killed(tm
     run = {**spec, "work_dir": str(work), "log_path": str(work / "log.jsonl")}
     with pytest.raises(_Killed):
         run_spec(run)
+    assert len(learned) == ("codes" in method)
+    learned.clear()
     monkeypatch.undo()
+    monkeypatch.setattr(scale_train, "learn_codes", lambda *a: learned.append(1) or real_learn(*a))
     assert saves == list(range(1, 24)) and scale_ckpt.checkpoint_files(work)
     got = run_spec(run)
     assert got["resumes"] == 1 and got["steps"] == 36 and got["examples"] == ref["examples"]
     assert (
         got["final_loss"] == ref["final_loss"] and got["top1"] == ref["top1"] and got["top5"] == ref["top5"]
     )
+    assert not learned and (got["codes_s"] > 0) == ("codes" in method)
     steps = [row["step"] for row in map(json.loads, (work / "log.jsonl").read_text().splitlines())]
     assert steps == list(range(2, 37, 2))  # logged once each, across the kill

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .env import environment, mem_available_bytes, thread_env
 from .scale_ckpt import checkpoint_files
+from .scale_codes import CODES
 from .scale_train import DATA_FIELDS, HEAD_OPTIMS, METHODS, SHARDABLE
 from .store import RunStore
 
@@ -60,6 +61,7 @@ DEFAULTS = {
     "mhc_hidden": 64,
     "mhc_beam": 8,
     "mhs_group": 8,
+    "codes": "id",  # MHE heads: "id" (label ids as they come) or "pifa" (learned: bench/scale_codes.py)
     "pfc_rate": 0.1,
     # training
     "epochs": 2.0,
@@ -78,6 +80,9 @@ SPARSE_OPTIM = "lazy_adam_bf16"
 #: the head's learning rate unless a run sets one: 15x the encoder's, for every head (at N = 2e4 it lifted the
 #: dense layer from 45.9 to 64.2 top-1 and MHC from 18.9 to 25.0: scale_calibration.md)
 HEAD_LR = 3e-2
+#: settings added after runs were stored: left out of the key at the value that reproduces the old behaviour,
+#: so those runs keep their names
+KEY_SINCE = {"codes": "id"}
 #: not part of a run's key (they do not change what is computed)
 NOT_KEY = ("memory_limit", "log_path", "progress", "log_every", "work_dir", "checkpoint_every")
 
@@ -109,13 +114,17 @@ def resolve(spec: dict) -> dict:
         raise ValueError(f"head_optim must be auto or one of {HEAD_OPTIMS}, got {spec['head_optim']!r}")
     if not spec["head_lr"]:
         spec["head_lr"] = HEAD_LR
+    if spec["codes"] not in CODES:
+        raise ValueError(f"codes must be one of {CODES}, got {spec['codes']!r}")
+    if spec["method"] not in ("mhp", "mhc", "mhs"):
+        spec["codes"] = "id"  # one row per class (pfc, linear): nothing to code
     if spec["method"] == "mhc" and spec["eval_batch"] > 256:
         spec["eval_batch"] = 256  # the beam scores (B, beam, C, hidden) at once
     return spec
 
 
 def run_key(spec: dict) -> dict:
-    return {k: spec[k] for k in sorted(spec) if k not in NOT_KEY}
+    return {k: spec[k] for k in sorted(spec) if k not in NOT_KEY and KEY_SINCE.get(k, object()) != spec[k]}
 
 
 def run_name(label: str, spec: dict) -> str:

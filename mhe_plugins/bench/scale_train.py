@@ -41,6 +41,7 @@ from ..decode import chunked_topk, merge_topk
 from ..heads import build_head
 from ..optim import LazyAdam, LazySGD, state_bytes
 from .scale_ckpt import Checkpointer, Progress
+from .scale_codes import LabelCodes, learn_codes
 from .scale_data import ScaleData
 from .worker import reset_peak_rss
 
@@ -193,8 +194,19 @@ def _sync_stop(stop: bool, world: int) -> bool:
     return bool(flag.item() > 0)
 
 
-def train(spec: dict, encoder, head, opts, data: ScaleData, rank: int, world: int, say) -> dict:
-    """Train for ``epochs`` (or until ``time_budget`` s), continuing from the run's checkpoint if any."""
+def train(
+    spec: dict,
+    encoder,
+    head,
+    opts,
+    data: ScaleData,
+    rank: int,
+    world: int,
+    say,
+    codes: LabelCodes | None = None,
+) -> dict:
+    """Train for ``epochs`` (or until ``time_budget`` s), continuing from the run's checkpoint if any; with
+    learned ``codes`` the head trains on label codes (learned first unless the checkpoint holds them)."""
     from tqdm import tqdm
 
     from ..training import JsonlLogger
@@ -207,8 +219,10 @@ def train(spec: dict, encoder, head, opts, data: ScaleData, rank: int, world: in
     log = JsonlLogger(spec.get("log_path"), enabled=rank == 0 and bool(spec.get("log_path")))
     base = [[g["lr"] for g in o.param_groups] for o in opts]
     ckpt = Checkpointer(spec.get("work_dir"), float(spec.get("checkpoint_every") or 0), rank, world)
-    modules = {"encoder": encoder, "head": head}
+    modules = {"encoder": encoder, "head": head, **({"codes": codes} if codes is not None else {})}
     pg = ckpt.load(modules, opts) or Progress()
+    if codes is not None and not codes.learned:
+        learn_codes(codes, data, head.codec.head_sizes, int(spec["seed"]), rank, world, say)
     if pg.resumes:
         reset_peak_rss()  # the loaded file's pages are not the run's working set; pg keeps the old peak
         log.truncate(lambda row: row.get("step", 0) <= pg.step)
@@ -243,7 +257,7 @@ def train(spec: dict, encoder, head, opts, data: ScaleData, rank: int, world: in
                 for g, lr in zip(o.param_groups, lrs):
                     g["lr"] = lr * f
             x, y = item
-            loss = head(encoder(x), y).loss
+            loss = head(encoder(x), y if codes is None else codes.to_codes(y)).loss
             for o in opts:
                 o.zero_grad(set_to_none=True)
             loss.backward()
@@ -297,6 +311,7 @@ def train(spec: dict, encoder, head, opts, data: ScaleData, rank: int, world: in
         "final_loss": pg.loss_sum / pg.loss_n if pg.loss_n else pg.last_loss,
         "resumes": pg.resumes,
         "peak_rss_before_resume_bytes": pg.peak_rss_bytes,
+        "codes_s": float(codes.seconds) if codes is not None else 0.0,
     }
 
 
@@ -317,7 +332,7 @@ def _sharded_topk(head, e: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(spec: dict, encoder, head, data: ScaleData, world: int) -> dict:
+def evaluate(spec: dict, encoder, head, data: ScaleData, world: int, codes: LabelCodes | None = None) -> dict:
     k, b = int(spec["topk"]), int(spec["eval_batch"])
     encoder.eval()
     head.eval()
@@ -327,6 +342,8 @@ def evaluate(spec: dict, encoder, head, data: ScaleData, world: int) -> dict:
         t0 = time.perf_counter()
         e = encoder(x)
         ids = _sharded_topk(head, e, k) if world > 1 else head.topk(e, k)[1]
+        if codes is not None:
+            ids = codes.to_labels(ids)
         t_model += time.perf_counter() - t0
         top1 += int((ids[:, 0] == c).sum())
         top5 += int((ids == c[:, None]).any(1).sum())
@@ -399,9 +416,10 @@ def run_spec(spec: dict, say=print) -> dict:
             pg = dist.group.WORLD if world > 1 else None
             encoder, head = build_model(spec, pg)
             opts = build_optimizers(spec, encoder, head)
-            rec.update(train(spec, encoder, head, opts, data, rank, world, say))
+            codes = LabelCodes(data.num_classes) if spec.get("codes", "id") == "pifa" else None
+            rec.update(train(spec, encoder, head, opts, data, rank, world, say, codes))
             rec.update(_memory(encoder, head, opts))
-            rec.update(evaluate(spec, encoder, head, data, world))
+            rec.update(evaluate(spec, encoder, head, data, world, codes))
             rec["head_sizes"] = list(head.codec.head_sizes)
     except (MemoryError, RuntimeError) as exc:
         if not is_oom(exc):

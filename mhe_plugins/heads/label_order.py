@@ -6,7 +6,7 @@ no group decision (adaptive softmax's head cluster, Grave et al. 2017). Position
 tail, factorised by the head's codec (tail position ``t = position - K``: group = first digit, ...).
 ``order[position] = label``: the identity puts labels in id order (for a frequency-sorted vocabulary such
 as fairseq's dictionary: the K most frequent ids first, then frequency bins); a learned order (e.g.
-:func:`mhe_plugins.grouping.balanced_cluster_order`) groups the tail by likelihood instead. The order is a
+:func:`mhe_plugins.grouping.cascade_order`) groups the tail by likelihood instead. The order is a
 buffer of the head, so a checkpoint carries it and decoding needs nothing else.
 """
 

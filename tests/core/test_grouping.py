@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mhe_plugins import LabelCodec
-from mhe_plugins.grouping import balanced_kmeans, cascade_order, frequency_order
+from mhe_plugins.grouping import balanced_kmeans, balanced_tree_order, cascade_order, frequency_order
 
 
 def test_frequency_order_breaks_ties_by_id():
@@ -47,3 +47,36 @@ def test_cascade_order_puts_frequent_first_and_clusters_in_codec_blocks():
         cascade_order(counts, 50, g)
     with pytest.raises(ValueError, match="one row per label"):
         cascade_order(counts, k, g, vectors[:-1])
+
+
+def _tree_data(rng, depth: int, leaf: int, noise: float):
+    """Labels at the leaves of a binary tree of ``depth`` levels (``leaf`` labels per leaf node): each
+    node adds a vector that halves in scale with depth, so subtrees are clusters at every level."""
+    n_leaves = 2**depth
+    vec = np.zeros((n_leaves, 16))
+    for level in range(depth):
+        nodes = rng.normal(size=(2 ** (level + 1), 16)) * 4.0 / 2**level
+        vec += nodes[np.arange(n_leaves) // 2 ** (depth - level - 1)]
+    truth = rng.permutation(np.repeat(np.arange(n_leaves), leaf))
+    return vec[truth] + rng.normal(size=(len(truth), 16)) * noise, truth
+
+
+def test_balanced_tree_order_makes_leaf_blocks_and_subtree_blocks():
+    rng = np.random.default_rng(0)
+    x, truth = _tree_data(rng, depth=6, leaf=8, noise=0.05)  # 64 leaves x 8 labels
+    order = balanced_tree_order(x, 8, seed=3)
+    assert sorted(order.tolist()) == list(range(len(truth)))
+    leaves = truth[order].reshape(64, 8)
+    assert (leaves == leaves[:, :1]).all()  # every block of 8 consecutive codes is one leaf
+    quads = (truth[order] // 4).reshape(16, 32)  # and every aligned block of 32 one subtree of 4 leaves
+    assert (quads == quads[:, :1]).all()
+
+
+@pytest.mark.parametrize("n,leaf", [(1003, 8), (7, 8), (9, 8), (100, 1)])
+def test_balanced_tree_order_is_a_permutation_at_any_size(n, leaf):
+    x = np.random.default_rng(1).normal(size=(n, 4))
+    order = balanced_tree_order(x, leaf)
+    assert sorted(order.tolist()) == list(range(n))
+    assert order.tolist() == balanced_tree_order(x, leaf).tolist()  # seeded: the same order every time
+    with pytest.raises(ValueError, match="needs \\(N, D\\) vectors"):
+        balanced_tree_order(x[:, 0], leaf)
