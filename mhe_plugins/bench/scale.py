@@ -61,6 +61,7 @@ DEFAULTS = {
     "mhc_hidden": 64,
     "mhc_beam": 8,
     "mhs_group": 8,
+    "mhs_shared": False,  # MHS: a shared row per group added to its classes' rows (group_shared)
     "codes": "id",  # MHE heads: "id" (label ids as they come) or "pifa" (learned: bench/scale_codes.py)
     "pfc_rate": 0.1,
     # training
@@ -82,7 +83,7 @@ SPARSE_OPTIM = "lazy_adam_bf16"
 HEAD_LR = 3e-2
 #: settings added after runs were stored: left out of the key at the value that reproduces the old behaviour,
 #: so those runs keep their names
-KEY_SINCE = {"codes": "id"}
+KEY_SINCE = {"codes": "id", "mhs_shared": False}
 #: not part of a run's key (they do not change what is computed)
 NOT_KEY = ("memory_limit", "log_path", "progress", "log_every", "work_dir", "checkpoint_every")
 
@@ -118,6 +119,8 @@ def resolve(spec: dict) -> dict:
         raise ValueError(f"codes must be one of {CODES}, got {spec['codes']!r}")
     if spec["method"] not in ("mhp", "mhc", "mhs"):
         spec["codes"] = "id"  # one row per class (pfc, linear): nothing to code
+    if spec["method"] != "mhs":
+        spec["mhs_shared"] = False
     if spec["method"] == "mhc" and spec["eval_batch"] > 256:
         spec["eval_batch"] = 256  # the beam scores (B, beam, C, hidden) at once
     return spec

@@ -76,7 +76,12 @@ def _head_kwargs(spec: dict, process_group=None) -> dict:
         return dict(num_heads=heads, hidden_dim=int(spec["mhc_hidden"]), beam=int(spec["mhc_beam"]))
     if m == "mhs":
         g = int(spec["mhs_group"])
-        return dict(head_sizes=(math.ceil(n / g), g), sparse_grad=True, process_group=process_group)
+        return dict(
+            head_sizes=(math.ceil(n / g), g),
+            sparse_grad=True,
+            process_group=process_group,
+            group_shared=bool(spec.get("mhs_shared", False)),
+        )
     if m == "pfc":
         return dict(
             head_sizes=(n, 1),
@@ -319,10 +324,9 @@ def train(
 @torch.no_grad()
 def _sharded_topk(head, e: torch.Tensor, k: int) -> torch.Tensor:
     """Exact top-k ids over a class-sharded MHS: each rank ranks its own rows, the k-lists are merged."""
-    sh = head.shard_state()  # the named hook: this rank's (local groups, C_rest, d) rows and its range
-    w = sh["weight"]
-    offset = sh["group_start"] * w.shape[1]
-    rows = w.reshape(-1, e.shape[1])[: max(0, min(w.shape[0] * w.shape[1], int(sh["num_classes"]) - offset))]
+    w = head.local_class_rows()  # the named hook: this rank's class rows, from its first group on
+    offset = head.group_start * head.group_size
+    rows = w[: max(0, min(w.shape[0], head.num_labels - offset))]
     v, i = chunked_topk(e, rows, k, offset=offset)  # k <= the rows of every shard (k = 5)
     world = dist.get_world_size()
     vs, ids = [torch.empty_like(v) for _ in range(world)], [torch.empty_like(i) for _ in range(world)]

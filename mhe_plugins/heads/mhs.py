@@ -17,6 +17,11 @@ Parameters (documented once, here):
   validation 99.77 vs 99.72), so it is the default; the face wrapper keeps Partial FC's uncorrected loss.
 - ``margin``: a :mod:`mhe_plugins.margins` module (ArcFace/CosFace/combined): logits are scaled cosines with
   the margin on the target; without, plain dot products.
+- ``group_shared``: each class row is its own row plus a row shared by its group (``group_weight``, zero
+  at start). When the codes put alike labels in one group (codes that follow a label clustering), the
+  shared row learns what siblings have in common from all their examples and a class's own row only the
+  difference, a two-level prior like a cascade's without its extra decision; the score stays one dot
+  product per class. Measured in the scale benchmark (``mhs@mhs_shared=true``, docs/scale.md).
 - ``sparse_grad``: the weight's gradient is row-sparse over groups (sorted, coalesced), so
   :class:`mhe_plugins.optim.LazySGD` (or SparseAdam) touches only the sampled groups.
 - ``process_group``: shard the groups over the ranks of this group (contiguous blocks, nothing replicated):
@@ -45,30 +50,11 @@ from ..decode import chunked_topk
 from ..distributed import all_gather_batch, dist_softmax_cross_entropy, group_world_rank, shard_range
 from ..margins import CombinedMargin
 from .base import HeadOutput, MHEHead, check_smoothing, upcast
+from .sparse_gather import gather_rows_sparse_grad
 
 __all__ = ["MHSHead", "MHSOutput"]
 
 MODES = ("batch_union", "per_sample")
-
-
-class _GatherGroupsSparseGrad(torch.autograd.Function):
-    """``weight[groups]`` for sorted unique ``groups`` whose weight gradient is a hybrid sparse COO tensor
-    over the group dim, flagged coalesced (no sort or copy in the optimizer): contiguous group blocks cost
-    one memcpy each, and a step touches only the sampled rows."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(groups)
-        ctx.shape = weight.shape
-        return weight.index_select(0, groups)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (groups,) = ctx.saved_tensors
-        g = torch.sparse_coo_tensor(
-            groups[None], grad.contiguous(), ctx.shape, check_invariants=False, is_coalesced=True
-        )
-        return g, None
 
 
 class MHSOutput(NamedTuple):
@@ -97,6 +83,7 @@ class MHSHead(MHEHead):
         sample_rate: float | None = None,
         sampling_correction: bool = True,
         process_group=None,
+        group_shared: bool = False,
     ):
         super().__init__(in_features, codec)
         if mode not in MODES:
@@ -131,6 +118,7 @@ class MHSHead(MHEHead):
         self.group_start, self.group_end = shard_range(num_groups, self.rank, self.world_size)
         n_local = self.group_end - self.group_start
         self.weight = nn.Parameter(torch.randn(n_local, self.group_size, in_features) * init_std)
+        self.group_weight = nn.Parameter(torch.zeros(n_local, in_features)) if group_shared else None
         # which local (group, slot) rows are real classes (id < N)
         ids = torch.arange(self.group_start * self.group_size, self.group_end * self.group_size)
         self.register_buffer(
@@ -147,7 +135,8 @@ class MHSHead(MHEHead):
         return (
             f"head_sizes={list(self.codec.head_sizes)}, num_labels={self.num_labels}, mode={self.mode}, "
             f"sampled_groups={self.sampled_groups}, sample_rate={self.sample_rate}, "
-            f"sampling_correction={self.sampling_correction}" + (shard if self.sharded else "")
+            f"sampling_correction={self.sampling_correction}, group_shared={self.group_weight is not None}"
+            + (shard if self.sharded else "")
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -158,10 +147,12 @@ class MHSHead(MHEHead):
 
     # ------------------------------------------------------------------ sampling
     def _group_rows(self, groups: torch.Tensor) -> torch.Tensor:
-        """Weights of sorted unique local groups (G, C_rest, d); row-sparse gradient if ``sparse_grad``."""
-        if self.sparse_grad:
-            return _GatherGroupsSparseGrad.apply(self.weight, groups)
-        return self.weight.index_select(0, groups)
+        """Class rows of sorted unique local groups (G, C_rest, d); row-sparse gradients if ``sparse_grad``."""
+        take = gather_rows_sparse_grad if self.sparse_grad else (lambda w, g: w.index_select(0, g))
+        rows = take(self.weight, groups)
+        if self.group_weight is not None:
+            rows = rows + take(self.group_weight, groups)[:, None, :]
+        return rows
 
     def _scores(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x (B, d) against class rows w (M, d): cosines when a margin is used, else dot products."""
@@ -376,7 +367,9 @@ class MHSHead(MHEHead):
     # ------------------------------------------------------------------ sharded state
     def shard_state(self) -> dict:
         """What a rank writes to its checkpoint shard (re-shardable: carries its group range)."""
+        extra = {} if self.group_weight is None else {"group_weight": self.group_weight.detach().cpu()}
         return {
+            **extra,
             "weight": self.weight.detach().cpu(),
             "group_start": self.group_start,
             "group_end": self.group_end,
@@ -388,7 +381,8 @@ class MHSHead(MHEHead):
     def load_shards(self, shards: Sequence[dict], key: str = "weight") -> torch.Tensor:
         """This rank's block of ``key`` from shards that together cover all groups (any old world size).
 
-        ``key="weight"`` loads it into the head; other keys (e.g. an optimizer's momentum) are returned only.
+        ``key="weight"`` loads it into the head (and the shared group rows, with ``group_shared``); other
+        keys (e.g. an optimizer's momentum) are returned only.
         """
         for sh in shards:
             if (
@@ -406,15 +400,23 @@ class MHSHead(MHEHead):
             pos = max(pos, b)
         if pos < self.num_groups:
             raise ValueError(f"checkpoint shards cover groups [0, {pos}) only, need [0, {self.num_groups})")
-        block = torch.empty_like(self.weight)
+        if key == "weight" and self.group_weight is not None:
+            if any("group_weight" not in sh for sh in shards):
+                raise ValueError("this MHSHead has group_shared rows but the checkpoint shards have none")
+            self.group_weight.copy_(self._shard_block(shards, "group_weight", self.group_weight))
+        block = self._shard_block(shards, key, self.weight)
+        if key == "weight":
+            self.weight.copy_(block)
+        return block
+
+    def _shard_block(self, shards: Sequence[dict], key: str, like: torch.Tensor) -> torch.Tensor:
+        block = torch.empty_like(like)
         flat = block.view(block.shape[0], -1)
         for sh in shards:
             lo, hi = max(sh["group_start"], self.group_start), min(sh["group_end"], self.group_end)
             if lo < hi:
                 src = sh[key][lo - sh["group_start"] : hi - sh["group_start"]]
                 flat[lo - self.group_start : hi - self.group_start] = src.reshape(hi - lo, -1).to(block)
-        if key == "weight":
-            self.weight.copy_(block)
         return block
 
     # ------------------------------------------------------------------ inference (full classifier)
@@ -431,10 +433,15 @@ class MHSHead(MHEHead):
         the named hook adapters use instead of reaching into the head."""
         init_fn(self.weight)
 
+    def local_class_rows(self) -> torch.Tensor:
+        """(this rank's groups x C_rest, d) class rows as scored (own + shared group row), padded ids included."""
+        w = self.weight if self.group_weight is None else self.weight + self.group_weight[:, None, :]
+        return w.reshape(-1, self.in_features)
+
     def class_weights(self) -> torch.Tensor:
-        """(N, d) view of the real classes."""
+        """(N, d) rows of the real classes (a view unless ``group_shared``)."""
         self._check_unsharded()
-        return self.weight.reshape(-1, self.in_features)[: self.num_labels]
+        return self.local_class_rows()[: self.num_labels]
 
     def full_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(..., N) logits of every class (scaled cosines without margin when a margin is set)."""
