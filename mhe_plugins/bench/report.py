@@ -8,6 +8,7 @@ was, and a report of unfinished work must say so in the same words everywhere.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ __all__ = [
     "pyplot",
     "save_figure",
     "write_reports",
+    "portable_paths",
 ]
 
 RERUN_HINT = (
@@ -49,6 +51,37 @@ def mark_partial(result: dict, partial: bool) -> dict:
 def say_partial(partial: bool, say: Callable[[str], object] = print) -> None:
     if partial:
         say("results are PARTIAL: rerun the same command to continue")
+
+
+#: an absolute path token (not a URL's segment, not inside a relative path)
+_ABS_PATH = re.compile(r"(?<![\w.~$/:-])/[^\s,;:()\[\]{}\"'`]+")
+
+
+def _machine_roots() -> tuple[str, ...]:
+    """Where one machine's own files live: the working tree's top directory, the home dir, the temp dir."""
+    top = Path.cwd().resolve().parts[:2]
+    roots = {os.path.join(*top)} if len(top) == 2 else set()
+    roots |= {str(Path.home()), "/tmp"}
+    return tuple(r.rstrip("/") + "/" for r in roots if r not in ("/", ""))
+
+
+def portable_paths(value: Any) -> Any:
+    """``value`` (str, or JSON-like lists/dicts of them) with every absolute path of this machine's own
+    files rewritten relative to the working directory (``<top>/data/x`` run from ``<top>/main`` ->
+    ``../data/x``): a committed report must not carry one machine's layout. System paths stay."""
+    if isinstance(value, str):
+        roots = _machine_roots()
+
+        def rel(m: re.Match) -> str:
+            path = m.group(0)
+            return os.path.relpath(path) if path.startswith(roots) else path
+
+        return _ABS_PATH.sub(rel, value)
+    if isinstance(value, dict):
+        return {k: portable_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(v) for v in value]
+    return value
 
 
 def report_paths(prefix: str | os.PathLike) -> dict[str, Path]:
@@ -92,12 +125,13 @@ def write_reports(
     plot: Callable[[Any, Path], object] | None = None,
 ) -> dict[str, Path]:
     """Write ``PREFIX.json`` (``result``), ``PREFIX.md`` (``markdown``) and ``PREFIX.png`` (``plot(result,
-    path)``, which should end in :func:`save_figure`); the parts given as None are left alone."""
+    path)``, which should end in :func:`save_figure`); the parts given as None are left alone. Paths of
+    this machine's files in the JSON and Markdown are made relative (:func:`portable_paths`)."""
     paths = report_paths(prefix)
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
-    write_json(result, paths["json"])
+    write_json(portable_paths(result), paths["json"])
     if markdown is not None:
-        write_markdown(markdown, paths["md"])
+        write_markdown(portable_paths(markdown), paths["md"])
     if plot is not None:
         plot(result, paths["png"])
     return paths
