@@ -20,7 +20,7 @@ FIELDS = (
     "status", "top1", "top5", "train_examples_per_s", "train_examples_per_s_wall", "train_cpu_s", "epoch_s",
     "epoch_s_measured", "epochs_done", "budget_exhausted", "train_s", "topk_queries_per_s", "topk_exact",
     "peak_rss_bytes", "head_param_bytes", "head_state_bytes", "head_params", "head_sizes", "per_rank",
-    "wall_s", "estimated_bytes", "memory_limit_bytes", "error", "eval_examples", "resumes",
+    "wall_s", "estimated_bytes", "memory_limit_bytes", "error", "eval_examples", "resumes", "codes_s",
 )  # fmt: skip
 
 
