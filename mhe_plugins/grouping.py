@@ -124,9 +124,9 @@ def cascade_order(
 
 def _segment_means(x: torch.Tensor, seg: torch.Tensor, count: int) -> torch.Tensor:
     """(count, D) mean of the rows of ``x`` in each segment id of ``seg`` (empty segments: 0)."""
-    sums = torch.zeros(count, x.shape[1], dtype=torch.float64).index_add_(0, seg, x.double())
+    sums = torch.zeros(count, x.shape[1], dtype=x.dtype).index_add_(0, seg, x)
     n = torch.bincount(seg, minlength=count).clamp(min=1)
-    return (sums / n[:, None]).float()
+    return sums / n[:, None]
 
 
 def balanced_tree_order(
