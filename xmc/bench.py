@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -62,31 +63,39 @@ def _head_config(model_dir: str) -> dict:
 
 
 #: neural rows: TrainConfig overrides on top of the trainer's defaults (``--train-json`` and the bench flags
-#: apply to all of them). ``mhc`` is the default configuration; the others change one thing.
+#: apply to all of them). ``mhc`` is the default configuration (``--encoder auto``: with the offline MiniLM
+#: installed, what ``xmc.config.AUTO_ENCODER`` names); ``mhc-tfidf`` is the default without a transformer,
+#: and the ablations, ``flat`` and ``mhc-perm`` change one thing of ``mhc-tfidf`` (the same features as the
+#: anchors, whatever AUTO_ENCODER says).
+TFIDF = {"encoder": "tfidf"}
 NEURAL: dict[str, dict] = {
     "mhc": {},
-    "flat": {"head": "flat"},
-    "mhc-perm": {"permutation_seed": 0},  # label ids shuffled before grouping
-    "mhc-tfidf": {"encoder": "tfidf"},  # no transformer (the "no encoder" ablation when the default has one)
+    "mhc-tfidf": TFIDF,  # no transformer: the default of a machine without the MiniLM
     "mhc-frozen": {"encoder": "hybrid", "encoder_mode": "frozen"},  # + MiniLM, frozen, embeddings cached
     "mhc-finetune": {"encoder": "hybrid", "encoder_mode": "finetune"},  # + MiniLM fine-tuned
-    "mhc-novote": {"neighbours": 0},  # no neighbour votes (ranker fitted without them)
-    "mhc-nolex": {"lexical": False},  # no lexical centroid term
-    "mhc-bare": {"neighbours": 0, "lexical": False, "ranker": False},  # the cascade head alone
+    "flat": {**TFIDF, "head": "flat"},
+    "mhc-perm": {**TFIDF, "permutation_seed": 0},  # label ids shuffled before grouping
+    "mhc-novote": {**TFIDF, "neighbours": 0},  # no neighbour votes (ranker fitted without them)
+    "mhc-nolex": {**TFIDF, "lexical": False},  # no lexical centroid term
+    "mhc-bare": {**TFIDF, "neighbours": 0, "lexical": False, "ranker": False},  # the cascade head alone
 }
 #: rows that re-evaluate another row's trained model: the same weights without the learned ranker
 DERIVED = {
     "mhc-noranker": "mhc",
+    "mhc-tfidf-noranker": "mhc-tfidf",
     "mhc-frozen-noranker": "mhc-frozen",
     "mhc-finetune-noranker": "mhc-finetune",
 }
 #: the report's row order (a row is listed when it is stored in the work dir)
 ORDER = (
-    "mhc", "mhc-noranker", "mhc-tfidf", "mhc-frozen", "mhc-frozen-noranker", "mhc-finetune",
-    "mhc-finetune-noranker", "mhc-novote", "mhc-nolex", "mhc-bare", "flat", "mhc-perm", *TREES,
+    "mhc", "mhc-noranker", "mhc-tfidf", "mhc-tfidf-noranker", "mhc-frozen", "mhc-frozen-noranker",
+    "mhc-finetune", "mhc-finetune-noranker", "mhc-novote", "mhc-nolex", "mhc-bare", "flat", "mhc-perm", *TREES,
 )  # fmt: skip
 assert set(ORDER) == {*NEURAL, *DERIVED, *TREES}
-DEFAULT_METHODS = "mhc,mhc-noranker,mhc-novote,mhc-nolex,mhc-bare,flat,omikuji,omikuji-bonsai,napkinxc,knn"
+DEFAULT_METHODS = (
+    "mhc,mhc-noranker,mhc-tfidf,mhc-tfidf-noranker,mhc-novote,mhc-nolex,mhc-bare,flat,"
+    "omikuji,omikuji-bonsai,napkinxc,knn"
+)
 
 
 def _train_config(method: str, data_dir: str, work: Path, args) -> TrainConfig:
@@ -201,8 +210,10 @@ def targets(methods: dict) -> dict:
                     out[f"{row}_vs_{anchor}_{c}"] = round(methods[row][c] - methods[anchor][c], 3)
                 out[f"{row}_train_s"] = methods[row]["train_s"]
         out[f"{anchor}_train_s"] = methods[anchor]["train_s"]
-    if "mhc" in methods and "flat" in methods:
-        mh, fl = methods["mhc"], methods["flat"]
+    base = "mhc-tfidf" if "mhc-tfidf" in methods else "mhc"  # flat has mhc-tfidf's features
+    if base in methods and "flat" in methods:
+        mh, fl = methods[base], methods["flat"]
+        out["flat_compared_with"] = base
         out["mhc_P@1_minus_flat_P@1"] = round(mh["P@1"] - fl["P@1"], 3)
         out["classifier_params_ratio_flat_over_mhc"] = round(
             fl["classifier_params"] / mh["classifier_params"], 3
@@ -234,9 +245,23 @@ def notes(result: dict) -> str:
             )
     if "mhc_P@1_minus_flat_P@1" in t:
         out.append(
-            f"MHC P@1 - flat P@1 = {t['mhc_P@1_minus_flat_P@1']:+.2f}; flat / MHC classifier parameters = "
+            f"{t.get('flat_compared_with', 'mhc')} P@1 - flat P@1 = {t['mhc_P@1_minus_flat_P@1']:+.2f} (same "
+            f"features); flat / MHC classifier parameters = "
             f"{t['classifier_params_ratio_flat_over_mhc']:.2f}x."
         )
+    for name, m in ms.items():
+        tm, epochs = m.get("timing") or {}, (m.get("train_config") or {}).get("epochs")
+        if (
+            tm.get("train_s")
+            and epochs
+            and name in NEURAL
+            and not m.get("encoder", "tfidf").startswith("tfidf")
+        ):
+            out.append(
+                f"{name}: training loop {tm['train_s']:,.0f} s for {epochs} epochs ({tm['train_s'] / epochs:,.0f} s "
+                f"per epoch with its validations, {m.get('threads')} threads), embeddings {tm.get('embed_s', 0):,.0f} s"
+                f", ranker fit {tm.get('ranker_s', 0):,.0f} s."
+            )
     out.append(
         "train s = wall time to the reported model: for the neural rows the transformer embeddings (as computed, "
         "also when reused from the cache), the training loop with its validations and the ranker fit; "
@@ -357,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"method": m, "data": data_files, "max_features": max_features, "threads": args.threads}
 
     def run_method(m: str) -> dict:
+        load_at_start = round(os.getloadavg()[0], 2)  # timings are only comparable under the same load
         if m in NEURAL:
             row = run_neural(m, args.data_dir, work, args)
         elif m in DERIVED:
@@ -376,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "model_bytes": r["model_bytes"],
                 "params": r["params"],
             }
-        return {"key": key_of(m), **row, "threads": args.threads}
+        return {"key": key_of(m), **row, "threads": args.threads, "load_avg": load_at_start}
 
     for m in methods:
         print(f"== {m}", flush=True)
@@ -399,7 +425,8 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "propensity_a": 0.55,
         "propensity_b": 1.5,
-        "machine": f"{machine()}, shared with other jobs",
+        "machine": f"{machine()}; rows may run at different times (each row's 1-minute load average at its "
+        "start: JSON `load_avg`, where recorded)",
     }
     result["targets"] = targets(result["methods"])
     result["notes"] = notes(result)

@@ -29,7 +29,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "--encoder",
         choices=["auto", "tfidf", "hybrid", "hf"],
         default="auto",
-        help="auto (default): hybrid with --model-path, else xmc.config.AUTO_ENCODER (TF-IDF only unless set); "
+        help="auto (default): hybrid with --model-path, else xmc.config.AUTO_ENCODER (the fine-tuned MiniLM "
+        "hybrid when the offline MiniLM is installed and the data are raw texts; otherwise TF-IDF only, said "
+        "at start); "
         "tfidf; hybrid = TF-IDF bag + transformer embedding concatenated (LightXML / XR-Transformer); "
         "hf = the transformer alone",
     )
@@ -70,7 +72,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--permutation-seed", type=int, default=None, help="randomly permute label ids before grouping"
     )
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument(
+        "--epochs", type=int, default=None, help="default 10; 3 when the hybrid fine-tunes its transformer"
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=None, help="default 2e-3 (tfidf) / 1e-4 (HF encoder)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)

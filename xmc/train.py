@@ -47,7 +47,6 @@ from mhe_plugins.training.metric_log import open_metric_logger
 from xmc.batching import IndexDataset, LengthBucketBatchSampler, to_device
 from xmc.config import TrainConfig
 from xmc.data import load_dataset
-from xmc.encoders import minilm_path
 from xmc.evaluate import compute_metrics, rank_documents
 from xmc.featurise import Featurised, check_resume_matches, write_static_files
 from xmc.model import XMCModel
@@ -205,9 +204,8 @@ def _train(cfg: TrainConfig) -> dict:
     ds = load_dataset(cfg.data_dir, cfg.format, valid_size=cfg.valid_size)
     say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     say(f"[mhe-xmc] encoder: {cfg.describe_encoder()}")
-    if cfg.auto_resolved and cfg.encoder == "tfidf" and minilm_path() is not None:
-        say("[mhe-xmc] (--encoder auto = tfidf: xmc.config.AUTO_ENCODER is 'tfidf'; the offline MiniLM is "
-            "installed: --encoder hybrid --model-path DIR uses it, docs/xmc.md)")  # fmt: skip
+    if cfg.auto_resolved and cfg.encoder == "tfidf":
+        say(f"[mhe-xmc] (--encoder auto = tfidf: {cfg.auto_reason}; docs/xmc.md)")
     feats = Featurised(cfg, ds, out, say=say)
     prop = M.jain_propensity(ds.splits["train"].labels, A=cfg.propensity_a, B=cfg.propensity_b)
 

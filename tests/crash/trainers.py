@@ -177,7 +177,7 @@ class Xmc(Trainer):
     def command(self, out: Path) -> list[str]:
         return python(
             "-m", "xmc.cli", "train", "--data-dir", str(self.data), "--output", str(out), "--head", "mhc",
-            "--epochs", "3", "--batch-size", "100", "--tfidf-dim", "32", "--num-groups", "8", "--threads", "1",
+            "--encoder", "tfidf", "--epochs", "3", "--batch-size", "100", "--tfidf-dim", "32", "--num-groups", "8", "--threads", "1",
             "--seed", "1", "--swa-every", "2", "--neighbours", "5", "--select-metric", "nDCG@5", "--no-progress",
         )  # fmt: skip
 

@@ -16,6 +16,19 @@ def write_raw(d: Path, split: str, texts, labels) -> None:
     (d / f"{split}_labels.txt").write_text("".join(" ".join(ls) + "\n" for ls in labels))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def tfidf_unless_asked():
+    """``--encoder auto`` means TF-IDF only in these tests (in process), whatever ``xmc.config.AUTO_ENCODER``
+    says: they test the trainer, not the MiniLM (whose rows have their own tests, which set what they need;
+    the auto rule itself: test_xmc_issue28.py). Session-scoped so that it also holds in module-scoped
+    fixtures and after a test's ``monkeypatch.undo()``. Subprocess tests pass ``--encoder tfidf``."""
+    import xmc.config
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(xmc.config, "AUTO_ENCODER", "tfidf")
+        yield
+
+
 @pytest.fixture(scope="session")
 def wordnet_small(tmp_path_factory) -> Path:
     """2,400 train / 300 valid / 300 test documents restricted to frequent labels (real WordNet text)."""

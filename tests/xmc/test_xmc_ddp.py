@@ -56,6 +56,8 @@ def test_two_process_training_and_eval_match_one_process(wordnet_small, tmp_path
         str(two),
         "--head",
         "flat",
+        "--encoder",
+        "tfidf",
         "--epochs",
         "1",
         "--dropout",

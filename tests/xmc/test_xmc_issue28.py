@@ -262,14 +262,14 @@ def test_length_buckets_cover_every_document_once_and_split_over_ranks():
     assert len(a) == len(b) == len(r0) and not set(sum(a, [])) & set(sum(b, []))
 
 
-def test_encoder_choice_flags_and_the_auto_default(monkeypatch):
+def test_encoder_choice_flags_and_the_auto_default(monkeypatch, tmp_path):
     from xmc import config as config_mod
     from xmc.cli import build_parser, config_from_args
 
     def cfg_of(argv: str) -> TrainConfig:
         return config_from_args(build_parser().parse_args(f"train --data-dir D --output O {argv}".split()))
 
-    assert cfg_of("").encoder == "tfidf"  # AUTO_ENCODER = "tfidf" until the benchmark decides
+    assert cfg_of("").encoder == "tfidf"  # AUTO_ENCODER pinned to "tfidf" (conftest)
     c = cfg_of("--model-path M --encoder-mode frozen --max-len 64")
     assert (c.encoder, c.encoder_mode, c.frozen(), c.resolved_pooling()) == ("hybrid", "frozen", True, "mean")
     c = cfg_of("--model-path M")
@@ -288,8 +288,24 @@ def test_encoder_choice_flags_and_the_auto_default(monkeypatch):
     c = TrainConfig(data_dir="D", output="O")
     assert (c.encoder, c.encoder_mode, c.model_path) == ("hybrid", "frozen", "minilm-dir")
     assert "frozen" in c.describe_encoder()
+    assert c.epochs == config_mod.EPOCHS  # frozen: the bag, MLP and head train for the usual epochs
+    monkeypatch.setattr(config_mod, "AUTO_ENCODER", "hybrid-finetune")
+    c = TrainConfig(data_dir="D", output="O")
+    assert (c.encoder, c.encoder_mode, c.epochs) == ("hybrid", "finetune", config_mod.FINETUNE_EPOCHS)
+    assert TrainConfig(data_dir="D", output="O", epochs=5).epochs == 5  # an explicit count is kept
+    assert cfg_of("--epochs 7").epochs == 7 and cfg_of("").epochs == config_mod.FINETUNE_EPOCHS
+    assert TrainConfig(data_dir="D", output="O", encoder="tfidf").epochs == config_mod.EPOCHS
+    # ... but never for BoW data (feature ids, no text) ...
+    bow = tmp_path / "bow"
+    bow.mkdir()
+    (bow / "train.txt").write_text("1 2 2\n0 0:1\n")
+    c = TrainConfig(data_dir=str(bow), output="O")
+    assert (c.encoder, c.model_path, c.auto_reason) == ("tfidf", None, "BoW data: no texts for a transformer")
+    assert TrainConfig(data_dir="D", output="O", format="bow").encoder == "tfidf"
+    # ... and TF-IDF only, saying why, without the MiniLM
     monkeypatch.setattr(config_mod, "minilm_path", lambda: None)
-    assert TrainConfig(data_dir="D", output="O").encoder == "tfidf"
+    c = TrainConfig(data_dir="D", output="O")
+    assert c.encoder == "tfidf" and "not installed" in c.auto_reason
 
 
 # ----------------------------------------------------------------------------- the real offline MiniLM

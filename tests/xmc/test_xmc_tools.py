@@ -29,6 +29,9 @@ def test_bench_rows_run_and_resume_per_row(wordnet_small, tmp_path, monkeypatch,
         and ms["mhc-bare"]["train_config"]["lexical"] is False
     )
     assert ms["mhc"]["train_config"]["max_steps"] == 3
+    # the ablations and flat are on the anchors' features (TF-IDF only) whatever the default encoder is
+    assert ms["mhc-bare"]["train_config"]["encoder"] == ms["flat"]["train_config"]["encoder"] == "tfidf"
+    assert bench.NEURAL["mhc-novote"]["encoder"] == bench.NEURAL["mhc-nolex"]["encoder"] == "tfidf"
     assert (
         ms["omikuji-bonsai"]["params"]["cluster_k"] == 100
         and not ms["omikuji-bonsai"]["params"]["cluster_balanced"]
