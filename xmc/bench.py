@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mhe_plugins import metrics as M
-from mhe_plugins.bench.env import machine, set_threads
+from mhe_plugins.bench.env import load_avg, machine, set_threads
 from mhe_plugins.bench.report import pyplot, save_figure, write_reports
 from mhe_plugins.bench.store import RunStore
 from xmc.anchors import TREES, run_tree
@@ -382,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"method": m, "data": data_files, "max_features": max_features, "threads": args.threads}
 
     def run_method(m: str) -> dict:
-        load_at_start = round(os.getloadavg()[0], 2)  # timings are only comparable under the same load
+        load_at_start = load_avg()
         if m in NEURAL:
             row = run_neural(m, args.data_dir, work, args)
         elif m in DERIVED:

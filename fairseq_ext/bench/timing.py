@@ -7,7 +7,6 @@ timings run one after another once every run is in, and are cached under their r
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import time
@@ -17,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from fairseq_ext.model import SHORTLIST_DIVISOR, default_shortlist
+from mhe_plugins.bench.env import load_avg
 from mhe_plugins.bench.store import KeyedFile, cached_result
 from mhe_plugins.heads import build_head
 
@@ -47,7 +47,7 @@ def time_training(method: str, bin_dir: Path, vwork: Path, a: argparse.Namespace
         shutil.rmtree(save)
     save.mkdir(parents=True)
     cmd = train_cmd(method, bin_dir, save, a, vocab_size, a.time_updates, "inverse_sqrt")
-    load_before = os.getloadavg()[0]
+    load_before = load_avg()
     run([*cmd, "--no-save", "--disable-validation"], save / "train.log")
     timed = parse_log((save / "train.log").read_text(encoding="utf-8"))["train_inner"][1:]
     if not timed:
@@ -91,7 +91,7 @@ def time_generation(method: str, bin_dir: Path, vwork: Path, a: argparse.Namespa
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    load_before = os.getloadavg()[0]
+    load_before = load_avg()
     text = run(generate_cmd(bin_dir, ckpt, a), out / "generate.log")
     sent_s, seconds = generation_speed(text, out / "generate.log")
     return {"gen_sent_per_s": sent_s, "gen_seconds": seconds, "load_before": round(load_before, 2)}

@@ -12,12 +12,17 @@ import platform
 
 import torch
 
-__all__ = ["machine", "environment", "thread_env", "set_threads", "mem_available_bytes"]
+__all__ = ["machine", "load_avg", "environment", "thread_env", "set_threads", "mem_available_bytes"]
 
 
 def machine() -> str:
     """One line naming the machine and the torch build, e.g. ``x86_64, 2 CPUs, torch 2.14.1``."""
     return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+def load_avg() -> float:
+    """The 1-minute load average now: a timing is only comparable with others taken under the same load."""
+    return round(os.getloadavg()[0], 2)
 
 
 def environment(threads: int = 0) -> dict:
@@ -27,7 +32,7 @@ def environment(threads: int = 0) -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "machine": machine(),
-        "load_avg_at_start": os.getloadavg()[0],
+        "load_avg_at_start": load_avg(),
     }
 
 
