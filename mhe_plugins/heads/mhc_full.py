@@ -65,10 +65,10 @@ class FullDistribution:
         if torch.is_grad_enabled() and (
             flat.requires_grad or any(p.requires_grad for p in self.parameters())
         ):
-            out = self._log_prob_differentiable(flat)
+            out = self.label_order.to_label_columns(self._log_prob_differentiable(flat))
         else:
             out = self._log_prob_inference(flat)
-        return self.label_order.to_label_columns(out).reshape(*lead, self.num_labels)
+        return out.reshape(*lead, self.num_labels)
 
     def _log_prob_differentiable(self, flat: torch.Tensor) -> torch.Tensor:
         K, tail = self.shortlist, self.codec.num_labels
@@ -91,8 +91,9 @@ class FullDistribution:
         return torch.cat([child[:, :dead], pad], 1)
 
     def _log_prob_inference(self, flat: torch.Tensor) -> torch.Tensor:
-        """As the differentiable path, with every (B, nodes) temporary written into reused buffers and
-        the result into a reused one when its last holder has let it go (:mod:`.workspace`)."""
+        """As the differentiable path (columns by label id), with every (B, nodes) temporary written into
+        reused buffers and the result into a reused one when its last holder has let it go
+        (:mod:`.workspace`)."""
         K, tail, b = self.shortlist, self.codec.num_labels, flat.shape[0]
         root = F.log_softmax(upcast(self._root_logits(flat)), -1)
         lp = root[:, K:]
@@ -103,7 +104,12 @@ class FullDistribution:
             z = upcast(z).view(b, lp.shape[1], -1)
             child = torch.log_softmax(z, -1, out=scratch(self, f"lp{h}", tuple(z.shape), z))
             lp = self._dead_parents(h, child.add_(lp.unsqueeze(-1))).flatten(1)
-        out = reusable_output(self, "out", (b, K + tail), lp)
-        out[:, :K] = root[:, :K]
-        out[:, K:] = lp[:, :tail]
-        return out
+        shape, order = (b, K + tail), self.label_order
+        by_position = (
+            reusable_output(self, "out", shape, lp) if order.identity else scratch(self, "pos", shape, lp)
+        )
+        by_position[:, :K] = root[:, :K]
+        by_position[:, K:] = lp[:, :tail]
+        if order.identity:
+            return by_position
+        return order.to_label_columns(by_position, out=reusable_output(self, "out", shape, lp))
