@@ -134,7 +134,9 @@ def _time(fn, reps: int) -> float:
 
 def _scaling_one(v: int, dim: int, tokens: int, rows: int, reps: int, mhc_groups: int) -> dict:
     """MHP balanced, MHC with the model's defaults: the |V| // SHORTLIST_DIVISOR short list, ``mhc_groups``
-    tail bins and a group MLP 4 x ``dim`` wide."""
+    tail groups in a learned order (a seeded permutation of the tail stands in for the context clusters:
+    decoding then pays the gather back to label ids, as the default model does) and a group MLP 4 x ``dim``
+    wide."""
     x = torch.randn(tokens, dim, requires_grad=True)
     y = torch.randint(0, v, (tokens,))
     xr = torch.randn(rows, dim)
@@ -142,8 +144,16 @@ def _scaling_one(v: int, dim: int, tokens: int, rows: int, reps: int, mhc_groups
     mhp = build_head("mhp", dim, v, bias=False)
     k = default_shortlist(v)
     mhc_sizes = mhc_codec(v, mhc_groups, shortlist=k)
+    order = torch.cat([torch.arange(k), k + torch.randperm(v - k)])
     mhc = build_head(
-        "mhc", dim, v, head_sizes=mhc_sizes.head_sizes, hidden_dim=dim, group_mlp_dim=4 * dim, shortlist=k
+        "mhc",
+        dim,
+        v,
+        head_sizes=mhc_sizes.head_sizes,
+        hidden_dim=dim,
+        group_mlp_dim=4 * dim,
+        shortlist=k,
+        label_order=order,
     )
     loss_kw = {"label_smoothing": 0.1, "smoothing": "label", "reduction": "sum"}
 
@@ -212,6 +222,7 @@ def cached_scaling(path: Path, a: argparse.Namespace) -> dict:
         "mhc_group_mlp_dim": 4 * a.scaling_dim,
         "mhc_shortlist": f"|V|//{SHORTLIST_DIVISOR}",
         "log_prob": "reused buffers",  # the beam-step timing of MHC changed with them: not reused from before
+        "mhc_label_order": "permuted tail",  # as the default's learned grouping: decoding gathers to label ids
     }
     vocabs = [int(v) for v in a.scaling_vocabs.split(",")]
     return cached_result(
