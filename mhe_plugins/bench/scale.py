@@ -177,6 +177,42 @@ def _oracle_cell(label: str, settings: dict, n: int) -> dict:
     return {"label": label, "spec": spec, "name": run_name(label, spec)}
 
 
+def reference_first(cells: list[dict], label: str) -> list[dict]:
+    """The cells in plan order, except that at each (N, world) the ``--equal-time`` reference runs right
+    after the oracles: the others need its time."""
+
+    def rank(i_cell: tuple[int, dict]) -> tuple:
+        i, c = i_cell
+        s = c["spec"]
+        group = next(j for j, d in enumerate(cells) if d["spec"]["num_classes"] == s["num_classes"])
+        return (group, s["world"], 0 if s["method"] == "oracle" else 1 if c["label"] == label else 2, i)
+
+    return [c for _, c in sorted(enumerate(cells), key=rank)]
+
+
+def equal_time_budget(ref: dict, own: float) -> float:
+    """The reference run's wall time, learning its label codes included (what a user waits for), capped
+    by a method's own ``time_budget`` when it sets a smaller one (``mhc@time_budget=3600``)."""
+    wall = round(float(ref["train_s"]) + float(ref.get("codes_s") or 0.0), 1)
+    return min(wall, float(own)) if own else wall
+
+
+def timed_like_reference(cell: dict, cells: list[dict], store: RunStore, label: str | None) -> bool:
+    """Under ``--equal-time LABEL``: give ``cell`` the reference run's time at its (N, world) and rename it
+    (its key carries the budget); False while that run is not stored. Reads the store, never writes."""
+    spec = cell["spec"]
+    if not label or spec["method"] == "oracle" or cell["label"] == label:
+        return True
+    ref = next((r for r in cells if r["label"] == label and r["spec"]["num_classes"] == spec["num_classes"]
+                and r["spec"]["world"] == spec["world"]), None)  # fmt: skip
+    rec = store.find(ref["name"], run_key(ref["spec"])) if ref else None
+    if rec is None or rec.get("status") != "ok":
+        return False
+    spec["time_budget"] = equal_time_budget(rec, spec["time_budget"])
+    cell["name"] = run_name(cell["label"], spec)
+    return True
+
+
 def _done(limit: int) -> Callable[[dict], bool]:
     def done(rec: dict) -> bool:
         if rec.get("status") == "ok":
@@ -235,11 +271,17 @@ def run_benchmark(args, say=print) -> dict:
 
     if in_ranks and args.equal_time:
         raise SystemExit("--equal-time needs the run store of one machine: not under torchrun")
+    if args.equal_time:
+        cells = reference_first(cells, args.equal_time)
     if args.dry_run:
         from .scale_train import estimate_bytes
 
         listed = {}
         for c in cells:  # read-only: lists, writes nothing (not even the report)
+            if not timed_like_reference(c, cells, store, args.equal_time):
+                say(f"{c['name']:<60} waits for the {args.equal_time} run (--equal-time)")
+                listed[c["name"]] = {"estimate_gib": None, "done": False}
+                continue
             est = estimate_bytes(c["spec"]) / 2**30 if c["spec"]["method"] != "oracle" else 0.0
             done = store.find(c["name"], run_key(c["spec"]))
             listed[c["name"]] = {"estimate_gib": round(est, 2), "done": bool(done)}
@@ -247,17 +289,11 @@ def run_benchmark(args, say=print) -> dict:
         return {"dry_run": listed}
     for c in cells:
         spec = c["spec"]
-        if args.equal_time and spec["method"] not in ("oracle", args.equal_time):
-            ref = next((r for r in cells if r["label"] == args.equal_time and r["spec"]["num_classes"]
-                        == spec["num_classes"] and r["spec"]["world"] == spec["world"]), None)  # fmt: skip
-            rec = store.find(ref["name"], run_key(ref["spec"])) if ref else None
-            if rec is None or rec.get("status") != "ok":
-                say(
-                    f"{c['name']}: waits for the {args.equal_time} run at N={spec['num_classes']:,} (--equal-time)"
-                )
-                continue
-            spec["time_budget"] = round(float(rec["train_s"]), 1)
-            c["name"] = run_name(c["label"], spec)
+        if not timed_like_reference(c, cells, store, args.equal_time):
+            say(
+                f"{c['name']}: waits for the {args.equal_time} run at N={spec['num_classes']:,} (--equal-time)"
+            )
+            continue
         work = Path(args.work_dir) / c["name"]
         full = {
             **spec,

@@ -52,6 +52,11 @@ def collect(cells: list[dict], store: RunStore) -> tuple[list[dict], list[str]]:
     return rows, missing
 
 
+def _wall(row: dict) -> float:
+    """Seconds a user waits for a trained head: training plus learning the label codes (0 for id codes)."""
+    return float(row.get("train_s") or 0) + float(row.get("codes_s") or 0)
+
+
 def _get(rows, n, label=None, method=None, world=1):
     return [
         r
@@ -103,13 +108,13 @@ def checks(rows: list[dict], sizes: list[int]) -> list[tuple[str, str]]:
     if pfc and mhe:
         # equal wall time: the MHE head may not have trained longer than the sampled softmax
         best = max(mhe, key=lambda r: r["top1"])
-        p = max(pfc, key=lambda r: r.get("train_s") or 0)
-        fair = (best.get("train_s") or 0) <= 1.05 * (p.get("train_s") or 0)
+        p = max(pfc, key=_wall)
+        fair = _wall(best) <= 1.05 * _wall(p)
         ok = fair and best["top1"] >= p["top1"]
         out.append((
             "N=1,000,000: MHE top-1 >= sampled softmax (Partial FC) top-1 at equal wall time",
-            f"{'met' if ok else 'not met'}: {best['label']} {best['top1']:.2f} in {best.get('train_s') or 0:,.0f} s "
-            f"of training vs {p['label']} {p['top1']:.2f} in {p.get('train_s') or 0:,.0f} s"
+            f"{'met' if ok else 'not met'}: {best['label']} {best['top1']:.2f} in {_wall(best):,.0f} s "
+            f"of training (learning its codes included) vs {p['label']} {p['top1']:.2f} in {_wall(p):,.0f} s"
             + ("" if fair else " (the MHE head trained longer: rerun pfc with --equal-time or a time_budget)"),
         ))  # fmt: skip
     mhp = _get(rows, big, method="mhp")

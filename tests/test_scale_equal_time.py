@@ -1,0 +1,60 @@
+"""``--equal-time``: the reference runs first at each (N, world), every other method gets its wall time
+(codes included) or its own smaller cap, and the run name carries that budget."""
+
+from __future__ import annotations
+
+from mhe_plugins.bench.scale import (
+    DEFAULTS,
+    equal_time_budget,
+    plan,
+    reference_first,
+    run_key,
+    run_name,
+    timed_like_reference,
+)
+from mhe_plugins.bench.store import RunStore
+
+METHODS = ["mhp", "mhc@time_budget=5", "mhs", "pfc"]
+
+
+def _cells():
+    return plan(dict(DEFAULTS), [1000, 2000], METHODS, [2000], 2)
+
+
+def test_reference_runs_right_after_the_oracle_at_each_size_and_world():
+    order = [
+        (c["spec"]["num_classes"], c["spec"]["world"], c["label"]) for c in reference_first(_cells(), "mhs")
+    ]
+    assert order == [
+        (1000, 1, "oracle"), (1000, 1, "mhs"), (1000, 1, "mhp"), (1000, 1, "mhc@time_budget=5"), (1000, 1, "pfc"),
+        (2000, 1, "oracle"), (2000, 1, "mhs"), (2000, 1, "mhp"), (2000, 1, "mhc@time_budget=5"), (2000, 1, "pfc"),
+        (2000, 2, "mhs"), (2000, 2, "pfc"),
+    ]  # fmt: skip
+
+
+def test_budget_is_the_reference_wall_with_codes_capped_by_the_own_budget():
+    assert equal_time_budget({"train_s": 100.04, "codes_s": 20.0}, 0.0) == 120.0
+    assert equal_time_budget({"train_s": 100.0}, 0.0) == 100.0
+    assert equal_time_budget({"train_s": 100.0, "codes_s": 20.0}, 50.0) == 50.0
+    assert equal_time_budget({"train_s": 100.0, "codes_s": 20.0}, 500.0) == 120.0
+
+
+def test_waits_for_the_reference_then_takes_its_time_and_a_new_name(tmp_path):
+    store = RunStore(tmp_path / "store")
+    cells = reference_first(_cells(), "mhs")
+    pfc = next(c for c in cells if c["label"] == "pfc" and c["spec"]["num_classes"] == 1000)
+    mhc = next(c for c in cells if c["label"].startswith("mhc") and c["spec"]["num_classes"] == 1000)
+    before = pfc["name"]
+    assert not timed_like_reference(pfc, cells, store, "mhs")  # nothing stored yet: it waits
+    assert pfc["name"] == before
+    ref = next(c for c in cells if c["label"] == "mhs" and c["spec"]["num_classes"] == 1000)
+    store.save(ref["name"], {"status": "ok", "train_s": 30.0, "codes_s": 2.5, "key": run_key(ref["spec"])})
+    assert timed_like_reference(pfc, cells, store, "mhs") and timed_like_reference(mhc, cells, store, "mhs")
+    assert pfc["spec"]["time_budget"] == 32.5 and mhc["spec"]["time_budget"] == 5.0
+    assert pfc["name"] == run_name("pfc", pfc["spec"]) != before
+    # the 2-rank pfc waits for the 2-rank mhs, not the one-process one
+    pfc2 = next(c for c in cells if c["label"] == "pfc" and c["spec"]["world"] == 2)
+    assert not timed_like_reference(pfc2, cells, store, "mhs")
+    assert timed_like_reference(ref, cells, store, "mhs") and timed_like_reference(
+        cells[0], cells, store, "mhs"
+    )
