@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         from .scale import run_benchmark
 
         res = run_benchmark(a)
-        if res:
+        if res and not a.dry_run:
             print(f"report: {a.out_dir}/{a.report}.md" + (" (PARTIAL)" if res.get("partial") else ""))
         return
     for name, v in (
@@ -104,7 +104,7 @@ def _add_scale(sub) -> None:
         "--checkpoint-every", type=float, default=1800.0, help="seconds between mid-run checkpoints (0: none)"
     )
     p.add_argument("--force", action="store_true", help="rerun cells that have a record")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and estimates, rewrite the report")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and estimates; writes nothing")
     for key, value in DEFAULTS.items():
         flag = "--" + key.replace("_", "-")
         what = f"a run setting (docs/scale.md), default {value}; per method: {key}=... after @"
