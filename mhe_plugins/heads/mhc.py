@@ -380,6 +380,22 @@ class MHCHead(FullDistribution, MHEHead):
             logp = self._scatter_rows(logp, paths.rows, lp.gather(1, paths.digits[:, h : h + 1]).squeeze(1))
         return logp.reshape(target.shape)
 
+    def _weighted_children_sum(self, level: int, lp: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """sum_j leaves_under(child j) * lp[:, j] over the valid children of each item's ``prefix`` (the
+        invalid ones are -inf in ``lp`` and hold no leaves). Every valid child holds ``stride`` leaves but
+        under the last parent, whose rows are recomputed exactly; NaN stays NaN."""
+        size, stride = self.codec.head_sizes[level], self.codec.strides[level]
+        total = torch.where(torch.isneginf(lp), 0.0, lp).sum(-1) * stride
+        if stride == 1:
+            return total
+        rows = ((prefix + 1) * size * stride > self.codec.num_labels).nonzero().squeeze(1)
+        if not rows.numel():
+            return total
+        kids = prefix.index_select(0, rows)[:, None] * size + torch.arange(size, device=lp.device)
+        w = self._leaves_under(level, kids).to(lp.dtype)
+        exact = (w * lp.index_select(0, rows).masked_fill(w == 0, 0.0)).sum(-1)
+        return total.index_put((rows,), exact)
+
     def _leaves_under(self, level: int, nodes: torch.Tensor) -> torch.Tensor:
         """Number of valid tail positions below each level-``level`` node id."""
         stride = self.codec.strides[level]
@@ -405,21 +421,24 @@ class MHCHead(FullDistribution, MHEHead):
         paths = self._paths(flat_t)
         lps = self._level_log_probs(flat, paths)
         u = eps / (self.num_labels - 1) if self.num_labels > 1 else 0.0
+        keep = 1.0 - eps - u  # the true node's mass beyond its uniform share u x (leaves below it)
+        # per level: keep * (-log p(true child)) - u * sum_children leaves_under(child) * log p(child), as a
+        # gather and a weighted row sum: no (items, children) mass tensor (a third of MHC's training step)
         root = lps[0]
-        nodes = torch.arange(root.shape[1], device=root.device)
-        under = torch.cat([torch.ones(K, device=root.device), self._leaves_under(0, nodes[K:] - K).to(root)])
-        on_path = nodes == paths.root[:, None]
-        mass = u * under + (1.0 - eps - u) * on_path.to(root.dtype)
-        loss = -(mass * root.masked_fill(mass == 0, 0.0)).sum(-1)
         nll = -root.gather(1, paths.root[:, None]).squeeze(1)
+        loss = keep * nll
+        if u:
+            valid = K + self._limits[0] + 1  # short list, then the groups that hold labels (the rest: -inf)
+            groups = torch.arange(valid - K, device=root.device)
+            under = torch.cat([root.new_ones(K), self._leaves_under(0, groups).to(root.dtype)])
+            loss = loss - u * (root[:, :valid] @ under)
         prefix = paths.digits[:, 0]
         for h, lp in enumerate(lps[1:], start=1):
-            size = self.codec.head_sizes[h]
-            sib = torch.arange(size, device=lp.device)
-            kids = prefix[:, None] * size + sib  # (T, C_h) ids of the siblings at level h
-            on = sib == paths.digits[:, h : h + 1]
-            mass = u * self._leaves_under(h, kids).to(lp.dtype) + (1.0 - eps - u) * on.to(lp.dtype)
-            loss = self._scatter_rows(loss, paths.rows, -(mass * lp.masked_fill(mass == 0, 0.0)).sum(-1))
-            nll = self._scatter_rows(nll, paths.rows, -lp.gather(1, paths.digits[:, h : h + 1]).squeeze(1))
-            prefix = prefix * size + paths.digits[:, h]
+            own = -lp.gather(1, paths.digits[:, h : h + 1]).squeeze(1)
+            level = keep * own
+            if u:
+                level = level - u * self._weighted_children_sum(h, lp, prefix)
+            loss = self._scatter_rows(loss, paths.rows, level)
+            nll = self._scatter_rows(nll, paths.rows, own)
+            prefix = prefix * self.codec.head_sizes[h] + paths.digits[:, h]
         return loss.reshape(target.shape), nll.reshape(target.shape)
