@@ -97,6 +97,10 @@ def test_documented_benchmark_at_tiny_size_then_rerun_starts_nothing_then_dry_ru
 
     monkeypatch.setattr(scale_mod.subprocess, "run", no_worker)
     main([*whole[3:], *tiny, *dirs])
+    (tmp_path / "out" / "scale.md").unlink()
+    main([*whole[3:], *tiny, *dirs, "--report-only"])  # the report again from the store, nothing trained
+    again = json.loads((tmp_path / "out" / "scale.json").read_text())
+    assert again["rows"] == res["rows"] and (tmp_path / "out" / "scale.md").is_file()
     monkeypatch.undo()
     capsys.readouterr()
     before = {f: f.stat().st_mtime_ns for f in (tmp_path / "out").rglob("*") if f.is_file()}

@@ -105,6 +105,9 @@ def _add_scale(sub) -> None:
     )
     p.add_argument("--force", action="store_true", help="rerun cells that have a record")
     p.add_argument("--dry-run", action="store_true", help="list the runs and estimates; writes nothing")
+    p.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from the stored runs; trains nothing"
+    )
     for key, value in DEFAULTS.items():
         flag = "--" + key.replace("_", "-")
         what = f"a run setting (docs/scale.md), default {value}; per method: {key}=... after @"

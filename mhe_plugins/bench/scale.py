@@ -273,6 +273,10 @@ def run_benchmark(args, say=print) -> dict:
         raise SystemExit("--equal-time needs the run store of one machine: not under torchrun")
     if args.equal_time:
         cells = reference_first(cells, args.equal_time)
+    if getattr(args, "report_only", False):
+        for c in cells:
+            timed_like_reference(c, cells, store, args.equal_time)  # the names the runs were stored under
+        return report()
     if args.dry_run:
         from .scale_train import estimate_bytes
 
