@@ -44,6 +44,7 @@ from mhe_plugins.training.dist import (
     DEFAULT_TIMEOUT_S,
     add_dist_timeout_arg,
     barrier,
+    cleanup_distributed,
     collective_timeout_guard,
     init_distributed_from_env,
     is_main_process,
@@ -225,6 +226,7 @@ def train(cfg: SimpleNamespace, dist_timeout: float = DEFAULT_TIMEOUT_S) -> dict
         return _train(cfg, dist_timeout)
     finally:
         release_run_locks()
+        cleanup_distributed()  # a gloo group left alive at exit can abort the process (std::terminate)
 
 
 def _train(cfg: SimpleNamespace, dist_timeout: float) -> dict:

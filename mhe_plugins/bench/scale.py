@@ -327,8 +327,12 @@ def run_benchmark(args, say=print) -> dict:
         if rec is not None:  # stored: its mid-run checkpoints have served
             for f in checkpoint_files(work):
                 f.unlink()
-    if in_ranks and int(os.environ.get("RANK", "0")) != 0:
-        return {}
+    if in_ranks:
+        from ..training.dist import cleanup_distributed
+
+        cleanup_distributed()  # a gloo group left alive at exit can abort a rank (std::terminate)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return {}
     return report()
 
 

@@ -14,7 +14,12 @@ import torch
 
 from insightface_ext.heads import MHSArcFace
 from mhe_plugins import CombinedMargin, LabelCodec, MHSHead
-from mhe_plugins.training.dist import get_rank, get_world_size, init_distributed_from_env
+from mhe_plugins.training.dist import (
+    cleanup_distributed,
+    get_rank,
+    get_world_size,
+    init_distributed_from_env,
+)
 
 HEAD_SIZES, NUM_CLASSES, DIM, BATCH, M2, SCALE = (7, 6), 40, 8, 12, 0.3, 16.0
 
@@ -87,3 +92,4 @@ def run(world: int, rank: int) -> dict:
 if __name__ == "__main__":
     init_distributed_from_env()
     torch.save(run(get_world_size(), get_rank()), f"{sys.argv[1]}/rank{get_rank()}.pt")
+    cleanup_distributed()  # a gloo group left alive at exit can abort the rank (std::terminate)

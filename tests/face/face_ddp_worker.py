@@ -14,7 +14,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from insightface_ext.heads import MHSArcFace
 from insightface_ext.optim import LazySGD, sum_allreduce_hook
-from mhe_plugins.training.dist import get_rank, get_world_size, init_distributed_from_env
+from mhe_plugins.training.dist import (
+    cleanup_distributed,
+    get_rank,
+    get_world_size,
+    init_distributed_from_env,
+)
 
 HEAD_SIZES, NUM_CLASSES, IN_DIM, EMB, BATCH, STEPS = (7, 6), 40, 12, 8, 16, 3
 
@@ -77,3 +82,4 @@ if __name__ == "__main__":
     init_distributed_from_env()
     out = run(get_world_size(), get_rank())
     torch.save(out, f"{sys.argv[1]}/rank{get_rank()}.pt")
+    cleanup_distributed()  # a gloo group left alive at exit can abort the rank (std::terminate)
