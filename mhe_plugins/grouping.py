@@ -10,7 +10,8 @@ of a short dense warm-up): groups of equal size, as the codec's contiguous block
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch
 from .checks import as_int
 from .codec import group_split
 
-__all__ = ["balanced_kmeans", "balanced_tree_order", "cascade_order", "frequency_order"]
+__all__ = ["balanced_kmeans", "balanced_tree_order", "cascade_order", "frequency_order", "tree_levels"]
 
 
 def frequency_order(counts: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -129,8 +130,18 @@ def _segment_means(x: torch.Tensor, seg: torch.Tensor, count: int) -> torch.Tens
     return sums / n[:, None]
 
 
+def tree_levels(n: int, leaf_size: int) -> int:
+    """How many levels of 2-way splits :func:`balanced_tree_order` makes for ``n`` labels (a progress total)."""
+    return max(0, math.ceil(math.log2(max(1, -(-n // leaf_size)))))
+
+
 def balanced_tree_order(
-    vectors: np.ndarray | torch.Tensor, leaf_size: int, iters: int = 10, seed: int = 0, balance: float = 0.5
+    vectors: np.ndarray | torch.Tensor,
+    leaf_size: int,
+    iters: int = 10,
+    seed: int = 0,
+    balance: float = 0.5,
+    on_level: Callable[[], object] | None = None,
 ) -> np.ndarray:
     """``order[position] = label`` from recursive balanced 2-means over per-label vectors (e.g. the mean
     input features of each label's examples: PIFA, as Parabel and XR-Linear build their label trees).
@@ -140,7 +151,8 @@ def balanced_tree_order(
     of ``leaf_size * 2^j`` positions is a subtree: codes that follow the labels' structure for an MHE head
     whose digits split positions into such blocks. All segments of a level are split at once
     (vectorised sorts, O(N D) memory), so 10^7 labels take minutes, not the O(N * groups) of
-    :func:`balanced_kmeans`.
+    :func:`balanced_kmeans`. ``on_level`` is called after each level (e.g. a progress bar's update; there
+    are :func:`tree_levels` of them).
     """
     x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
     leaf_size = as_int(leaf_size, "leaf_size", minimum=1)
@@ -191,4 +203,6 @@ def balanced_tree_order(
         order[pos[first[seg] + rank_in_seg]] = members
         starts = torch.cat([starts, starts + left])
         sizes = torch.cat([left, sizes - left])
+        if on_level is not None:
+            on_level()
     return order.numpy()

@@ -58,3 +58,30 @@ def test_waits_for_the_reference_then_takes_its_time_and_a_new_name(tmp_path):
     assert timed_like_reference(ref, cells, store, "mhs") and timed_like_reference(
         cells[0], cells, store, "mhs"
     )
+
+
+def _sharded_rows(budget: bool, epochs_two: float) -> list[dict]:
+    one = {
+        "num_classes": 10**6,
+        "world": 1,
+        "status": "ok",
+        "label": "pfc",
+        "method": "pfc",
+        "top1": 21.0,
+        "head_param_bytes": 400,
+        "head_state_bytes": 400,
+        "epochs_done": 0.09,
+        "budget_exhausted": budget,
+    }
+    two = dict(one, world=2, top1=26.0, epochs_done=epochs_two,
+               per_rank=[{"head_param_bytes": 200, "head_state_bytes": 200}] * 2)  # fmt: skip
+    return [one, two]
+
+
+def test_sharded_check_does_not_compare_top1_of_time_budgeted_runs_that_trained_different_amounts():
+    from mhe_plugins.bench.scale_report import checks
+
+    ((crit, said),) = [c for c in checks(_sharded_rows(True, 0.14), [10**6]) if "ranks" in c[0]]
+    assert "not comparable (0.14 vs 0.09 epochs" in said and "memory met: 0.500x" in said
+    ((crit, said),) = [c for c in checks(_sharded_rows(False, 0.09), [10**6]) if "ranks" in c[0]]
+    assert said.startswith("not met: 0.500x, top-1 26.00 vs 21.00")  # same work, 5 points apart: a real miss

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..grouping import balanced_tree_order
+from ..grouping import balanced_tree_order, tree_levels
 from .scale_data import TRAIN, ScaleData
 
 __all__ = ["CODES", "LabelCodes", "pifa_vectors", "leaf_size_of"]
@@ -98,7 +98,10 @@ def learn_codes(
     with tqdm(total=data.num_train, unit="ex", unit_scale=True, disable=rank != 0, desc="PIFA vectors",
               mininterval=2.0) as bar:  # fmt: skip
         vectors = pifa_vectors(data, rank=rank, world=world, progress=bar.update)
-    order = balanced_tree_order(vectors, leaf_size_of(tuple(head_sizes)), seed=seed)
+    leaf = leaf_size_of(tuple(head_sizes))
+    with tqdm(total=tree_levels(data.num_classes, leaf), unit="level", disable=rank != 0, desc="label tree",
+              mininterval=2.0) as bar:  # fmt: skip
+        order = balanced_tree_order(vectors, leaf, seed=seed, on_level=bar.update)
     codes.set(order, time.perf_counter() - start)
     if rank == 0:
         say(f"PIFA codes for {data.num_classes:,} labels in {float(codes.seconds):.0f} s")

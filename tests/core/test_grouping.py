@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from mhe_plugins import LabelCodec
-from mhe_plugins.grouping import balanced_kmeans, balanced_tree_order, cascade_order, frequency_order
+from mhe_plugins.grouping import (
+    balanced_kmeans,
+    balanced_tree_order,
+    cascade_order,
+    frequency_order,
+    tree_levels,
+)
 
 
 def test_frequency_order_breaks_ties_by_id():
@@ -75,8 +81,10 @@ def test_balanced_tree_order_makes_leaf_blocks_and_subtree_blocks():
 @pytest.mark.parametrize("n,leaf", [(1003, 8), (7, 8), (9, 8), (100, 1)])
 def test_balanced_tree_order_is_a_permutation_at_any_size(n, leaf):
     x = np.random.default_rng(1).normal(size=(n, 4))
-    order = balanced_tree_order(x, leaf)
+    levels = []
+    order = balanced_tree_order(x, leaf, on_level=lambda: levels.append(1))
     assert sorted(order.tolist()) == list(range(n))
+    assert len(levels) == tree_levels(n, leaf)  # the progress total is the number of levels made
     assert order.tolist() == balanced_tree_order(x, leaf).tolist()  # seeded: the same order every time
     with pytest.raises(ValueError, match="needs \\(N, D\\) vectors"):
         balanced_tree_order(x[:, 0], leaf)
