@@ -185,7 +185,7 @@ def balanced_tree_order(
         b = (a + 1 + (torch.rand(k, generator=gen) * (sizes - 1)).long()) % sizes
         first = sizes.cumsum(0) - sizes  # offset of each segment inside pos
         c1, c2 = xm[first + a], xm[first + b]
-        rank_in_seg = None
+        rank_in_seg, last_side = None, None
         for _ in range(max(1, int(iters))):
             diff = c1 - c2  # nearer c1 <=> larger x.(c1 - c2) - (|c1|^2 - |c2|^2) / 2
             score = (xm * diff[seg]).sum(1) - 0.5 * ((c1 * c1).sum(1) - (c2 * c2).sum(1))[seg]
@@ -198,6 +198,9 @@ def balanced_tree_order(
                 blocks = torch.clamp(torch.round(near / leaf_size), lo_blocks, hi_blocks).long()
                 left = torch.minimum(blocks * leaf_size, sizes - 1)
             side = (rank_in_seg >= left[seg]).long()  # 0: left part, 1: right part
+            if last_side is not None and torch.equal(side, last_side):
+                break  # a fixed point: the same parts give the same means, so more iterations change nothing
+            last_side = side
             means = _segment_means(xm, seg * 2 + side, 2 * k).view(k, 2, -1)
             c1, c2 = means[:, 0], means[:, 1]
         order[pos[first[seg] + rank_in_seg]] = members

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from mhe_plugins import LabelCodec
 from mhe_plugins.grouping import (
@@ -88,3 +89,20 @@ def test_balanced_tree_order_is_a_permutation_at_any_size(n, leaf):
     assert order.tolist() == balanced_tree_order(x, leaf).tolist()  # seeded: the same order every time
     with pytest.raises(ValueError, match="needs \\(N, D\\) vectors"):
         balanced_tree_order(x[:, 0], leaf)
+
+
+def test_balanced_tree_order_stopping_at_a_fixed_point_gives_the_order_of_all_iterations(monkeypatch):
+    import mhe_plugins.grouping as grouping
+
+    x = np.random.default_rng(2).normal(size=(3000, 8))
+    real_equal = torch.equal
+    for balance in (0.5, 0.3):
+        stops = []
+        with monkeypatch.context() as m:
+            m.setattr(grouping.torch, "equal", lambda a, b, s=stops: s.append(real_equal(a, b)) or s[-1])
+            early = grouping.balanced_tree_order(x, 8, iters=10, seed=1, balance=balance)
+        assert any(stops)  # some level did stop early
+        with monkeypatch.context() as m:
+            m.setattr(grouping.torch, "equal", lambda a, b: False)  # never a fixed point: all 10 iterations
+            every = grouping.balanced_tree_order(x, 8, iters=10, seed=1, balance=balance)
+        assert early.tolist() == every.tolist()
