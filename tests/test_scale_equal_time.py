@@ -85,3 +85,26 @@ def test_sharded_check_does_not_compare_top1_of_time_budgeted_runs_that_trained_
     assert "not comparable (0.14 vs 0.09 epochs" in said and "memory met: 0.500x" in said
     ((crit, said),) = [c for c in checks(_sharded_rows(False, 0.09), [10**6]) if "ranks" in c[0]]
     assert said.startswith("not met: 0.500x, top-1 26.00 vs 21.00")  # same work, 5 points apart: a real miss
+
+
+def test_time_budget_at_caps_every_method_at_that_size_only_and_keeps_other_names():
+    from mhe_plugins.bench.scale import parse_budgets
+
+    budgets = parse_budgets(["2000=7", "1e7=4500"])
+    assert budgets == {2000: 7.0, 10**7: 4500.0}
+    plain, capped_cells = _cells(), plan(dict(DEFAULTS), [1000, 2000], METHODS, [2000], 2, budgets)
+    for a, b in zip(plain, capped_cells):
+        s, t = a["spec"], b["spec"]
+        if t["method"] == "oracle" or t["num_classes"] == 1000:
+            assert a["name"] == b["name"]  # untouched sizes keep their stored runs
+            continue
+        own = s["time_budget"]
+        assert t["time_budget"] == (min(own, 7.0) if own else 7.0)
+        assert a["name"] != b["name"] or own and own <= 7.0
+    for bad in (["2000"], ["x=3"], ["2000=0"], ["2000=-1"]):
+        try:
+            parse_budgets(bad)
+        except ValueError as err:
+            assert bad[0] in str(err) and "N=SECONDS" in str(err)
+        else:
+            raise AssertionError(f"{bad} accepted")

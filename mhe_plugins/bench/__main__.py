@@ -91,6 +91,14 @@ def _add_scale(sub) -> None:
     p.add_argument("--sharded", type=int, nargs="*", default=[], help="N at which mhs/pfc also run sharded")
     p.add_argument("--nproc-per-node", type=int, default=2, help="ranks of the --sharded runs (torchrun)")
     p.add_argument("--equal-time", default=None, help="train the other methods for this method's time")
+    p.add_argument(
+        "--time-budget-at",
+        nargs="*",
+        default=[],
+        metavar="N=SECONDS",
+        help="every method at N trains at most SECONDS (so one run fits a session on a machine that keeps no "
+        "checkpoint between sessions); a method's own smaller time_budget wins",
+    )
     p.add_argument("--memory-limit", type=float, default=0.0, help="GiB per run (0: 80%% of MemAvailable)")
     p.add_argument("--out-dir", default="benchmarks/results", help="report + run store (runs/scale/)")
     p.add_argument("--work-dir", default="runs/scale", help="per-run specs and metric logs")

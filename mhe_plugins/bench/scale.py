@@ -145,9 +145,40 @@ def oracle_key(spec: dict) -> tuple:
     return (int(spec["num_classes"]), *(spec[f] for f in ORACLE_FIELDS))
 
 
-def plan(settings: dict, sizes: list[int], methods: list[str], sharded: list[int], nproc: int) -> list[dict]:
+def parse_budgets(items: list[str] | None) -> dict[int, float]:
+    """``["10000000=4500"]`` -> ``{10**7: 4500.0}`` (``--time-budget-at``), with an error naming a bad item."""
+    out = {}
+    for item in items or []:
+        n, eq, seconds = item.partition("=")
+        try:
+            out[int(float(n))] = float(seconds)
+            ok = eq and out[int(float(n))] > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"bad --time-budget-at {item!r}: use N=SECONDS with SECONDS > 0, e.g. 10000000=4500"
+            )
+    return out
+
+
+def capped(own: float, cap: float | None) -> float:
+    """The smaller of two training-time caps, where 0 / None means no cap."""
+    caps = [float(c) for c in (own, cap) if c]
+    return min(caps) if caps else 0.0
+
+
+def plan(
+    settings: dict,
+    sizes: list[int],
+    methods: list[str],
+    sharded: list[int],
+    nproc: int,
+    budget_at: dict[int, float] | None = None,
+) -> list[dict]:
     """The runs, in order: per N the oracle, then every method (world 1), then the sharded runs. A method
-    whose overrides change the held-out task (``mhp@tree_aligned=true``) gets its own oracle cell."""
+    whose overrides change the held-out task (``mhp@tree_aligned=true``) gets its own oracle cell. At an N of
+    ``budget_at`` every method trains at most that many seconds (its own smaller ``time_budget`` wins)."""
     cells = []
     for n in sizes:
         todo = [("oracle", "oracle", {}, 1)] + [(m, *parse_method(m), 1) for m in methods]
@@ -165,6 +196,7 @@ def plan(settings: dict, sizes: list[int], methods: list[str], sharded: list[int
                 oracles[oracle_key(spec)] = True
                 cells.append(_oracle_cell(label, settings, n))
                 continue
+            spec["time_budget"] = capped(spec["time_budget"], (budget_at or {}).get(int(n)))
             resolve(spec)
             cells.append({"label": label, "spec": spec, "name": run_name(label, spec)})
     return cells
@@ -253,7 +285,8 @@ def run_benchmark(args, say=print) -> dict:
     in_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if in_ranks:  # launched by torchrun: the shardable methods over these ranks at every N
         args.sharded, args.nproc_per_node = list(args.num_classes), int(os.environ["WORLD_SIZE"])
-    cells = plan(settings, args.num_classes, args.methods, args.sharded, args.nproc_per_node)
+    budget_at = parse_budgets(getattr(args, "time_budget_at", None))
+    cells = plan(settings, args.num_classes, args.methods, args.sharded, args.nproc_per_node, budget_at)
     if in_ranks:  # the ranks run (and report) only what they can: the oracle and the sharded cells
         cells = [c for c in cells if c["spec"]["world"] > 1 or c["spec"]["method"] == "oracle"]
         alone = sorted({m for m in args.methods if parse_method(m)[0] not in SHARDABLE})
@@ -264,7 +297,8 @@ def run_benchmark(args, say=print) -> dict:
     limit = int(args.memory_limit * 2**30) if args.memory_limit else int(0.8 * mem_available_bytes())
     env = {**environment(args.threads), "memory_limit_bytes": limit}
     meta = {"settings": settings, "sizes": args.num_classes, "methods": args.methods, "sharded": args.sharded,
-            "nproc_per_node": args.nproc_per_node, "equal_time": args.equal_time, "environment": env}  # fmt: skip
+            "nproc_per_node": args.nproc_per_node, "equal_time": args.equal_time, "environment": env,
+            **({"time_budget_at": {str(n): s for n, s in budget_at.items()}} if budget_at else {})}  # fmt: skip
 
     def report() -> dict:
         return write_scale_report(out_dir / args.report, cells, store, meta)
