@@ -108,3 +108,18 @@ def test_time_budget_at_caps_every_method_at_that_size_only_and_keeps_other_name
             assert bad[0] in str(err) and "N=SECONDS" in str(err)
         else:
             raise AssertionError(f"{bad} accepted")
+
+
+def test_largest_size_check_says_when_the_best_head_was_stopped_by_its_time_budget():
+    from mhe_plugins.bench.scale_report import checks
+
+    def row(n, pct, exs, stopped):
+        return {"num_classes": n, "world": 1, "status": "ok", "label": "mhs", "method": "mhs", "top1": pct,
+                "pct_of_oracle": pct, "peak_rss_bytes": 2**30, "train_examples_per_s": exs,
+                "budget_exhausted": stopped, "epochs_done": 1.2 if stopped else 2.0, "epochs_planned": 2.0}  # fmt: skip
+
+    for stopped in (True, False):
+        rows = [row(10**5, 75.0, 30000.0, False), row(10**7, 60.0, 20000.0, stopped)]
+        said = checks(rows, [10**5, 10**7])[0][1]
+        assert said.startswith("not met: best mhs at 60.0 % of oracle") and "1.50x slower" in said
+        assert ("stopped by its time budget after 1.20 of 2 epochs" in said) is stopped

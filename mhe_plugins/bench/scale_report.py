@@ -89,7 +89,9 @@ def checks(rows: list[dict], sizes: list[int]) -> list[tuple[str, str]]:
             f"N={big:,}: an MHE head trains in <= 24 GiB, >= 90 % of oracle top-1, ex/s within 2x of N={small:,}",
             f"{'met' if ok else 'not met'}: best {best['label']} at {best.get('pct_of_oracle', 0):.1f} % of oracle, "
             f"peak RSS {best['peak_rss_bytes'] / GIB:.1f} GiB, "
-            + (f"ex/s {ratio:.2f}x slower than at N={small:,}" if ratio else f"no N={small:,} run"),
+            + (f"ex/s {ratio:.2f}x slower than at N={small:,}" if ratio else f"no N={small:,} run")
+            + (f" (stopped by its time budget after {best.get('epochs_done') or 0:.2f} of "
+               f"{best.get('epochs_planned') or 0:g} epochs)" if best.get("budget_exhausted") else ""),
         ))  # fmt: skip
     else:
         out.append((f"N={big:,}: an MHE head trains end to end", "not measured"))
