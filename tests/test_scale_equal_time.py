@@ -123,3 +123,8 @@ def test_largest_size_check_says_when_the_best_head_was_stopped_by_its_time_budg
         said = checks(rows, [10**5, 10**7])[0][1]
         assert said.startswith("not met: best mhs at 60.0 % of oracle") and "1.50x slower" in said
         assert ("stopped by its time budget after 1.20 of 2 epochs" in said) is stopped
+        assert "no boot id recorded for both" in said  # older records: not known to be one machine
+    rows[0]["boot_id"] = rows[1]["boot_id"] = "b1"
+    assert "(both timed on one machine boot)" in checks(rows, [10**5, 10**7])[0][1]
+    rows[0]["boot_id"] = "b0"
+    assert "different machines or boots" in checks(rows, [10**5, 10**7])[0][1]

@@ -12,7 +12,15 @@ import platform
 
 import torch
 
-__all__ = ["machine", "load_avg", "environment", "thread_env", "set_threads", "mem_available_bytes"]
+__all__ = [
+    "machine",
+    "load_avg",
+    "boot_id",
+    "environment",
+    "thread_env",
+    "set_threads",
+    "mem_available_bytes",
+]
 
 
 def machine() -> str:
@@ -25,6 +33,28 @@ def load_avg() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def boot_id() -> str:
+    """This boot of this machine ("" where unknown): runs with the same id shared one machine state, so
+    their speeds compare; our machines change between work sessions, with the same CPU name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def environment(threads: int = 0) -> dict:
     """The figures every report keeps beside its timings (``threads`` 0 = torch's current count)."""
     return {
@@ -33,6 +63,8 @@ def environment(threads: int = 0) -> dict:
         "torch": torch.__version__,
         "machine": machine(),
         "load_avg_at_start": load_avg(),
+        "cpu_model": cpu_model(),
+        "boot_id": boot_id(),
     }
 
 

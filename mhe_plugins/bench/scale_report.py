@@ -39,6 +39,7 @@ def collect(cells: list[dict], store: RunStore) -> tuple[list[dict], list[str]]:
         row = {"label": c["label"], "method": spec["method"], "num_classes": spec["num_classes"]}
         row.update(world=spec["world"], name=c["name"], time_budget=spec.get("time_budget") or 0.0)
         row["epochs_planned"] = spec.get("epochs")
+        row["boot_id"] = (rec.get("environment") or {}).get("boot_id") or ""  # which machine state timed it
         row.update({k: rec.get(k) for k in FIELDS if k in rec})
         row["oracle_key"] = oracle_key(spec)
         if spec["method"] == "oracle" and rec.get("status") == "ok":
@@ -51,6 +52,11 @@ def collect(cells: list[dict], store: RunStore) -> tuple[list[dict], list[str]]:
             if r.get("top1") is not None:
                 r["pct_of_oracle"] = 100.0 * r["top1"] / o["top1"]
     return rows, missing
+
+
+def _same_boot(a: dict, b: dict) -> bool:
+    """Both rows were timed on one boot of one machine (our machines change between sessions)."""
+    return bool(a.get("boot_id")) and a.get("boot_id") == b.get("boot_id")
 
 
 def _wall(row: dict) -> float:
@@ -90,6 +96,10 @@ def checks(rows: list[dict], sizes: list[int]) -> list[tuple[str, str]]:
             f"{'met' if ok else 'not met'}: best {best['label']} at {best.get('pct_of_oracle', 0):.1f} % of oracle, "
             f"peak RSS {best['peak_rss_bytes'] / GIB:.1f} GiB, "
             + (f"ex/s {ratio:.2f}x slower than at N={small:,}" if ratio else f"no N={small:,} run")
+            + ("" if not ratio else " (both timed on one machine boot)" if _same_boot(base[0], best)
+               else " (no boot id recorded for both: perhaps timed on different machines)"
+               if not (base[0].get("boot_id") and best.get("boot_id"))
+               else " (timed on different machines or boots: the ratio mixes machines)")
             + (f" (stopped by its time budget after {best.get('epochs_done') or 0:.2f} of "
                f"{best.get('epochs_planned') or 0:g} epochs)" if best.get("budget_exhausted") else ""),
         ))  # fmt: skip

@@ -103,5 +103,7 @@ def test_partial_marking_and_writers(tmp_path):
 def test_environment_and_thread_limits():
     env = environment(3)
     assert env["threads"] == 3 and env["cpu_count"] >= 1 and "torch" in env["machine"]
+    assert env["boot_id"] == environment()["boot_id"] and len(env["boot_id"]) > 8  # one boot: the same id
+    assert isinstance(env["cpu_model"], str)
     child = thread_env(2, base={"PATH": "/bin"})
     assert child == {"PATH": "/bin", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
