@@ -358,8 +358,8 @@ def run_benchmark(args, say=print) -> dict:
         rec = store.run_or_reuse(
             c["name"], run, run_key(spec), done=_done(limit), force=args.force, on_stored=report
         )
-        if rec is not None:  # stored: its mid-run checkpoints have served
-            for f in checkpoint_files(work):
+        if rec is not None and rec.get("status") == "ok":  # its checkpoints have served; after an oom they
+            for f in checkpoint_files(work):  # stay: a rerun (more memory, --force) continues from them
                 f.unlink()
     if in_ranks:
         from ..training.dist import cleanup_distributed
@@ -399,7 +399,7 @@ def _cell_in_ranks(cell: dict, spec: dict, store: RunStore, force: bool, report,
         if rec["status"] in ("ok", "oom"):
             store.save(cell["name"], rec)
             report()
-            stored[0] = True
+            stored[0] = rec["status"] == "ok"  # after an oom the checkpoints stay (see run_benchmark)
         else:
             say(f"{cell['name']}: {rec['status']}: {rec.get('error')}")
     dist.broadcast_object_list(stored, src=0)

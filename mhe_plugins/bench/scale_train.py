@@ -226,6 +226,7 @@ def train(
     ckpt = Checkpointer(spec.get("work_dir"), float(spec.get("checkpoint_every") or 0), rank, world)
     modules = {"encoder": encoder, "head": head, **({"codes": codes} if codes is not None else {})}
     pg = ckpt.load(modules, opts) or Progress()
+    step0 = pg.step
     if codes is not None and not codes.learned:
         learn_codes(codes, data, head.codec.head_sizes, int(spec["seed"]), rank, world, say)
     if pg.resumes:
@@ -300,6 +301,11 @@ def train(
             break
     bar.close()
     wall = time.perf_counter() - start
+    if ckpt.path is not None and pg.step > step0:
+        # the trained state before evaluation: a failed evaluation (memory) is retried without training again
+        pg.elapsed_s, pg.cpu_s = wall, cpu_seconds() - cpu0
+        pg.peak_rss_bytes = max(pg.peak_rss_bytes, peak_rss())
+        ckpt.save(pg, modules, opts)
     return {
         "steps": pg.step,
         "examples": pg.seen,

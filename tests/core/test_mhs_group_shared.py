@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mhe_plugins.heads import build_head
+from mhe_plugins.margins import CombinedMargin
 from mhe_plugins.optim import LazyAdam
 
 
@@ -63,3 +64,27 @@ def test_shards_carry_the_shared_rows_and_refuse_shards_without_them():
     with pytest.raises(ValueError, match="group_shared rows but the checkpoint shards have none"):
         other.load_shards([plain])
     assert "group_shared=True" in repr(head)
+
+
+@pytest.mark.parametrize("margin", [None, (1.0, 0.3, 0.0)])
+def test_topk_scores_blocks_of_groups_never_all_rows_and_stays_exact(monkeypatch, margin):
+    from mhe_plugins.heads import mhs as mhs_mod
+
+    head = _head(**({"margin": CombinedMargin(*margin, s=8.0)} if margin else {}))
+    head.TOPK_CHUNK = 16  # 2 groups of 8 per block: 6 blocks, the last one cut at the 95 real classes
+    x = torch.randn(9, 6)
+    rows = (head.weight + head.group_weight[:, None, :]).reshape(-1, 6)[:95]
+    if margin:
+        ref = F.normalize(x, dim=-1) @ F.normalize(rows, dim=-1).t() * head.margin.s
+    else:
+        ref = x @ rows.t()
+    seen, real = [], mhs_mod.chunked_topk
+    monkeypatch.setattr(
+        mhs_mod, "chunked_topk", lambda x, w, k, **kw: seen.append(w.shape[0]) or real(x, w, k, **kw)
+    )
+    for k in (1, 5, 20, 95):  # 20 and 95: more than one block holds
+        v, i = head.topk(x, k)
+        rv, ri = ref.topk(k, dim=1)
+        torch.testing.assert_close(v, rv)
+        assert torch.equal(i, ri)
+    assert max(seen) == 16 and min(seen) == 15  # never more than one block of rows at once
