@@ -19,7 +19,14 @@ import torch
 from .checks import as_int
 from .codec import group_split
 
-__all__ = ["balanced_kmeans", "balanced_tree_order", "cascade_order", "frequency_order", "tree_levels"]
+__all__ = [
+    "balanced_kmeans",
+    "balanced_tree_order",
+    "cascade_order",
+    "frequency_order",
+    "segment_order",
+    "tree_levels",
+]
 
 
 def frequency_order(counts: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -135,6 +142,17 @@ def tree_levels(n: int, leaf_size: int) -> int:
     return max(0, math.ceil(math.log2(max(1, -(-n // leaf_size)))))
 
 
+def segment_order(seg: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Positions sorted by ``seg`` ascending, then ``score`` descending, ties by position: the order of a
+    stable sort by -score followed by a stable sort by seg, in one sort of an int64 key (the label tree's
+    levels at 10^7 labels spent most of their time in the two sorts)."""
+    s = torch.where(score == 0, torch.zeros_like(score), score).float()  # -0.0 ties with 0.0, as in a sort
+    bits = s.view(torch.int32).long()
+    ascending = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integer order = float order
+    key = seg.long() * (1 << 33) + ((1 << 32) - ascending)  # the second part in [2^31, 3 * 2^31]
+    return torch.argsort(key, stable=True)
+
+
 def balanced_tree_order(
     vectors: np.ndarray | torch.Tensor,
     leaf_size: int,
@@ -189,8 +207,7 @@ def balanced_tree_order(
         for _ in range(max(1, int(iters))):
             diff = c1 - c2  # nearer c1 <=> larger x.(c1 - c2) - (|c1|^2 - |c2|^2) / 2
             score = (xm * diff[seg]).sum(1) - 0.5 * ((c1 * c1).sum(1) - (c2 * c2).sum(1))[seg]
-            by_score = torch.argsort(-score, stable=True)
-            idx = by_score[torch.argsort(seg[by_score], stable=True)]  # by segment, best c1 first
+            idx = segment_order(seg, score)  # by segment, best c1 first
             rank_in_seg = torch.empty_like(idx)
             rank_in_seg[idx] = torch.arange(idx.numel()) - first[seg[idx]]
             if balance < 0.5:  # the natural split (members nearer c1), in whole blocks, within the bounds

@@ -106,3 +106,36 @@ def test_balanced_tree_order_stopping_at_a_fixed_point_gives_the_order_of_all_it
             m.setattr(grouping.torch, "equal", lambda a, b: False)  # never a fixed point: all 10 iterations
             every = grouping.balanced_tree_order(x, 8, iters=10, seed=1, balance=balance)
         assert early.tolist() == every.tolist()
+
+
+def _two_sorts(seg, score):
+    """The reference: a stable sort by -score, then a stable sort by segment."""
+    by_score = torch.argsort(-score, stable=True)
+    return by_score[torch.argsort(seg[by_score], stable=True)]
+
+
+def test_segment_order_is_the_two_stable_sorts_ties_signed_zeros_and_infinities_included():
+    from mhe_plugins.grouping import segment_order
+
+    g = torch.Generator().manual_seed(3)
+    seg = torch.randint(0, 50, (5000,), generator=g).sort().values
+    score = torch.randn(5000, generator=g)
+    score[::7] = torch.round(score[::7])  # many ties
+    score[::11] = 0.0
+    score[::13] = -0.0
+    score[5], score[6] = float("inf"), float("-inf")
+    score[7] = torch.finfo(torch.float32).max
+    score[8] = -torch.finfo(torch.float32).tiny
+    assert torch.equal(segment_order(seg, score), _two_sorts(seg, score))
+    shuffled = seg[torch.randperm(5000, generator=g)]  # segments need not be contiguous
+    assert torch.equal(segment_order(shuffled, score), _two_sorts(shuffled, score))
+
+
+@pytest.mark.parametrize("balance", [0.5, 0.3])
+def test_label_tree_order_unchanged_by_the_one_sort(monkeypatch, balance):
+    from mhe_plugins import grouping
+
+    x = np.random.default_rng(0).normal(size=(3000, 6)).astype(np.float32)
+    new = grouping.balanced_tree_order(x, 8, seed=1, balance=balance)
+    monkeypatch.setattr(grouping, "segment_order", _two_sorts)
+    assert np.array_equal(new, grouping.balanced_tree_order(x, 8, seed=1, balance=balance))
