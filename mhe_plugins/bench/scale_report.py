@@ -54,9 +54,14 @@ def collect(cells: list[dict], store: RunStore) -> tuple[list[dict], list[str]]:
     return rows, missing
 
 
-def _same_boot(a: dict, b: dict) -> bool:
-    """Both rows were timed on one boot of one machine (our machines change between sessions)."""
-    return bool(a.get("boot_id")) and a.get("boot_id") == b.get("boot_id")
+def _boot_note(a: dict, b: dict) -> str:
+    """Whether two rows' timings compare: one boot of one machine, or not (our machines change between
+    sessions, so a ratio across boots mixes machines)."""
+    if not (a.get("boot_id") and b.get("boot_id")):
+        return " (no boot id recorded for both: perhaps timed on different machines)"
+    if a["boot_id"] == b["boot_id"]:
+        return " (both timed on one machine boot)"
+    return " (timed on different machines or boots: the ratio mixes machines)"
 
 
 def _wall(row: dict) -> float:
@@ -96,10 +101,7 @@ def checks(rows: list[dict], sizes: list[int]) -> list[tuple[str, str]]:
             f"{'met' if ok else 'not met'}: best {best['label']} at {best.get('pct_of_oracle', 0):.1f} % of oracle, "
             f"peak RSS {best['peak_rss_bytes'] / GIB:.1f} GiB, "
             + (f"ex/s {ratio:.2f}x slower than at N={small:,}" if ratio else f"no N={small:,} run")
-            + ("" if not ratio else " (both timed on one machine boot)" if _same_boot(base[0], best)
-               else " (no boot id recorded for both: perhaps timed on different machines)"
-               if not (base[0].get("boot_id") and best.get("boot_id"))
-               else " (timed on different machines or boots: the ratio mixes machines)")
+            + (_boot_note(base[0], best) if ratio else "")
             + (f" (stopped by its time budget after {best.get('epochs_done') or 0:.2f} of "
                f"{best.get('epochs_planned') or 0:g} epochs)" if best.get("budget_exhausted") else ""),
         ))  # fmt: skip

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..codec import LabelCodec
-from ..decode import chunked_topk, merge_topk
+from ..decode import merge_topk
 from ..heads import build_head
 from ..optim import LazyAdam, LazySGD, state_bytes
 from .scale_ckpt import Checkpointer, Progress
@@ -330,10 +330,7 @@ def train(
 @torch.no_grad()
 def _sharded_topk(head, e: torch.Tensor, k: int) -> torch.Tensor:
     """Exact top-k ids over a class-sharded MHS: each rank ranks its own rows, the k-lists are merged."""
-    w = head.local_class_rows()  # the named hook: this rank's class rows, from its first group on
-    offset = head.group_start * head.group_size
-    rows = w[: max(0, min(w.shape[0], head.num_labels - offset))]
-    v, i = chunked_topk(e, rows, k, offset=offset)  # k <= the rows of every shard (k = 5)
+    v, i = head.local_topk(e, k)  # k <= the classes of every shard (k = 5)
     world = dist.get_world_size()
     vs, ids = [torch.empty_like(v) for _ in range(world)], [torch.empty_like(i) for _ in range(world)]
     dist.all_gather(vs, v.contiguous())

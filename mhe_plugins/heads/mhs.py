@@ -465,25 +465,31 @@ class MHSHead(MHEHead):
         softmax normaliser would cost more than the matmul itself. ``log_prob`` gives normalised values.
         """
         self._check_unsharded()
+        return self.local_topk(x, k)
+
+    def local_topk(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k over this rank's classes (all of them unsharded), with global class ids; a sharded
+        run merges the ranks' k-lists. Needs k <= this rank's real classes."""
         chunk = min(self.chunk_size, self.TOPK_CHUNK)
         score = {
             "cosine": self.margin is not None,
             "scale": self.margin.s if self.margin is not None else None,
         }
+        first = self.group_start * self.group_size
         if self.group_weight is None:  # the rows are a view: no copy at all
-            return chunked_topk(x, self.class_weights(), k, chunk=chunk, **score)
+            rows = self.weight.reshape(-1, self.in_features)[: max(0, self.num_labels - first)]
+            return chunked_topk(x, rows, k, chunk=chunk, offset=first, **score)
         # shared group rows: build the scored rows a block of groups at a time (never a copy of all N rows:
         # at 10^7 classes that was a 2.6 GB tensor per query batch)
         per = max(1, chunk // self.group_size)
         best = None  # a running top-k: per-block results kept in a list fragmented the heap (+10 GB at 10^7)
-        for g0 in range(0, self.num_groups, per):
-            start = g0 * self.group_size
+        for g0 in range(0, self.weight.shape[0], per):
+            start = first + g0 * self.group_size
             if start >= self.num_labels:
                 break
             rows = (self.weight[g0 : g0 + per] + self.group_weight[g0 : g0 + per, None, :]).reshape(
                 -1, self.in_features
-            )
-            rows = rows[: self.num_labels - start]
+            )[: self.num_labels - start]
             new = chunked_topk(x, rows, min(k, rows.shape[0]), chunk=chunk, offset=start, **score)
             best = merge_topk(best, new, k)
         return best

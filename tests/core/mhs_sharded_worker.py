@@ -89,7 +89,41 @@ def run(world: int, rank: int) -> dict:
     return out
 
 
+def run_topk(world: int, rank: int, k: int = 5) -> dict:
+    """Each rank's exact top-k over its own classes (``local_topk``) of the whole batch, global ids: plain
+    rows, own + shared group rows, and scaled cosines; blocks of 2 groups so the block loop runs."""
+    x, _, w = inputs()
+    gw = torch.randn(HEAD_SIZES[0], DIM, generator=torch.Generator().manual_seed(8))
+    out = {}
+    for name, shared, margin in (
+        ("plain", False, None),
+        ("shared", True, None),
+        ("cosine", True, (1.0, M2, 0.0)),
+    ):
+        head = MHSHead(
+            DIM,
+            LabelCodec(list(HEAD_SIZES), NUM_CLASSES),
+            margin=None if margin is None else CombinedMargin(*margin, s=SCALE),
+            group_shared=shared,
+            process_group=torch.distributed.group.WORLD if world > 1 else None,
+        )
+        head.TOPK_CHUNK = 2 * HEAD_SIZES[1]
+        shard = {
+            "weight": w,
+            "group_start": 0,
+            "group_end": 7,
+            "head_sizes": [7, 6],
+            "num_classes": NUM_CLASSES,
+        }
+        head.load_shards([dict(shard, group_weight=gw)] if shared else [shard])
+        with torch.no_grad():
+            out[name] = head.local_topk(x, k)
+    out["group_weight"] = gw
+    return out
+
+
 if __name__ == "__main__":
     init_distributed_from_env()
     torch.save(run(get_world_size(), get_rank()), f"{sys.argv[1]}/rank{get_rank()}.pt")
+    torch.save(run_topk(get_world_size(), get_rank()), f"{sys.argv[1]}/topk-rank{get_rank()}.pt")
     cleanup_distributed()  # a gloo group left alive at exit can abort the rank (std::terminate)

@@ -90,7 +90,10 @@ def test_pml_wrapper_matches_core(one_process):
     torch.testing.assert_close(loss_fn.head.weight.grad, core["w_grad"], rtol=0, atol=1e-5)
 
 
-def test_two_gloo_ranks_equal_one_process(one_process, tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The worker's files from 2 gloo ranks under torchrun."""
+    tmp_path = tmp_path_factory.mktemp("mhs_sharded")
     proc = subprocess.run(
         [
             sys.executable,
@@ -108,9 +111,13 @@ def test_two_gloo_ranks_equal_one_process(one_process, tmp_path):
         timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path
+
+
+def test_two_gloo_ranks_equal_one_process(one_process, two_ranks):
     n = worker.BATCH // 2
     for r in range(2):
-        got = torch.load(tmp_path / f"rank{r}.pt")
+        got = torch.load(two_ranks / f"rank{r}.pt")
         assert set(got) == set(one_process)
         for key, ref in one_process.items():
             g0, g1 = got[key]["groups"]
@@ -120,3 +127,23 @@ def test_two_gloo_ranks_equal_one_process(one_process, tmp_path):
                 got[key]["x_grad"], ref["x_grad"][r * n : (r + 1) * n], rtol=0, atol=1e-5
             )
             torch.testing.assert_close(got[key]["w_grad"], ref["w_grad"][g0:g1], rtol=0, atol=1e-5)
+
+
+def test_two_ranks_topk_lists_merge_to_the_exact_top_k(two_ranks):
+    """Each rank ranks only its own classes (blocks of groups, shared rows built a block at a time); the
+    merged k-lists equal a brute-force top-k over all classes, and one process gives the same."""
+    x, _, w = worker.inputs()
+    ranks = [torch.load(two_ranks / f"topk-rank{r}.pt") for r in range(2)]
+    gw = ranks[0]["group_weight"]
+    one = worker.run_topk(1, 0)
+    for name in ("plain", "shared", "cosine"):
+        rows = (w + gw[:, None, :] if name != "plain" else w).reshape(-1, worker.DIM)[: worker.NUM_CLASSES]
+        scores = x @ rows.T if name != "cosine" else F.normalize(x) @ F.normalize(rows).T * worker.SCALE
+        ref_v, ref_i = scores.topk(5, dim=1)
+        (v0, i0), (v1, i1) = ranks[0][name], ranks[1][name]
+        assert int(i0.max()) < 24 <= int(i1.min()), name  # each rank returns only its own classes
+        v, pos = torch.cat([v0, v1], 1).topk(5, dim=1)
+        torch.testing.assert_close(v, ref_v, rtol=0, atol=1e-5, msg=name)
+        assert torch.equal(torch.cat([i0, i1], 1).gather(1, pos), ref_i), name
+        torch.testing.assert_close(one[name][0], ref_v, rtol=0, atol=1e-5, msg=name)
+        assert torch.equal(one[name][1], ref_i), name
