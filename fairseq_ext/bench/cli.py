@@ -161,6 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--valid-every", type=int, default=200)
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--gen-batch", type=int, default=64)
+    p.add_argument(
+        "--gen-fixed-len",
+        type=int,
+        default=20,
+        help="the idle generation timing forces every hypothesis to this many tokens, so every method "
+        "runs the same decoder steps (the runs' own decodes keep their lengths)",
+    )
     p.add_argument("--adaptive-cutoffs", default=None, help="default: |V|/4,3|V|/4")
     p.add_argument(
         "--mhc-groups",

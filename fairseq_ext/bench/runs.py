@@ -241,21 +241,19 @@ def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_s
     }
 
 
-def generate_cmd(bin_dir: Path, ckpt: Path, a: argparse.Namespace) -> list[str]:
-    """``fairseq-generate`` of the full test set with beam ``--beam`` (no sentence dropped)."""
+def generate_cmd(bin_dir: Path, ckpt: Path, a: argparse.Namespace, fixed_len: int = 0) -> list[str]:
+    """``fairseq-generate`` of the full test set with beam ``--beam`` (no sentence dropped).
+
+    ``fixed_len`` > 0 forces every hypothesis to exactly that many tokens (EOS banned before, forced at it):
+    every model then runs the same number of decoder steps, so sentences/s compares the cost of a step.
+    """
     cmd = [sys.executable, "-m", "fairseq_cli.generate", str(bin_dir), "--user-dir", USER_DIR]
     cmd += ["--task", "translation", "--path", str(ckpt), "--gen-subset", "test", "--beam", str(a.beam)]
     cmd += ["--batch-size", str(a.gen_batch), "--required-batch-size-multiple", "1", "--cpu"]
-    return cmd + [
-        "--remove-bpe",
-        "sentencepiece",
-        "--num-workers",
-        "0",
-        "--max-len-a",
-        "1.2",
-        "--max-len-b",
-        "10",
-    ]
+    cmd += ["--remove-bpe", "sentencepiece", "--num-workers", "0"]
+    if fixed_len > 0:
+        return cmd + ["--min-len", str(fixed_len), "--max-len-a", "0", "--max-len-b", str(fixed_len)]
+    return cmd + ["--max-len-a", "1.2", "--max-len-b", "10"]
 
 
 def generation_speed(out: str, where: Path) -> tuple[float, float]:

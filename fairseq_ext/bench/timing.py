@@ -19,12 +19,14 @@ from fairseq_ext.model import SHORTLIST_DIVISOR, default_shortlist
 from mhe_plugins.bench.env import load_avg
 from mhe_plugins.bench.store import KeyedFile, cached_result
 from mhe_plugins.heads import build_head
+from mhe_plugins.training import atomic_write_text
 
-from .methods import METHODS, data_fingerprint, for_vocab, method_tag, mhc_codec, run_dir, run_key
+from .methods import METHODS, data_fingerprint, for_vocab, method_tag, mhc_codec, run_key
 from .runs import (
     LOG_INTERVAL,
     generate_cmd,
     generation_speed,
+    label_order_args,
     parse_log,
     preprocess,
     run,
@@ -80,28 +82,50 @@ def cached_timings(by_vocab: dict[str, dict], a: argparse.Namespace, work: Path)
     return out
 
 
-def time_generation(method: str, bin_dir: Path, vwork: Path, a: argparse.Namespace) -> dict | None:
-    """Generation sentences/s of one method decoded alone: the run's checkpoint, the full test set, beam
-    ``--beam``, into a scratch dir (the run's own decode is kept). None when the checkpoint is gone (a run
-    stored on another machine): its whole-run decode speed is all there is."""
-    ckpt = run_dir(vwork, method, a) / "checkpoint_last.pt"
-    if not ckpt.is_file():
-        return None
-    out = vwork / "timing" / f"gen.{method_tag(method, a)}"
+GEN_CKPT_UPDATES = 10
+
+
+def time_generation(method: str, bin_dir: Path, vwork: Path, a: argparse.Namespace, vocab_size: int) -> dict:
+    """Generation sentences/s of one method decoded alone, every hypothesis forced to ``--gen-fixed-len``
+    tokens: the full test set, beam ``--beam``, from a checkpoint of the run's exact model trained
+    ``GEN_CKPT_UPDATES`` updates (kept under WORK/timing, so no run's checkpoint is needed).
+
+    Why a fixed length and not the trained run: a step costs the same whatever the weights, but a trained
+    model's own lengths differ by method, and the run's checkpoint does not survive a new machine; forcing
+    the length makes every method run the same decoder steps, so the ratio is the cost of a step.
+    """
+    tag = method_tag(method, a)
+    ckdir = vwork / "timing" / f"genckpt.{tag}"
+    ckpt = ckdir / "checkpoint_last.pt"
+    if not (ckdir / "DONE").is_file():  # an interrupted warm-up restarts from scratch
+        if ckdir.exists():
+            shutil.rmtree(ckdir)
+        ckdir.mkdir(parents=True)
+        cmd = train_cmd(method, bin_dir, ckdir, a, vocab_size, GEN_CKPT_UPDATES, "inverse_sqrt")
+        cmd += label_order_args(method, bin_dir, vwork, a, vocab_size)
+        run([*cmd, "--disable-validation"], ckdir / "train.log")
+        atomic_write_text(f"{GEN_CKPT_UPDATES}\n", ckdir / "DONE")
+    out = vwork / "timing" / f"gen.{tag}"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     load_before = load_avg()
-    text = run(generate_cmd(bin_dir, ckpt, a), out / "generate.log")
+    text = run(generate_cmd(bin_dir, ckpt, a, fixed_len=a.gen_fixed_len), out / "generate.log")
     sent_s, seconds = generation_speed(text, out / "generate.log")
-    return {"gen_sent_per_s": sent_s, "gen_seconds": seconds, "load_before": round(load_before, 2)}
+    return {
+        "gen_sent_per_s": sent_s,
+        "gen_seconds": seconds,
+        "fixed_len": a.gen_fixed_len,
+        "ckpt_updates": GEN_CKPT_UPDATES,
+        "load_before": round(load_before, 2),
+    }
 
 
 def cached_generation_timings(
     by_vocab: dict[str, dict], a: argparse.Namespace, work: Path
 ) -> dict[str, dict]:
-    """``time_generation`` for every finished (vocabulary, method) whose checkpoint is here, back to back;
-    kept in ``WORK/timing.json`` under the run key like the training timings."""
+    """``time_generation`` for every finished (vocabulary, method), back to back; kept in
+    ``WORK/timing.json`` under the run key like the training timings."""
     done = KeyedFile(work / "timing.json")
     langs = tuple(a.langs.split("-"))
     out: dict[str, dict] = {}
@@ -109,16 +133,19 @@ def cached_generation_timings(
     for v, method in tqdm(todo, desc="timing generation, one method at a time"):
         data = data_fingerprint(a.data_dir, int(v), langs)  # type: ignore[arg-type]
         av = for_vocab(a, int(v))
-        key = {**run_key(int(v), method, av, data), "timing": "generation"}
-        found = done.get(f"{v}:{method}:gen", key)
-        if found is None:
+        key = {
+            **run_key(int(v), method, av, data),
+            "timing": "generation",
+            "fixed_len": a.gen_fixed_len,
+            "ckpt_updates": GEN_CKPT_UPDATES,
+        }
+
+        def measure(v: str = v, method: str = method, av: argparse.Namespace = av) -> dict:
             vwork = work / f"v{v}"
             bin_dir = preprocess(a.data_dir, int(v), vwork, langs)  # type: ignore[arg-type]
-            measured = time_generation(method, bin_dir, vwork, av)
-            if measured is None:
-                continue
-            found = done.put(f"{v}:{method}:gen", key, measured)
-        out.setdefault(v, {})[method] = found
+            return time_generation(method, bin_dir, vwork, av, by_vocab[v]["vocab_size"])
+
+        out.setdefault(v, {})[method] = done.get_or_compute(f"{v}:{method}:gen", key, measure)
     return out
 
 
