@@ -168,6 +168,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="the idle generation timing forces every hypothesis to this many tokens, so every method "
         "runs the same decoder steps (the runs' own decodes keep their lengths)",
     )
+    p.add_argument(
+        "--gen-reps",
+        type=int,
+        default=3,
+        help="the idle generation timing decodes this many times per method and keeps the median "
+        "(one decode varied by about 10 %% here)",
+    )
     p.add_argument("--adaptive-cutoffs", default=None, help="default: |V|/4,3|V|/4")
     p.add_argument(
         "--mhc-groups",
@@ -233,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(
             f"--time-updates {a.time_updates}: use 0 (off) or >= {2 * LOG_INTERVAL} (first {LOG_INTERVAL} are start-up)"
         )
+    if a.gen_reps < 1 or a.gen_fixed_len < 1:
+        p.error(f"--gen-reps ({a.gen_reps}) and --gen-fixed-len ({a.gen_fixed_len}) must be >= 1")
     chosen = [m for m in a.methods.split(",") if m]
     if not chosen or set(chosen) - set(METHODS):
         p.error(f"--methods must be a comma list from {list(METHODS)}, got {a.methods!r}")

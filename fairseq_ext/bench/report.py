@@ -139,7 +139,8 @@ def gen_how(result: dict) -> str:
     if "fixed_len" not in t:  # timings of older reports: each run's trained checkpoint
         return "each trained checkpoint decoded alone, back to back"
     return (
-        f"each method decoded alone, back to back, beam {result['config']['beam']}, every hypothesis forced to "
+        f"each method decoded alone, back to back (the median of {len(t.get('gen_sent_per_s_each', [0]))} "
+        f"decodes), beam {result['config']['beam']}, every hypothesis forced to "
         f"{t['fixed_len']} tokens (the same decoder steps for every method; weights trained "
         f"{t['ckpt_updates']} updates, which do not change the cost of a step)"
     )

@@ -86,8 +86,8 @@ GEN_CKPT_UPDATES = 10
 
 
 def time_generation(method: str, bin_dir: Path, vwork: Path, a: argparse.Namespace, vocab_size: int) -> dict:
-    """Generation sentences/s of one method decoded alone, every hypothesis forced to ``--gen-fixed-len``
-    tokens: the full test set, beam ``--beam``, from a checkpoint of the run's exact model trained
+    """Generation sentences/s of one method decoded alone (the median of ``--gen-reps`` decodes), every
+    hypothesis forced to ``--gen-fixed-len`` tokens: the full test set, beam ``--beam``, from a checkpoint of the run's exact model trained
     ``GEN_CKPT_UPDATES`` updates (kept under WORK/timing, so no run's checkpoint is needed).
 
     Why a fixed length and not the trained run: a step costs the same whatever the weights, but a trained
@@ -110,11 +110,17 @@ def time_generation(method: str, bin_dir: Path, vwork: Path, a: argparse.Namespa
         shutil.rmtree(out)
     out.mkdir(parents=True)
     load_before = load_avg()
-    text = run(generate_cmd(bin_dir, ckpt, a, fixed_len=a.gen_fixed_len), out / "generate.log")
-    sent_s, seconds = generation_speed(text, out / "generate.log")
+    speeds = []  # one decode varied by about 10 % on an idle machine: the median of --gen-reps decodes
+    for rep in range(a.gen_reps):
+        log = out / f"generate.{rep}.log"
+        speeds.append(
+            generation_speed(run(generate_cmd(bin_dir, ckpt, a, fixed_len=a.gen_fixed_len), log), log)
+        )
+    sent_s, seconds = sorted(speeds)[len(speeds) // 2]
     return {
         "gen_sent_per_s": sent_s,
         "gen_seconds": seconds,
+        "gen_sent_per_s_each": [s for s, _ in speeds],
         "fixed_len": a.gen_fixed_len,
         "ckpt_updates": GEN_CKPT_UPDATES,
         "load_before": round(load_before, 2),
@@ -137,6 +143,7 @@ def cached_generation_timings(
             **run_key(int(v), method, av, data),
             "timing": "generation",
             "fixed_len": a.gen_fixed_len,
+            "reps": a.gen_reps,
             "ckpt_updates": GEN_CKPT_UPDATES,
         }
 

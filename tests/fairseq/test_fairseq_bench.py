@@ -178,11 +178,12 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
             # to --gen-fixed-len tokens (its positional scores: 20 tokens + EOS)
             assert r["gen_timing"]["gen_sent_per_s"] == r["gen_sent_per_s"] and r["gen_sent_per_s_run"] > 0
             assert r["gen_timing"]["fixed_len"] == 20
-            gen_log = (timing / f"gen.{tag}" / "generate.log").read_text()
-            lens = {
-                len(line.split("\t")[1].split()) for line in gen_log.splitlines() if line.startswith("P-")
-            }
-            assert lens == {21}
+            each = r["gen_timing"]["gen_sent_per_s_each"]  # the median of --gen-reps 3 decodes
+            assert len(each) == 3 and sorted(each)[1] == r["gen_sent_per_s"]
+            for rep in range(3):
+                gen_log = (timing / f"gen.{tag}" / f"generate.{rep}.log").read_text()
+                lens = {len(ln.split("\t")[1].split()) for ln in gen_log.splitlines() if ln.startswith("P-")}
+                assert lens == {21}
             assert r["num_updates"] == 4 and [p["updates"] for p in r["valid_curve"]] == [2, 4]
             assert r["threads"] == 1  # recorded with the run (not part of its key)
         # valid points at 2 and 4: nothing inside the last fifth to compare with, so never "converged"
@@ -212,6 +213,7 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
         "each method timed alone" in md
         and "words/s (timed alone)" in md
         and "decoded alone, 20 tokens each)" in md
+        and "(the median of 3 decodes)" in md
     )
     assert (
         f"MHC: a short list of |V|//{SHORTLIST_DIVISOR} at the root, {MHC_GROUPS} tail context clusters, group MLP 64 wide"
