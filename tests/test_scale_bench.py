@@ -93,6 +93,20 @@ def test_method_overrides_and_run_names():
         m: estimate_bytes({**mhs, "method": m, "num_classes": 10**7, "head_optim": "adam"}) for m in METHODS
     }
     assert est["linear"] > 24 * 2**30 > est["mhs"] and est["mhp"] < 2**30
+    # --mhc-sparse: MHC's node tables get row-sparse gradients and a lazy fp32 Adam; only MHC carries it, and
+    # runs stored before the setting existed (mhc_sparse false) keep their names
+    sparse = plan({**DEFAULTS, "mhc_sparse": True}, [1000], ["mhc", "mhs", "mhc@head_optim=adam"], [], 1)
+    by = {c["label"]: c for c in sparse}
+    assert by["mhc"]["spec"]["head_optim"] == "lazy_adam" and by["mhc"]["spec"]["mhc_sparse"] is True
+    assert by["mhs"]["spec"]["mhc_sparse"] is False and by["mhs"]["name"] == next(
+        c["name"] for c in cells if c["label"] == "mhs" and c["spec"]["num_classes"] == 1000
+    )
+    assert by["mhc@head_optim=adam"]["spec"]["head_optim"] == "adam"
+    dense_mhc = plan(dict(DEFAULTS), [1000], ["mhc"], [], 1)[1]
+    assert dense_mhc["spec"]["head_optim"] == "adam" and "mhc_sparse" not in scale_mod.run_key(
+        dense_mhc["spec"]
+    )
+    assert dense_mhc["name"] != by["mhc"]["name"]
 
 
 def test_report_is_partial_with_missing_cells_and_checks_say_not_measured(tmp_path):
@@ -120,10 +134,10 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["pfc", "mhs@codes=pifa"])
+@pytest.mark.parametrize("method", ["pfc", "mhs@codes=pifa", "mhc@mhc_sparse=true"])
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_as_if_never_killed(tmp_path, monkeypatch, method):
     # pfc: random negatives + bf16 stochastic rounding; mhs with learned codes: the codes come back from the
-    # checkpoint (never learned twice, so a resumed run cannot train on other codes)
+    # checkpoint (never learned twice, so a resumed run cannot train on other codes); sparse MHC: LazyAdam rows
     from mhe_plugins.bench import scale_ckpt, scale_train
     from mhe_plugins.bench.scale_train import run_spec
 

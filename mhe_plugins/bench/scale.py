@@ -60,6 +60,7 @@ DEFAULTS = {
     "mhc_heads": 0,
     "mhc_hidden": 64,
     "mhc_beam": 8,
+    "mhc_sparse": False,  # MHC: row-sparse node-table gradients + a lazy head optimiser (lazy_adam)
     "mhs_group": 8,
     "mhs_shared": False,  # MHS: a shared row per group added to its classes' rows (group_shared)
     "codes": "id",  # MHE heads: "id" (label ids as they come) or "pifa" (learned: bench/scale_codes.py)
@@ -69,7 +70,7 @@ DEFAULTS = {
     "batch": 512,
     "lr": 2e-3,
     "head_lr": 0.0,  # 0: HEAD_LR for every head (calibrated: docs/scale.md)
-    "head_optim": "auto",  # auto: adam for dense heads, SPARSE_OPTIM for mhs/pfc
+    "head_optim": "auto",  # auto: adam for dense heads, SPARSE_OPTIM for mhs/pfc, lazy_adam for mhc_sparse
     "warmup": 0.02,
     "time_budget": 0.0,  # seconds of training (0: none); the LR schedule follows time then
     # evaluation
@@ -83,7 +84,7 @@ SPARSE_OPTIM = "lazy_adam_bf16"
 HEAD_LR = 3e-2
 #: settings added after runs were stored: left out of the key at the value that reproduces the old behaviour,
 #: so those runs keep their names
-KEY_SINCE = {"codes": "id", "mhs_shared": False}
+KEY_SINCE = {"codes": "id", "mhs_shared": False, "mhc_sparse": False}
 #: not part of a run's key (they do not change what is computed)
 NOT_KEY = ("memory_limit", "log_path", "progress", "log_every", "work_dir", "checkpoint_every")
 
@@ -108,9 +109,13 @@ def parse_method(text: str) -> tuple[str, dict]:
 
 def resolve(spec: dict) -> dict:
     """Fill the ``auto`` settings of a spec (so the run key names them)."""
-    sparse = spec["method"] in SHARDABLE
+    if spec["method"] != "mhc":
+        spec["mhc_sparse"] = False
     if spec["head_optim"] == "auto":
-        spec["head_optim"] = SPARSE_OPTIM if sparse else "adam"
+        if spec["method"] in SHARDABLE:
+            spec["head_optim"] = SPARSE_OPTIM
+        else:  # MHC's sparse rows: fp32 state (bf16's stochastic rounding was 40 % of its step at 10^6)
+            spec["head_optim"] = "lazy_adam" if spec["mhc_sparse"] else "adam"
     if spec["head_optim"] not in HEAD_OPTIMS:
         raise ValueError(f"head_optim must be auto or one of {HEAD_OPTIMS}, got {spec['head_optim']!r}")
     if not spec["head_lr"]:

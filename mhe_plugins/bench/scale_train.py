@@ -10,7 +10,8 @@ A spec is a flat dict (``scale.DEFAULTS`` plus ``method``, ``num_classes``, ``wo
 Methods, every head built by :func:`mhe_plugins.heads.build_head`:
 
 - ``mhp``: ``build_head("mhp", d, N, num_heads=H)``, H the fewest heads with every head <= 400 outputs;
-- ``mhc``: ``build_head("mhc", d, N, num_heads=H, hidden_dim=mhc_hidden, beam=mhc_beam)``;
+- ``mhc``: ``build_head("mhc", d, N, num_heads=H, hidden_dim=mhc_hidden, beam=mhc_beam,
+  sparse_grad=mhc_sparse)`` (with ``mhc_sparse``: row-sparse node tables and the lazy head optimiser);
 - ``mhs``: ``build_head("mhs", d, N, head_sizes=(ceil(N / g), g), sparse_grad=True)``, g = ``mhs_group``
   (batch_union: the classes of the groups the batch hits; sharded over ranks when world > 1);
 - ``pfc``: Partial FC as the face trainer builds it: ``head_sizes=(N, 1)``, ``sample_rate=pfc_rate``,
@@ -73,7 +74,12 @@ def _head_kwargs(spec: dict, process_group=None) -> dict:
         return dict(num_heads=int(spec["mhp_heads"]) or mhp_heads_for(n))
     if m == "mhc":
         heads = int(spec["mhc_heads"]) or mhp_heads_for(n)
-        return dict(num_heads=heads, hidden_dim=int(spec["mhc_hidden"]), beam=int(spec["mhc_beam"]))
+        return dict(
+            num_heads=heads,
+            hidden_dim=int(spec["mhc_hidden"]),
+            beam=int(spec["mhc_beam"]),
+            sparse_grad=bool(spec.get("mhc_sparse", False)),
+        )
     if m == "mhs":
         g = int(spec["mhs_group"])
         return dict(
@@ -136,7 +142,7 @@ def estimate_bytes(spec: dict) -> int:
         p, dense_grad, act = d * sum(sizes), True, 3 * b * sum(sizes)
     elif m == "mhc":
         hid = int(spec["mhc_hidden"])
-        p, dense_grad, act = n * (hid + 1) * 1.1, True, 4 * b * hid * 400
+        p, dense_grad, act = n * (hid + 1) * 1.1, not spec.get("mhc_sparse"), 4 * b * hid * 400
     elif m == "mhs":
         g = int(spec["mhs_group"])
         p, dense_grad, act = n * d / world, False, 3 * b * b * g
