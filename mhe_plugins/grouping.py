@@ -102,18 +102,30 @@ def cascade_order(
     groups: int,
     vectors: np.ndarray | None = None,
     seed: int = 0,
+    first: Sequence[int] = (),
 ) -> np.ndarray:
     """``order[position] = label`` for an MHC head with ``shortlist`` root leaves and ``groups`` tail groups.
 
     The short list is the ``shortlist`` most frequent labels. The tail keeps frequency order inside each
     group; with ``vectors`` (one row per label) the tail groups are balanced k-means clusters of the tail
     labels' vectors (ordered by their total count, the most frequent group first), else frequency bins.
+    ``first`` pins labels at positions 0, 1, .. of the short list whatever their counts: a vocabulary
+    renumbered to this order keeps its reserved ids (e.g. fairseq's 4 specials) where they were.
     """
     by_freq = frequency_order(counts)
     n = len(by_freq)
     shortlist = as_int(shortlist, "shortlist", minimum=0)
     if shortlist >= n:
         raise ValueError(f"shortlist={shortlist} must be smaller than the number of labels ({n})")
+    first = [int(i) for i in first]
+    if first:
+        if len(first) > shortlist:
+            raise ValueError(f"{len(first)} pinned labels need shortlist >= {len(first)}, got {shortlist}")
+        if len(set(first)) != len(first) or min(first) < 0 or max(first) >= n:
+            raise ValueError(f"pinned labels {first} must be distinct ids in [0, {n})")
+        pinned = np.zeros(n, dtype=bool)
+        pinned[first] = True
+        by_freq = np.concatenate([np.asarray(first, dtype=by_freq.dtype), by_freq[~pinned[by_freq]]])
     short, tail = by_freq[:shortlist], by_freq[shortlist:]
     if vectors is None:
         return by_freq

@@ -48,8 +48,11 @@ def run(cmd: list[str], log: Path) -> str:
     return out
 
 
-def preprocess(data_dir: Path, vocab: int, work: Path, langs: tuple[str, str]) -> Path:
-    """Binarise DATA/bpe{V} once into WORK/bin{V} and return it.
+def preprocess(
+    data_dir: Path, vocab: int, work: Path, langs: tuple[str, str], srcdict: Path | None = None
+) -> Path:
+    """Binarise DATA/bpe{V} once into WORK/bin{V} (with a given joined dictionary ``srcdict``:
+    WORK/bin{V}.{its stem}) and return it.
 
     Safe for parallel ``--methods`` processes sharing a work dir: a file lock lets one process binarise while
     the others wait, and fairseq writes into a temporary dir that is renamed into place only when complete,
@@ -57,16 +60,17 @@ def preprocess(data_dir: Path, vocab: int, work: Path, langs: tuple[str, str]) -
     """
     from filelock import FileLock
 
-    bpe, dest = data_dir / f"bpe{vocab}", work / f"bin{vocab}"
+    name = f"bin{vocab}" + (f".{srcdict.stem}" if srcdict else "")
+    bpe, dest = data_dir / f"bpe{vocab}", work / name
     if not (bpe / f"train.{langs[0]}").exists():
         raise FileNotFoundError(
             f"{bpe}/train.{langs[0]} missing: build it with python -m fairseq_ext.datasets ddtp"
         )
     work.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(work / f"bin{vocab}.lock")):
+    with FileLock(str(work / f"{name}.lock")):
         if dest.is_dir():
             return dest
-        tmp = work / f"bin{vocab}.partial"
+        tmp = work / f"{name}.partial"
         if tmp.exists():  # left by an interrupted run: never resumed, rebuilt from scratch
             shutil.rmtree(tmp)
         cmd = [
@@ -81,6 +85,7 @@ def preprocess(data_dir: Path, vocab: int, work: Path, langs: tuple[str, str]) -
         for split in ("train", "valid", "test"):
             cmd += [f"--{split}pref", str(bpe / split)]
         cmd += ["--destdir", str(tmp), "--joined-dictionary", "--workers", "2"]
+        cmd += ["--srcdict", str(srcdict)] if srcdict else []
         run(cmd, work / "preprocess.log")
         os.replace(tmp, dest)
     return dest
@@ -188,20 +193,47 @@ def train_cmd(
     return cmd
 
 
+def _learned_order(a: argparse.Namespace, method: str) -> bool:
+    return method == "mhc" and getattr(a, "mhc_grouping", "frequency") != "frequency"
+
+
+def _write_order(bin_dir: Path, work: Path, a: argparse.Namespace, vocab_size: int, tree: bool) -> Path:
+    """WORK/order.k{K}.g{G}.{grouping}[.tree].txt, written once by ``python -m fairseq_ext.grouping``
+    (``tree``: with the specials pinned first and the renumbered dictionary WORK/dict.<same stem>.txt)."""
+    src, tgt = a.langs.split("-")
+    k = shortlist_for(a, vocab_size)
+    stem = f"k{k}.g{a.mhc_groups}.{a.mhc_grouping}" + (".tree" if tree else "")
+    order, tree_dict = work / f"order.{stem}.txt", work / f"dict.{stem}.txt"
+    if not order.is_file() or (tree and not tree_dict.is_file()):  # deterministic: rewritten whole
+        cmd = [sys.executable, "-m", "fairseq_ext.grouping", str(bin_dir), "-s", src, "-t", tgt]
+        cmd += ["--shortlist", str(k), "--groups", str(a.mhc_groups), "--method", a.mhc_grouping]
+        cmd += ["--out", str(order)] + (["--dict-out", str(tree_dict)] if tree else [])
+        run(cmd, work / "grouping.log")
+    return order
+
+
 def label_order_args(
     method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_size: int
 ) -> list[str]:
     """MHC with ``--mhc-grouping context``: write the order file once per (short list, groups) and pass it."""
-    if method != "mhc" or getattr(a, "mhc_grouping", "frequency") == "frequency":
+    if not _learned_order(a, method):
         return []
-    src, tgt = a.langs.split("-")
-    k = shortlist_for(a, vocab_size)
-    out = work / f"order.k{k}.g{a.mhc_groups}.{a.mhc_grouping}.txt"
-    if not out.is_file():
-        cmd = [sys.executable, "-m", "fairseq_ext.grouping", str(bin_dir), "-s", src, "-t", tgt]
-        cmd += ["--shortlist", str(k), "--groups", str(a.mhc_groups), "--method", a.mhc_grouping]
-        run(cmd + ["--out", str(out)], work / "grouping.log")
-    return ["--mhe-label-order", str(out)]
+    return ["--mhe-label-order", str(_write_order(bin_dir, work, a, vocab_size, tree=False))]
+
+
+def tree_ordered_data(
+    method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_size: int
+) -> tuple[Path, list[str]]:
+    """(data dir, order flags) for the layout docs/fairseq.md recommends: MHC with a learned order gets the
+    data binarised again with the dictionary renumbered to its order (``grouping --dict-out``), so the order
+    is the identity and decoding gathers nothing; every other method keeps ``bin_dir``."""
+    if not _learned_order(a, method):
+        return bin_dir, label_order_args(method, bin_dir, work, a, vocab_size)
+    order = _write_order(bin_dir, work, a, vocab_size, tree=True)
+    tree_dict = order.with_name(order.name.replace("order.", "dict.", 1))
+    vocab = int(bin_dir.name.removeprefix("bin"))  # preprocess's own name for the BPE vocabulary's data
+    data = preprocess(a.data_dir, vocab, work, tuple(a.langs.split("-")), srcdict=tree_dict)  # type: ignore[arg-type]
+    return data, ["--mhe-label-order", str(order)]
 
 
 def train(method: str, bin_dir: Path, work: Path, a: argparse.Namespace, vocab_size: int) -> dict:

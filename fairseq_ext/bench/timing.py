@@ -32,6 +32,7 @@ from .runs import (
     run,
     train_cmd,
     train_words_and_wall,
+    tree_ordered_data,
 )
 
 
@@ -62,24 +63,47 @@ def time_training(method: str, bin_dir: Path, vwork: Path, a: argparse.Namespace
     }
 
 
-def cached_timings(by_vocab: dict[str, dict], a: argparse.Namespace, work: Path) -> dict[str, dict]:
-    """``time_training`` for every finished (vocabulary, method), one after another; each timing is kept in
-    ``WORK/timing.json`` under its run key, so an interrupted rerun times only what is missing."""
+def _cached_per_run(
+    by_vocab: dict[str, dict],
+    a: argparse.Namespace,
+    work: Path,
+    measure_one,
+    key_extras: dict,
+    name_suffix: str,
+    desc: str,
+) -> dict[str, dict]:
+    """``measure_one(method, bin_dir, vwork, a_for_vocab, vocab_size)`` for every finished (vocabulary,
+    method), one after another; each result is kept in ``WORK/timing.json`` under its run key plus
+    ``key_extras``, so an interrupted rerun measures only what is missing."""
     done = KeyedFile(work / "timing.json")
     langs = tuple(a.langs.split("-"))
     out: dict[str, dict] = {}
     todo = [(v, m) for v, res in by_vocab.items() for m in METHODS if m in res["methods"]]
-    for v, method in tqdm(todo, desc="timing train words/s, one method at a time"):
+    for v, method in tqdm(todo, desc=desc):
         data = data_fingerprint(a.data_dir, int(v), langs)  # type: ignore[arg-type]
-        key = {**run_key(int(v), method, for_vocab(a, int(v)), data), "time_updates": a.time_updates}
+        av = for_vocab(a, int(v))
+        key = {**run_key(int(v), method, av, data), **key_extras}
 
-        def measure(v: str = v, method: str = method) -> dict:
+        def measure(v: str = v, method: str = method, av: argparse.Namespace = av) -> dict:
             vwork = work / f"v{v}"
             bin_dir = preprocess(a.data_dir, int(v), vwork, langs)  # type: ignore[arg-type]
-            return time_training(method, bin_dir, vwork, a, by_vocab[v]["vocab_size"])
+            return measure_one(method, bin_dir, vwork, av, by_vocab[v]["vocab_size"])
 
-        out.setdefault(v, {})[method] = done.get_or_compute(f"{v}:{method}", key, measure)
+        out.setdefault(v, {})[method] = done.get_or_compute(f"{v}:{method}{name_suffix}", key, measure)
     return out
+
+
+def cached_timings(by_vocab: dict[str, dict], a: argparse.Namespace, work: Path) -> dict[str, dict]:
+    """``time_training`` for every finished (vocabulary, method), cached in ``WORK/timing.json``."""
+    return _cached_per_run(
+        by_vocab,
+        a,
+        work,
+        time_training,
+        {"time_updates": a.time_updates},
+        "",
+        "timing train words/s, one method at a time",
+    )
 
 
 GEN_CKPT_UPDATES = 10
@@ -87,44 +111,60 @@ GEN_CKPT_UPDATES = 10
 
 def time_generation(method: str, bin_dir: Path, vwork: Path, a: argparse.Namespace, vocab_size: int) -> dict:
     """Generation sentences/s of one method decoded alone (the median of ``--gen-reps`` decodes), every
-    hypothesis forced to ``--gen-fixed-len`` tokens: the full test set, beam ``--beam``, from a checkpoint of the run's exact model trained
-    ``GEN_CKPT_UPDATES`` updates (kept under WORK/timing, so no run's checkpoint is needed).
+    hypothesis forced to ``--gen-fixed-len`` tokens: the full test set, beam ``--beam``, from a checkpoint of
+    the run's exact model trained ``GEN_CKPT_UPDATES`` updates (kept under WORK/timing, so no run's
+    checkpoint is needed).
 
     Why a fixed length and not the trained run: a step costs the same whatever the weights, but a trained
     model's own lengths differ by method, and the run's checkpoint does not survive a new machine; forcing
     the length makes every method run the same decoder steps, so the ratio is the cost of a step.
+    MHC with a learned order is timed in the layout docs/fairseq.md recommends (dictionary renumbered to
+    the order: no gather) and, under ``gathered``, with the order file over the original ids.
     """
     tag = method_tag(method, a)
-    ckdir = vwork / "timing" / f"genckpt.{tag}"
-    ckpt = ckdir / "checkpoint_last.pt"
+    layouts = {"": tree_ordered_data(method, bin_dir, vwork, a, vocab_size)}
+    if layouts[""][0] != bin_dir:
+        layouts["gathered"] = (bin_dir, label_order_args(method, bin_dir, vwork, a, vocab_size))
+    load_before = load_avg()
+    out: dict = {"fixed_len": a.gen_fixed_len, "ckpt_updates": GEN_CKPT_UPDATES}
+    for layout, (data, order_args) in layouts.items():
+        name = tag + (".tree" if data != bin_dir else "")
+        ckpt = _warm_checkpoint(method, data, vwork / "timing" / f"genckpt.{name}", a, vocab_size, order_args)
+        timed = _median_decode(data, ckpt, vwork / "timing" / f"gen.{name}", a)
+        if layout:
+            out[layout] = timed
+        else:
+            out.update(timed)
+    if "gathered" in layouts:
+        out["dictionary"] = "renumbered to the cascade order (grouping --dict-out)"
+    return {**out, "load_before": round(load_before, 2)}
+
+
+def _warm_checkpoint(
+    method: str, data: Path, ckdir: Path, a: argparse.Namespace, vocab_size: int, order_args: list[str]
+) -> Path:
+    """The run's exact model trained ``GEN_CKPT_UPDATES`` updates into ``ckdir`` (kept once DONE)."""
     if not (ckdir / "DONE").is_file():  # an interrupted warm-up restarts from scratch
         if ckdir.exists():
             shutil.rmtree(ckdir)
         ckdir.mkdir(parents=True)
-        cmd = train_cmd(method, bin_dir, ckdir, a, vocab_size, GEN_CKPT_UPDATES, "inverse_sqrt")
-        cmd += label_order_args(method, bin_dir, vwork, a, vocab_size)
-        run([*cmd, "--disable-validation"], ckdir / "train.log")
+        cmd = train_cmd(method, data, ckdir, a, vocab_size, GEN_CKPT_UPDATES, "inverse_sqrt")
+        run([*cmd, *order_args, "--disable-validation"], ckdir / "train.log")
         atomic_write_text(f"{GEN_CKPT_UPDATES}\n", ckdir / "DONE")
-    out = vwork / "timing" / f"gen.{tag}"
+    return ckdir / "checkpoint_last.pt"
+
+
+def _median_decode(data: Path, ckpt: Path, out: Path, a: argparse.Namespace) -> dict:
+    """The median of ``--gen-reps`` fixed-length decodes (one varied by about 10 % on an idle machine)."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    load_before = load_avg()
-    speeds = []  # one decode varied by about 10 % on an idle machine: the median of --gen-reps decodes
+    speeds = []
     for rep in range(a.gen_reps):
         log = out / f"generate.{rep}.log"
-        speeds.append(
-            generation_speed(run(generate_cmd(bin_dir, ckpt, a, fixed_len=a.gen_fixed_len), log), log)
-        )
+        speeds.append(generation_speed(run(generate_cmd(data, ckpt, a, fixed_len=a.gen_fixed_len), log), log))
     sent_s, seconds = sorted(speeds)[len(speeds) // 2]
-    return {
-        "gen_sent_per_s": sent_s,
-        "gen_seconds": seconds,
-        "gen_sent_per_s_each": [s for s, _ in speeds],
-        "fixed_len": a.gen_fixed_len,
-        "ckpt_updates": GEN_CKPT_UPDATES,
-        "load_before": round(load_before, 2),
-    }
+    return {"gen_sent_per_s": sent_s, "gen_seconds": seconds, "gen_sent_per_s_each": [s for s, _ in speeds]}
 
 
 def cached_generation_timings(
@@ -132,28 +172,16 @@ def cached_generation_timings(
 ) -> dict[str, dict]:
     """``time_generation`` for every finished (vocabulary, method), back to back; kept in
     ``WORK/timing.json`` under the run key like the training timings."""
-    done = KeyedFile(work / "timing.json")
-    langs = tuple(a.langs.split("-"))
-    out: dict[str, dict] = {}
-    todo = [(v, m) for v, res in by_vocab.items() for m in METHODS if m in res["methods"]]
-    for v, method in tqdm(todo, desc="timing generation, one method at a time"):
-        data = data_fingerprint(a.data_dir, int(v), langs)  # type: ignore[arg-type]
-        av = for_vocab(a, int(v))
-        key = {
-            **run_key(int(v), method, av, data),
-            "timing": "generation",
-            "fixed_len": a.gen_fixed_len,
-            "reps": a.gen_reps,
-            "ckpt_updates": GEN_CKPT_UPDATES,
-        }
-
-        def measure(v: str = v, method: str = method, av: argparse.Namespace = av) -> dict:
-            vwork = work / f"v{v}"
-            bin_dir = preprocess(a.data_dir, int(v), vwork, langs)  # type: ignore[arg-type]
-            return time_generation(method, bin_dir, vwork, av, by_vocab[v]["vocab_size"])
-
-        out.setdefault(v, {})[method] = done.get_or_compute(f"{v}:{method}:gen", key, measure)
-    return out
+    extras = {
+        "timing": "generation",
+        "fixed_len": a.gen_fixed_len,
+        "reps": a.gen_reps,
+        "ckpt_updates": GEN_CKPT_UPDATES,
+        "mhc_dictionary": "renumbered",  # a learned-order MHC is timed on its tree-ordered dictionary
+    }
+    return _cached_per_run(
+        by_vocab, a, work, time_generation, extras, ":gen", "timing generation, one method at a time"
+    )
 
 
 def _time(fn, reps: int) -> float:

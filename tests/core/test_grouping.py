@@ -56,6 +56,26 @@ def test_cascade_order_puts_frequent_first_and_clusters_in_codec_blocks():
         cascade_order(counts, k, g, vectors[:-1])
 
 
+def test_cascade_order_pins_reserved_labels_at_the_front_of_the_short_list():
+    rng = np.random.default_rng(2)
+    n, k, g = 40, 8, 4
+    counts = rng.permutation(np.arange(1, n + 1) * 3).astype(float)
+    counts[[0, 1]] = 0  # reserved ids that never occur (fairseq's <s>, <pad>) would land in the tail
+    vectors = rng.normal(size=(n, 3))
+    for vec in (None, vectors):
+        order = cascade_order(counts, k, g, vec, first=[0, 1, 2, 3])
+        assert sorted(order.tolist()) == list(range(n))
+        assert order[:4].tolist() == [0, 1, 2, 3]
+        rest = [i for i in frequency_order(counts).tolist() if i > 3][: k - 4]
+        assert order[4:k].tolist() == rest  # then the most frequent of the others
+    with pytest.raises(ValueError, match="need shortlist >= 4"):
+        cascade_order(counts, 3, g, first=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match="distinct ids"):
+        cascade_order(counts, k, g, first=[0, 0])
+    with pytest.raises(ValueError, match="distinct ids"):
+        cascade_order(counts, k, g, first=[n])
+
+
 def _tree_data(rng, depth: int, leaf: int, noise: float):
     """Labels at the leaves of a binary tree of ``depth`` levels (``leaf`` labels per leaf node): each
     node adds a vector that halves in scale with depth, so subtrees are clusters at every level."""

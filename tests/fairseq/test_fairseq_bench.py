@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fairseq")
 
@@ -180,8 +182,24 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
             assert r["gen_timing"]["fixed_len"] == 20
             each = r["gen_timing"]["gen_sent_per_s_each"]  # the median of --gen-reps 3 decodes
             assert len(each) == 3 and sorted(each)[1] == r["gen_sent_per_s"]
-            for rep in range(3):
-                gen_log = (timing / f"gen.{tag}" / f"generate.{rep}.log").read_text()
+            # MHC (learned order) is timed on the dictionary renumbered to its order (no gather), and with
+            # the order file over the original ids under "gathered"
+            dirs = [f"gen.{tag}.tree", f"gen.{tag}"] if k == "mhc" else [f"gen.{tag}"]
+            if k == "mhc":
+                gathered = r["gen_timing"]["gathered"]
+                assert len(gathered["gen_sent_per_s_each"]) == 3 and gathered["gen_sent_per_s"] > 0
+                assert r["gen_timing"]["dictionary"].startswith("renumbered")
+                torch.serialization.add_safe_globals([argparse.Namespace])  # fairseq pickles its args
+                warm = torch.load(
+                    timing / f"genckpt.{tag}.tree" / "checkpoint_last.pt",
+                    map_location="cpu",
+                    weights_only=True,
+                )["model"]["decoder.output_projection.label_order.order"]
+                assert warm.tolist() == list(range(res_v["vocab_size"]))  # the identity
+            else:
+                assert "gathered" not in r["gen_timing"]
+            for rep, d in itertools.product(range(3), dirs):
+                gen_log = (timing / d / f"generate.{rep}.log").read_text()
                 lens = {len(ln.split("\t")[1].split()) for ln in gen_log.splitlines() if ln.startswith("P-")}
                 assert lens == {21}
             assert r["num_updates"] == 4 and [p["updates"] for p in r["valid_curve"]] == [2, 4]
@@ -214,6 +232,8 @@ def test_bench_tiny_end_to_end_and_resume(tmp_path):
         and "words/s (timed alone)" in md
         and "decoded alone, 20 tokens each)" in md
         and "(the median of 3 decodes)" in md
+        and "without renumbering its dictionary" in md  # MHC's gathered layout, timed in the same pass
+        and "dictionary renumbered to the order" in md
     )
     assert (
         f"MHC: a short list of |V|//{SHORTLIST_DIVISOR} at the root, {MHC_GROUPS} tail context clusters, group MLP 64 wide"

@@ -192,10 +192,11 @@ def test_label_order_file_trains_and_travels_in_the_checkpoint(data, tmp_path):
     dict_tokens = [line.split()[0] for line in (data / "bin600" / "dict.de.txt").read_text().splitlines()]
     assert sorted(tokens) == sorted(["<s>", "<pad>", "</s>", "<unk>", *dict_tokens])
     ckpt = tmp_path / "ckpt"
-    _cli(
+    log = _cli(
         "fairseq-train", str(data / "bin600"), "--user-dir", USER_DIR, *TINY, "--mhe-shortlist", "40",
         "--mhe-label-order", str(order), "--max-update", "10", "--save-dir", str(ckpt),
     )  # fmt: skip
+    assert "is not the dictionary's order: every decoding step gathers" in log  # the hint to renumber
     import argparse
 
     import torch
@@ -213,3 +214,55 @@ def test_label_order_file_trains_and_travels_in_the_checkpoint(data, tmp_path):
         "--gen-subset", "valid", "--beam", "2", "--max-len-b", "5", "--cpu", "--batch-size", "16",
     )  # fmt: skip
     assert re.search(r"Translated \d+ sentences", out)
+
+
+def test_renumbered_dictionary_makes_the_label_order_the_identity(data, tmp_path):
+    """docs/fairseq.md: grouping --dict-out, binarised again with it: same sentences, token id = tree
+    position, so the trained cascade's order is the identity (decoding gathers nothing) and it decodes."""
+    order, tree_dict, tree_bin = tmp_path / "order.txt", tmp_path / "dict.tree.txt", tmp_path / "bin600.tree"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fairseq_ext.grouping", str(data / "bin600"), "-s", "en", "-t", "de",
+         "--shortlist", "40", "--groups", "10", "--out", str(order), "--dict-out", str(tree_dict)],
+        capture_output=True, text=True, env=ENV, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokens = order.read_text(encoding="utf-8").splitlines()
+    assert tokens[:4] == ["<s>", "<pad>", "</s>", "<unk>"]  # the specials keep their ids
+    assert [line.split()[0] for line in tree_dict.read_text(encoding="utf-8").splitlines()] == tokens[4:]
+    bpe = data / "bpe600"
+    _cli(
+        "fairseq-preprocess", "--source-lang", "en", "--target-lang", "de", "--trainpref", str(bpe / "train"),
+        "--validpref", str(bpe / "valid"), "--testpref", str(bpe / "test"), "--joined-dictionary",
+        "--srcdict", str(tree_dict), "--destdir", str(tree_bin), "--workers", "1",
+    )  # fmt: skip
+    from fairseq.data import Dictionary, data_utils
+
+    old_d, new_d = (Dictionary.load(str(b / "dict.de.txt")) for b in (data / "bin600", tree_bin))
+    assert [new_d[i] for i in range(len(new_d))] == tokens  # token id = tree position
+    for split in ("train", "test"):  # the same sentences, only the ids moved
+        old_s, new_s = (
+            data_utils.load_indexed_dataset(str(b / f"{split}.en-de.de"), d)
+            for b, d in ((data / "bin600", old_d), (tree_bin, new_d))
+        )
+        assert len(old_s) == len(new_s) > 0
+        for i in range(0, len(old_s), max(1, len(old_s) // 20)):
+            assert old_d.string(old_s[i]) == new_d.string(new_s[i])
+    ckpt = tmp_path / "ckpt"
+    log = _cli(
+        "fairseq-train", str(tree_bin), "--user-dir", USER_DIR, *TINY, "--mhe-shortlist", "40",
+        "--mhe-label-order", str(order), "--max-update", "10", "--save-dir", str(ckpt),
+    )  # fmt: skip
+    assert "is not the dictionary's order" not in log
+    import argparse
+
+    import torch
+
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    state = torch.load(ckpt / "checkpoint_last.pt", map_location="cpu", weights_only=True)["model"]
+    assert state["decoder.output_projection.label_order.order"].tolist() == list(range(len(new_d)))
+    out = _cli(
+        "fairseq-generate", str(tree_bin), "--user-dir", USER_DIR, "--path", str(ckpt / "checkpoint_last.pt"),
+        "--gen-subset", "test", "--beam", "2", "--max-len-b", "5", "--cpu", "--batch-size", "16",
+        "--required-batch-size-multiple", "1",
+    )  # fmt: skip
+    assert re.search(r"Translated 150 sentences", out)

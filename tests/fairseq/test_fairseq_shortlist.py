@@ -20,7 +20,7 @@ from fairseq_ext import register  # noqa: E402
 register()
 from fairseq_ext.adaptive_criterion import AdaptiveLabelSmoothedLoss  # noqa: E402
 from fairseq_ext.criterion import MHECrossEntropyCriterion  # noqa: E402
-from fairseq_ext.grouping import read_label_order  # noqa: E402
+from fairseq_ext.grouping import read_label_order, renumbered_dictionary  # noqa: E402
 from fairseq_ext.model import SHORTLIST_DIVISOR  # noqa: E402
 
 
@@ -115,6 +115,18 @@ def test_label_order_file_errors_name_file_line_and_token(tmp_path):
         (tmp_path / name).write_text(text, encoding="utf-8")
         with pytest.raises(ValueError, match=match):
             read_label_order(tmp_path / name, d)
+
+
+def test_renumbered_dictionary_keeps_the_specials_and_loads_in_tree_order(tmp_path):
+    d = _task(3).target_dictionary  # 4 specials + w0 w1 w2 (ids 4, 5, 6)
+    d.count[6] = 9
+    text = renumbered_dictionary(d, [0, 1, 2, 3, 6, 4, 5])
+    assert text.splitlines() == ["w2 9", "w0 1", "w1 1"]
+    (tmp_path / "dict.txt").write_text(text, encoding="utf-8")
+    loaded = Dictionary.load(str(tmp_path / "dict.txt"))
+    assert [loaded[i] for i in range(len(loaded))] == ["<s>", "<pad>", "</s>", "<unk>", "w2", "w0", "w1"]
+    with pytest.raises(ValueError, match=r"must start with the 4 specials in id order.*'w2'"):
+        renumbered_dictionary(d, [0, 1, 6, 2, 3, 4, 5])
 
 
 def _full_log_probs(asm, x):
