@@ -194,8 +194,9 @@ def budgets(spec: str, vocabs: list[int]) -> dict[int, int]:
 
 
 def for_vocab(a: argparse.Namespace, vocab: int) -> argparse.Namespace:
-    """``a`` with ``max_update`` set to this vocabulary's budget (everything per run reads it from here)."""
-    return argparse.Namespace(**{**vars(a), "max_update": a.max_updates[vocab]})
+    """``a`` for one BPE vocabulary: its ``max_update`` budget and the vocabulary itself as ``bpe_vocab``
+    (everything per run reads them from here)."""
+    return argparse.Namespace(**{**vars(a), "max_update": a.max_updates[vocab], "bpe_vocab": vocab})
 
 
 def run_key(vocab: int, method: str, a: argparse.Namespace, data: dict) -> dict:

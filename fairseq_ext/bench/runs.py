@@ -231,8 +231,7 @@ def tree_ordered_data(
         return bin_dir, label_order_args(method, bin_dir, work, a, vocab_size)
     order = _write_order(bin_dir, work, a, vocab_size, tree=True)
     tree_dict = order.with_name(order.name.replace("order.", "dict.", 1))
-    vocab = int(bin_dir.name.removeprefix("bin"))  # preprocess's own name for the BPE vocabulary's data
-    data = preprocess(a.data_dir, vocab, work, tuple(a.langs.split("-")), srcdict=tree_dict)  # type: ignore[arg-type]
+    data = preprocess(a.data_dir, a.bpe_vocab, work, tuple(a.langs.split("-")), srcdict=tree_dict)  # type: ignore[arg-type]
     return data, ["--mhe-label-order", str(order)]
 
 
