@@ -93,23 +93,40 @@ class FullDistribution:
     def _log_prob_inference(self, flat: torch.Tensor) -> torch.Tensor:
         """As the differentiable path (columns by label id), with every (B, nodes) temporary written into
         reused buffers and the result into a reused one when its last holder has let it go
-        (:mod:`.workspace`)."""
-        K, tail, b = self.shortlist, self.codec.num_labels, flat.shape[0]
+        (:mod:`.workspace`). The last level adds its parents' log-probs straight into the result's tail
+        columns: one pass over the N scores fewer than adding in place and then copying (a pass over |V|
+        per beam step of fairseq-generate)."""
+        K, tail, b, last = self.shortlist, self.codec.num_labels, flat.shape[0], self.codec.num_heads - 1
         root = F.log_softmax(upcast(self._root_logits(flat)), -1)
+        shape, order = (b, K + tail), self.label_order
+        by_position = (
+            reusable_output(self, "out", shape, root) if order.identity else scratch(self, "pos", shape, root)
+        )
+        by_position[:, :K] = root[:, :K]
         lp = root[:, K:]
-        for h in range(1, self.codec.num_heads):
+        if last == 0:
+            by_position[:, K:] = lp[:, :tail]
+        for h in range(1, last + 1):
             z = self._level_logits_all(
                 h, self.query(h, flat), out=scratch(self, f"z{h}", (b, self._nodes(h)), flat)
             )
             z = upcast(z).view(b, lp.shape[1], -1)
             child = torch.log_softmax(z, -1, out=scratch(self, f"lp{h}", tuple(z.shape), z))
-            lp = self._dead_parents(h, child.add_(lp.unsqueeze(-1))).flatten(1)
-        shape, order = (b, K + tail), self.label_order
-        by_position = (
-            reusable_output(self, "out", shape, lp) if order.identity else scratch(self, "pos", shape, lp)
-        )
-        by_position[:, :K] = root[:, :K]
-        by_position[:, K:] = lp[:, :tail]
+            if h < last:
+                lp = self._dead_parents(h, child.add_(lp.unsqueeze(-1))).flatten(1)
+            else:  # only positions < tail are kept: all under live parents, no dead-parent fill needed
+                _add_parents_into(by_position[:, K:], child, lp, tail)
         if order.identity:
             return by_position
-        return order.to_label_columns(by_position, out=reusable_output(self, "out", shape, lp))
+        return order.to_label_columns(by_position, out=reusable_output(self, "out", shape, by_position))
+
+
+def _add_parents_into(out: torch.Tensor, child: torch.Tensor, parent: torch.Tensor, n: int) -> None:
+    """``out[:, j] = child[:, j // C, j % C] + parent[:, j // C]`` for the first ``n`` positions j, with
+    ``out`` (B, n) a strided view: whole parent blocks in one broadcast add, the partial last block apart."""
+    b, _, c = child.shape
+    full = n // c
+    if full:
+        torch.add(child[:, :full], parent[:, :full].unsqueeze(-1), out=out[:, : full * c].view(b, full, c))
+    if n > full * c:
+        torch.add(child[:, full, : n - full * c], parent[:, full : full + 1], out=out[:, full * c :])
