@@ -19,6 +19,7 @@ from . import runs
 from .methods import (
     METHODS,
     REPEATED,
+    TIEABLE,
     adaptive_cutoffs,
     budgets,
     data_fingerprint,
@@ -97,6 +98,7 @@ def run_vocab(
         "convergence": {k: convergence(r["valid_curve"], r["num_updates"]) for k, r in methods.items()},
         "repeats": stored_variants(vocab, store, a, data, seed=2),
         "fixed_lr": stored_variants(vocab, store, a, data, scheduler="fixed", methods=("ce",)),
+        "tied": stored_variants(vocab, store, a, data, tie=True),
     }
 
 
@@ -108,10 +110,12 @@ def stored_variants(
     seed: int = 1,
     scheduler: str = "cosine",
     methods: tuple[str, ...] = REPEATED,
+    tie: bool = False,
 ) -> dict:
-    """Stored runs of ``methods`` made with another seed or schedule (by their own bench invocations), for
-    the report: a repeat at a second seed, CE at a constant learning rate. Never trains."""
-    b = argparse.Namespace(**{**vars(a), "seed": seed, "lr_scheduler": scheduler})
+    """Stored runs of ``methods`` made with another seed, schedule or tying (by their own bench
+    invocations), for the report: a repeat at a second seed, CE at a constant learning rate, tied output
+    embeddings as the next lever. Never trains."""
+    b = argparse.Namespace(**{**vars(a), "seed": seed, "lr_scheduler": scheduler, "tie_embeddings": tie})
     out = {}
     for method in methods:
         found = store.find(run_name(vocab, method, b), run_key(vocab, method, b, data))
@@ -208,6 +212,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--scaling-tokens", type=int, default=512)
     p.add_argument("--scaling-reps", type=int, default=3)
     p.add_argument(
+        "--tie-embeddings",
+        action="store_true",
+        help="tie the output layer's token embeddings to the decoder's input embeddings "
+        f"(fairseq's --share-decoder-input-output-embed; methods {', '.join(TIEABLE)}): stored as its own "
+        "run (v{V}_{method}_tied), reported beside the untied one",
+    )
+    p.add_argument(
         "--skip-scaling",
         action="store_true",
         help="skip the timings meant for an idle machine: the output layers alone and --time-updates "
@@ -245,6 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = [m for m in a.methods.split(",") if m]
     if not chosen or set(chosen) - set(METHODS):
         p.error(f"--methods must be a comma list from {list(METHODS)}, got {a.methods!r}")
+    if a.tie_embeddings and set(chosen) - set(TIEABLE):
+        p.error(
+            f"--tie-embeddings: only {', '.join(TIEABLE)} tie their output layer, got --methods {a.methods}"
+        )
     try:
         vocabs = [int(v) for v in a.vocabs.split(",") if v]
     except ValueError:

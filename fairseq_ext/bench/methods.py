@@ -58,6 +58,8 @@ NAMES = {
     "mhc": "MHC (mhe_cross_entropy, --mhe-method mhc)",
 }
 ADAPTIVE = ("adaptive", "adaptive_ls")
+TIEABLE = ("ce", "ce0", "mhc")  # output layers whose token embeddings can be the decoder's input embeddings
+TIE = "--share-decoder-input-output-embed"
 
 
 def adaptive_cutoffs(vocab_size: int) -> str:
@@ -74,6 +76,14 @@ def model_args(dim: int, layers: int, heads: int) -> list[str]:
 
 
 def method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str]:
+    if tied(a):
+        if method not in TIEABLE:
+            raise ValueError(f"--tie-embeddings: {method} cannot tie its output layer (only {list(TIEABLE)})")
+        return _method_args(method, vocab_size, a) + [TIE]
+    return _method_args(method, vocab_size, a)
+
+
+def _method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str]:
     if method in ADAPTIVE:
         return METHODS[method] + [
             "--adaptive-softmax-cutoff",
@@ -93,11 +103,17 @@ def method_args(method: str, vocab_size: int, a: argparse.Namespace) -> list[str
 REPEATED = ("ce", "mhc")  # methods a --seed 2 run repeats (the report states the BLEU difference)
 
 
+def tied(a: argparse.Namespace) -> bool:
+    """``--tie-embeddings``: the output layer's token embeddings are the decoder's input embeddings."""
+    return bool(getattr(a, "tie_embeddings", False))
+
+
 def run_name(vocab: int, method: str, a: argparse.Namespace) -> str:
-    """``v{V}_{method}``, plus ``_seed{N}`` and ``_{scheduler}`` when not the defaults (seed 1, cosine), so
-    a repeat or a schedule check never overwrites the stored run it is compared with."""
+    """``v{V}_{method}``, plus ``_seed{N}``, ``_tied`` and ``_{scheduler}`` when not the defaults (seed 1,
+    untied, cosine), so a repeat, a variant or a schedule check never overwrites the run it is compared with."""
     name = f"v{vocab}_{method}"
     name += f"_seed{_variant(a)[0]}" if _variant(a)[0] != 1 else ""
+    name += "_tied" if tied(a) else ""
     return name + (f"_{a.lr_scheduler}" if a.lr_scheduler != "cosine" else "")
 
 
@@ -125,6 +141,8 @@ def method_settings(method: str, a: argparse.Namespace) -> dict:
     short list and grouping only when set, so runs stored before they existed keep their keys."""
     seed, shortlist, grouping = _variant(a)
     out = {"seed": seed} if seed != 1 else {}
+    if tied(a):
+        out["tied"] = True
     if method == "mhc":
         out.update({k: getattr(a, k) for k in ("mhc_groups", "mhc_group_mlp_dim", "mhc_head_sizes")})
         if shortlist:  # -1: the model's default rule, which is part of the key
@@ -138,7 +156,7 @@ def method_tag(method: str, a: argparse.Namespace) -> str:
     """``mhc`` with its shape spelled out (``mhc.g16.mlp512.k2000.context``), so that no run ever resumes
     a checkpoint of a differently shaped output layer; every other method is its name (+ ``.seedN``)."""
     seed_n, shortlist, grouping = _variant(a)
-    seed = f".seed{seed_n}" if seed_n != 1 else ""
+    seed = (f".seed{seed_n}" if seed_n != 1 else "") + (".tied" if tied(a) else "")
     if method != "mhc":
         return method + seed
     tag = method + (".h" + a.mhc_head_sizes.replace(",", "x") if a.mhc_head_sizes else "")

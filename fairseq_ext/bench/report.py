@@ -29,6 +29,8 @@ def convergence(curve: list[dict], final: int) -> dict:
 
 
 DENSE, ADAPTIVE = ("ce", "ce0"), ("adaptive", "adaptive_ls")
+# stored variants of a method, shown under it (their speeds are whole-run figures, in brackets)
+VARIANTS = {"repeats": "seed 2", "tied": "tied embeddings (--share-decoder-input-output-embed)"}
 
 
 def _best(m: dict, keys: tuple[str, ...]) -> tuple[str, dict]:
@@ -94,6 +96,23 @@ def targets(by_vocab: dict[str, dict]) -> list[dict]:
                 return "; ".join(parts) + more, None
 
             out.append(row(v, "seed 1 / seed 2 BLEU (stated)", ("ce", "mhc"), m, seeds))
+        tied = res.get("tied") or {}
+        if "mhc" in tied:
+
+            def lever(m, tied=tied):
+                t = tied["mhc"]
+                k, d = _best(m, DENSE)
+                parts = [
+                    f"MHC tied {t['bleu']:.2f} BLEU / {t['valid_nll_bits']:.3f} bits vs untied "
+                    f"{m['mhc']['bleu']:.2f} / {m['mhc']['valid_nll_bits']:.3f} ({t['bleu'] - m['mhc']['bleu']:+.2f} BLEU)",
+                    f"vs dense {d['bleu']:.2f} ({k}; {t['bleu'] - d['bleu']:+.2f})",
+                ]
+                if "ce" in tied:
+                    c = tied["ce"]
+                    parts.append(f"dense tied {c['bleu']:.2f} (MHC tied {t['bleu'] - c['bleu']:+.2f})")
+                return "; ".join(parts), None
+
+            out.append(row(v, "next lever: tied embeddings (stated)", ("mhc", "ce"), m, lever))
     big = max(by_vocab, key=int)
     m = by_vocab[big]["methods"]
 
@@ -263,11 +282,13 @@ def markdown(result: dict, stem: str) -> str:
                 f"| {NAMES[k]} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['valid_nll_bits']:.3f} | "
                 f"{r['output_params']:,} | {r['total_params']:,} | {wps(r)} | {gen(r)} |"
             )
-        for k, r in (res.get("repeats") or {}).items():
-            lines.append(
-                f"| {NAMES[k]}, seed 2 | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['valid_nll_bits']:.3f} | "
-                f"{r['output_params']:,} | {r['total_params']:,} | {r['train_wps']:,.0f} | {r['gen_sent_per_s']:.1f} |"
-            )
+        for variant, label in VARIANTS.items():
+            for k, r in (res.get(variant) or {}).items():
+                lines.append(
+                    f"| {NAMES[k]}, {label} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['valid_nll_bits']:.3f} | "
+                    f"{r['output_params']:,} | {r['total_params']:,} | ({r['train_wps']:,.0f}) | "
+                    f"({r['gen_sent_per_s']:.1f}) |"
+                )
         moved = "n/a" if conv["delta_bits"] is None else f"{conv['delta_bits']:+.3f} bits"
         verdict = "converged" if conv["converged"] else "NOT converged - rerun with a larger --max-update"
         if "ce" not in m:

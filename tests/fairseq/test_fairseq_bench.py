@@ -315,6 +315,19 @@ def test_run_dir_per_schedule_and_budget(tmp_path, capsys):
     assert bench.method_settings("mhc", var)["mhc_shortlist"] == f"|V|//{SHORTLIST_DIVISOR}"
     assert bench.method_settings("ce", var) == {"seed": 2}
     assert bench.run_name(8000, "mhc", var) == "v8000_mhc_seed2"
+    # tied output embeddings: their own dir, key and name, fairseq's sharing flag; only where a layer ties
+    tie = argparse.Namespace(**{**vars(var), "tie_embeddings": True})
+    assert bench.method_args("mhc", 8000, tie)[-1] == "--share-decoder-input-output-embed"
+    assert bench.method_args("ce", 8000, tie)[-1] == "--share-decoder-input-output-embed"
+    assert "--share-decoder-input-output-embed" not in bench.method_args("mhc", 8000, var)
+    assert bench.run_name(8000, "mhc", tie) == "v8000_mhc_seed2_tied"
+    assert bench.run_dir(tmp_path, "ce", tie) == tmp_path / "ce.seed2.tied.cosine8000"
+    assert bench.method_settings("ce", tie) == {"seed": 2, "tied": True}
+    with pytest.raises(ValueError, match="adaptive cannot tie"):
+        bench.method_args("adaptive", 8000, tie)
+    with pytest.raises(SystemExit):
+        bench.main(["--data-dir", str(tmp_path), "--tie-embeddings", "--methods", "ce,mhp"])
+    assert "--tie-embeddings: only ce, ce0, mhc" in capsys.readouterr().err
     fixed = argparse.Namespace(**{**vars(mhc(0, None)), "lr_scheduler": "fixed"})
     assert bench.run_name(8000, "ce", fixed) == "v8000_ce_fixed"
     assert bench.run_dir(tmp_path, "ce", fixed) == tmp_path / "ce.fixed"
@@ -418,6 +431,14 @@ def test_targets_over_two_vocabularies():
     assert (
         seeds[0]["measured"]
         == "ce: 20.00 / 19.80 (-0.20); mhc: 19.60 / 19.90 (+0.30); MHC - dense at seed 2: +0.10"
+    )
+    # the tied lever is stated against the untied MHC and the better dense layer (and dense tied if run)
+    small["tied"] = {"mhc": {"bleu": 20.1, "valid_nll_bits": 3.95}, "ce": {"bleu": 20.3}}
+    lever = [t for t in bench.targets({"8000": small, "32000": big}) if t["target"].startswith("next lever")]
+    assert len(lever) == 1 and lever[0]["met"] is None
+    assert lever[0]["measured"] == (
+        "MHC tied 20.10 BLEU / 3.950 bits vs untied 19.60 / 4.050 (+0.50 BLEU); vs dense 20.00 (ce; +0.10); "
+        "dense tied 20.30 (MHC tied -0.20)"
     )
 
 
