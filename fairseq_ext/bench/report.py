@@ -146,6 +146,14 @@ def targets(by_vocab: dict[str, dict]) -> list[dict]:
     return out
 
 
+def verdict_cell(t: dict) -> str:
+    """A target's last column: met or not, 'pending' while a run it needs is missing, '-' for a row that
+    only states figures (a second seed, a lever)."""
+    if t["met"] is None:
+        return "pending" if t["measured"] == "pending" else "-"
+    return "yes" if t["met"] else "**NO**"
+
+
 def gen_how(result: dict) -> str:
     """How the report's generation sentences/s were timed, from the timings themselves."""
     t = next(
@@ -317,10 +325,7 @@ def markdown(result: dict, stem: str) -> str:
         lines.append("")
     lines += ["## Targets", "", "| |V| | target | measured | met |", "|---:|---|---|---|"]
     for t in result["targets"]:
-        lines.append(
-            f"| {int(t['vocab']):,} | {t['target']} | {t['measured']} | "
-            f"{'pending' if t['met'] is None else 'yes' if t['met'] else '**NO**'} |"
-        )
+        lines.append(f"| {int(t['vocab']):,} | {t['target']} | {t['measured']} | {verdict_cell(t)} |")
     sc = result.get("scaling") or {}
     if sc:
         lines += [

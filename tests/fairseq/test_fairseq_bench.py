@@ -436,6 +436,11 @@ def test_targets_over_two_vocabularies():
     small["tied"] = {"mhc": {"bleu": 20.1, "valid_nll_bits": 3.95}, "ce": {"bleu": 20.3}}
     lever = [t for t in bench.targets({"8000": small, "32000": big}) if t["target"].startswith("next lever")]
     assert len(lever) == 1 and lever[0]["met"] is None
+    cells = [
+        bench.report.verdict_cell(t)
+        for t in (seeds[0], rows[0], rows[3], {"measured": "pending", "met": None})
+    ]
+    assert cells == ["-", "yes", "**NO**", "pending"]  # stated rows are neither met nor pending
     assert lever[0]["measured"] == (
         "MHC tied 20.10 BLEU / 3.950 bits vs untied 19.60 / 4.050 (+0.50 BLEU); vs dense 20.00 (ce; +0.10); "
         "dense tied 20.30 (MHC tied -0.20)"
