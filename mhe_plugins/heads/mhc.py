@@ -397,6 +397,8 @@ class MHCHead(FullDistribution, MHEHead):
         it falls back to the per-item product.
         """
         size = self.codec.head_sizes[level]
+        if not parent.numel():  # an empty batch: no parent to group by
+            return query.new_zeros(0, size)
         bias = self.node_bias[level - 1]
         arange = torch.arange(size, device=parent.device)
         nodes = parent[:, None] * size + arange
