@@ -138,17 +138,9 @@ class MHCHead(FullDistribution, MHEHead):
         return self.node_embed[level - 1](nodes)
 
     def _children_logits(self, level: int, query: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
-        """Logits of the children of ``parents`` (B, P) at ``level`` >= 1 -> (B, P, C_level), masked.
-
-        Without autograd (beam search) through :meth:`_sibling_logits`: a (B, P, C, hidden) gather of node
-        embeddings was 39 GB for 320 rows, beam 10 at |V| = 256k (groups of 24,000 tokens)."""
+        """Logits of the children of ``parents`` (B, P) at ``level`` >= 1 -> (B, P, C_level), masked."""
         size = self.codec.head_sizes[level]
-        if (
-            not torch.is_grad_enabled()
-        ):  # inference (beam search): never a (B, P, C, hidden) copy of the table
-            flat = query.repeat_interleave(parents.shape[1], 0)
-            return self._sibling_logits(level, flat, parents.reshape(-1)).view(*parents.shape, size)
-        if self.sparse_grad and not (self.tied and level == len(self.node_embed)):
+        if self.sparse_grad and torch.is_grad_enabled() and not (self.tied and level == len(self.node_embed)):
             emb, bias, nodes = self._sibling_blocks(level, parents)
         else:
             nodes = parents.unsqueeze(-1) * size + torch.arange(size, device=parents.device)  # (B, P, C)
@@ -386,7 +378,6 @@ class MHCHead(FullDistribution, MHEHead):
         return [F.log_softmax(upcast(z), -1) for z in logits]
 
     GROUPED_MAX_PARENTS = 512  # above this many distinct parents in a batch, score per item instead
-    PER_ITEM_ELEMENTS = 1 << 25  # per-item scoring gathers at most this many embedding values at a time
 
     def _sibling_logits(self, level: int, query: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
         """(B, C_level) logits of the children of ``parent`` (B,), masked; nothing |V|-wide.
@@ -397,21 +388,12 @@ class MHCHead(FullDistribution, MHEHead):
         it falls back to the per-item product.
         """
         size = self.codec.head_sizes[level]
-        if not parent.numel():  # an empty batch: no parent to group by
-            return query.new_zeros(0, size)
         bias = self.node_bias[level - 1]
         arange = torch.arange(size, device=parent.device)
         nodes = parent[:, None] * size + arange
         uniq, inverse, counts = torch.unique(parent, return_inverse=True, return_counts=True)
-        if uniq.numel() > self.GROUPED_MAX_PARENTS:  # in row blocks: the (rows, C, hidden) copy stays bounded
-            step = max(1, self.PER_ITEM_ELEMENTS // (size * self.hidden_dim))
-            z = torch.cat(
-                [
-                    (self._embed(level, n) * q[:, None, :]).sum(-1)
-                    for n, q in zip(nodes.split(step), query.split(step))
-                ]
-            )
-            z = z + bias(nodes)[..., 0]
+        if uniq.numel() > self.GROUPED_MAX_PARENTS:
+            z = (self._embed(level, nodes) * query[:, None, :]).sum(-1) + bias(nodes)[..., 0]
         else:
             kids = uniq[:, None] * size + arange  # (U, C)
             tables, biases = self._embed(level, kids).unbind(0), bias(kids)[..., 0].unbind(0)
