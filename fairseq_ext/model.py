@@ -27,6 +27,8 @@ from fairseq.models.transformer.transformer_legacy import base_architecture, tra
 from mhe_plugins import LabelCodec, MHEHead, build_head
 
 from .grouping import set_label_order
+from .pruned_decoding import CHOICES as PRUNING_CHOICES
+from .pruned_decoding import decode_top
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,9 @@ class TransformerMHEDecoder(TransformerDecoderBase):
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
         # never tie the (nonexistent) |V| x d projection to the input embedding, nor upgrade old keys to it
         self.share_input_output_embed = False
+        # > 0 once a beam search asked for it (TransformerMHEModel.prepare_for_inference_): MHC then computes
+        # each hypothesis's top ``decode_top`` tokens (and EOS, UNK) exactly and skips the tail groups below
+        self.decode_top = 0
 
     def build_output_projection(self, cfg, dictionary, embed_tokens) -> None:
         if getattr(cfg, "adaptive_softmax_cutoff", None) is not None:
@@ -213,10 +218,19 @@ class TransformerMHEDecoder(TransformerDecoderBase):
 
     def output_layer(self, features: torch.Tensor) -> torch.Tensor:
         """Features (..., d) -> the head's exact full-vocabulary log-probs (..., |V|) (inference only)."""
-        out = self.output_projection.log_prob(features)
+        if self.decode_top and not torch.is_grad_enabled():
+            keep = torch.tensor([self.dictionary.eos(), self.dictionary.unk()], device=features.device)
+            out = self.output_projection.pruned_log_prob(features, self.decode_top, keep=keep)
+        else:
+            out = self.output_projection.log_prob(features)
         if not torch.is_grad_enabled():  # remembered (weakly: the head reuses a buffer nobody holds) so
-            self._last_output = (weakref.ref(out), out[..., 0].clone())  # get_normalized_probs can skip work
+            col = self._probe_column()  # get_normalized_probs can skip work
+            self._last_output = (weakref.ref(out), out[..., col].clone())
         return out
+
+    def _probe_column(self) -> int:
+        """A column that is always finite: EOS under pruning (computed exactly), else the first."""
+        return self.dictionary.eos() if self.decode_top else 0
 
     def _already_normalized(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is (a slice of) the last ``output_layer`` result divided by a temperature of 1.
@@ -233,7 +247,7 @@ class TransformerMHEDecoder(TransformerDecoderBase):
         probe = last[1]
         if x.dim() != out.dim() or x.shape[:-2] != out.shape[:-2] or x.shape[-1] != out.shape[-1]:
             return False
-        now = x[..., 0]
+        now = x[..., self._probe_column()]
         before = probe[..., -x.shape[-2] :]
         usable = torch.isfinite(before) & before.ne(0)
         return bool(usable.any()) and bool(torch.equal(now[usable], before[usable]))
@@ -242,11 +256,13 @@ class TransformerMHEDecoder(TransformerDecoderBase):
         """Full-vocabulary (log-)probs: log-softmax of the output layer's log-probs (the identity at
         temperature 1, skipped then; exact tempering p^(1/T) after the generator's ``decoder_out / T``)."""
         x = net_output[0]
-        out = (
-            x
-            if x.dtype == torch.float32 and self._already_normalized(x)
-            else F.log_softmax(x.float(), dim=-1)
-        )
+        normalized = x.dtype == torch.float32 and self._already_normalized(x)
+        if self.decode_top and not normalized:  # renormalising a pruned distribution would change it
+            raise RuntimeError(
+                "MHC pruned decoding got scores that are not the output layer's own log-probs (tempered or "
+                "copied); decode with --model-overrides \"{'mhe_decode_pruning': 'off'}\""
+            )
+        out = x if normalized else F.log_softmax(x.float(), dim=-1)
         return out if log_probs else out.exp()
 
 
@@ -302,6 +318,14 @@ class TransformerMHEModel(TransformerModel):
             "so decoding does not need the file (default: dictionary order = frequency bins)",
         )
         parser.add_argument(
+            "--mhe-decode-pruning",
+            choices=PRUNING_CHOICES,
+            help="mhc only: auto = beam search computes each hypothesis's 2 x beam + 3 best tokens exactly "
+            "and skips the tail groups that cannot hold one (the same search, less work); off = the full "
+            "distribution every step. Sampling, tempering, prefixes, constraints, LM fusion, ensembles and "
+            "--score-reference always get the full one (default auto)",
+        )
+        parser.add_argument(
             "--mhe-head-sizes",
             type=str,
             metavar="C1,C2,..",
@@ -340,6 +364,15 @@ class TransformerMHEModel(TransformerModel):
         )
         return model
 
+    def prepare_for_inference_(self, cfg) -> None:
+        """fairseq-generate / -interactive: turn on pruned decoding for a plain beam search of a translation
+        task (:mod:`fairseq_ext.pruned_decoding`)."""
+        super().prepare_for_inference_(cfg)
+        task = str(getattr(getattr(cfg, "task", None), "_name", "") or "")
+        mode = getattr(getattr(self, "args", None), "mhe_decode_pruning", None) or "auto"
+        if self.decoder.method == "mhc" and task.startswith("translation"):
+            self.decoder.decode_top = decode_top(cfg, mode)
+
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(args)
@@ -377,6 +410,7 @@ def _mhe_defaults(args) -> None:
     if getattr(args, "mhe_groups", None) is None:
         args.mhe_groups = MHC_GROUPS
     args.mhe_label_order = getattr(args, "mhe_label_order", None)
+    args.mhe_decode_pruning = getattr(args, "mhe_decode_pruning", None) or "auto"
     if getattr(args, "mhe_shortlist", None) is None:
         args.mhe_shortlist = None  # resolved per |V| by shortlist_from_args
 

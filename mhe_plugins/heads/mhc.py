@@ -42,6 +42,7 @@ from .base import HeadOutput, MHEHead, check_smoothing, reduce_loss, upcast
 from .label_order import LabelOrder
 from .mhc_full import FullDistribution
 from .mhc_layers import MHCOutput, TiedNodeEmbedding, _embedding, _Paths, _residual_mlp
+from .mhc_pruned import PrunedDistribution
 from .sparse_gather import gather_rows_sparse_grad
 
 __all__ = ["MHCHead", "MHCOutput", "TiedNodeEmbedding"]
@@ -52,7 +53,7 @@ def _tracing() -> bool:
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
-class MHCHead(FullDistribution, MHEHead):
+class MHCHead(FullDistribution, PrunedDistribution, MHEHead):
     """Loss keywords: ``label_smoothing``, ``smoothing`` (``"head"``: every level's sibling CE smoothed by
     eps; ``"label"``: the true label keeps 1 - eps, :meth:`smoothed_nll`), ``reduction``."""
 

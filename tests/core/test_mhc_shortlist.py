@@ -244,3 +244,42 @@ def test_inference_buffers_never_overwrite_a_held_result():
     grad_path = head.log_prob(x2.requires_grad_())
     with torch.no_grad():
         torch.testing.assert_close(head.log_prob(x2), grad_path.detach())
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("k,sizes", [(6, (5, 7)), (8, (3, 4, 4)), (0, (5, 8))])
+def test_pruned_log_prob_keeps_every_top_k_label_exact(order, tied, k, sizes):
+    """Beam search needs each row's top k: the pruned distribution gives them (values and ids) as the full
+    one does, every entry it computes is exact, and the labels in ``keep`` are always exact."""
+    head = _head(k=k, sizes=sizes, order=ORDERS[order], tied=tied, mlp=4)
+    with torch.no_grad():
+        head.short_bias.weight.add_(3.0) if k else None  # a trained model's mass sits in the short list
+    x = torch.randn(50, 9, dtype=torch.float64)
+    full = head.log_prob(x)
+    keep = torch.tensor([int(head.label_order.order[-1])])  # a tail label, always computed
+    for top in (1, 3, 6):
+        pruned = head.pruned_log_prob(x, top, keep=keep)
+        finite = torch.isfinite(pruned)
+        torch.testing.assert_close(pruned[finite], full[finite])
+        torch.testing.assert_close(pruned[:, keep], full[:, keep])
+        ref_v, _ = full.topk(top, -1)
+        v, ids = pruned.topk(top, -1)
+        torch.testing.assert_close(v, ref_v)
+        torch.testing.assert_close(full.gather(1, ids), ref_v)
+        if k >= top:  # the short list gives a bound: whole tail groups are skipped
+            assert (~finite).any()
+        else:  # no bound: nothing pruned, the result is the full distribution
+            torch.testing.assert_close(pruned, full)
+
+
+def test_pruned_log_prob_is_exact_when_the_mass_sits_in_the_tail():
+    """Rows whose best labels are all in the tail: the short-list bound is low, every group stays."""
+    head = _head(k=6, sizes=(5, 7))
+    with torch.no_grad():
+        head.short_bias.weight.sub_(20.0)
+    x = torch.randn(20, 9, dtype=torch.float64)
+    full = head.log_prob(x)
+    torch.testing.assert_close(head.pruned_log_prob(x, 4), full)
+    with pytest.raises(ValueError, match="k"):
+        head.pruned_log_prob(x, 0)

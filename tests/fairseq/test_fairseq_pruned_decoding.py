@@ -1,0 +1,141 @@
+"""MHC pruned decoding in fairseq's beam search: the same hypotheses and scores as the full distribution,
+with tail groups skipped, and the full distribution wherever something reads beyond each row's top."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+pytest.importorskip("fairseq")
+
+from fairseq.data import Dictionary  # noqa: E402
+from fairseq.dataclass.configs import CommonEvalConfig, GenerationConfig  # noqa: E402
+from fairseq.models import ARCH_CONFIG_REGISTRY  # noqa: E402
+from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
+from fairseq.tasks.translation import TranslationConfig, TranslationTask  # noqa: E402
+
+from fairseq_ext import register  # noqa: E402
+
+register()
+from fairseq_ext.pruned_decoding import decode_top  # noqa: E402
+
+
+def _task(n_words: int = 60) -> TranslationTask:
+    d = Dictionary()
+    for i in range(n_words):
+        d.add_symbol(f"w{i}")
+    return TranslationTask(TranslationConfig(), d, d)
+
+
+def _model(task, **over) -> torch.nn.Module:
+    args = argparse.Namespace(
+        arch="transformer_mhe",
+        mhe_method="mhc",
+        mhe_shortlist=16,
+        mhe_head_sizes="6,8",  # 48 >= 64 - 16 tail tokens
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_embed_dim=16,
+        decoder_embed_dim=16,
+        encoder_ffn_embed_dim=32,
+        decoder_ffn_embed_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        dropout=0.0,
+        max_source_positions=64,
+        max_target_positions=64,
+        **over,
+    )
+    ARCH_CONFIG_REGISTRY["transformer_mhe"](args)
+    torch.manual_seed(0)
+    model = task.build_model(args).eval()
+    head = model.decoder.output_projection
+    with torch.no_grad():  # as trained: most of the mass in the short list, EOS in the tail
+        torch.nn.init.normal_(head.short_bias.weight, mean=2.0)
+        for b in head.node_bias:
+            torch.nn.init.normal_(b.weight)
+    return model
+
+
+def _cfg(path: str = "model.pt", **generation) -> argparse.Namespace:
+    return argparse.Namespace(
+        generation=GenerationConfig(**generation),
+        common_eval=CommonEvalConfig(path=path),
+        task=argparse.Namespace(_name="translation"),
+    )
+
+
+def _sample(d: Dictionary, bsz=6, src_len=7) -> dict:
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(d.nspecial, len(d), (bsz, src_len), generator=g)
+    return {"net_input": {"src_tokens": src, "src_lengths": torch.full((bsz,), src_len)}}
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_pruned_beam_search_equals_the_full_one_and_skips_tail_groups(beam):
+    task = _task()
+    d = task.target_dictionary
+    model = _model(task)
+    sample = _sample(d)
+    gen = SequenceGenerator([model], d, beam_size=beam, max_len_b=8, min_len=2)
+    full = gen.forward(sample)
+    model.prepare_for_inference_(_cfg(beam=beam))
+    assert model.decoder.decode_top == 2 * beam + 3
+    skipped = []
+    layer = model.decoder.output_layer
+
+    def spy(features):
+        out = layer(features)
+        skipped.append(int(torch.isneginf(out).sum()))
+        return out
+
+    model.decoder.output_layer = spy
+    pruned = gen.forward(sample)
+    assert sum(skipped) > 0  # whole tail groups were skipped
+    for a, b in zip(full, pruned):
+        assert len(a) == len(b)
+        for ha, hb in zip(a, b):
+            assert torch.equal(ha["tokens"], hb["tokens"])
+            torch.testing.assert_close(ha["positional_scores"], hb["positional_scores"])
+
+
+def test_pruning_is_off_wherever_more_than_the_top_is_read():
+    task = _task()
+    model = _model(task)
+    for over in (
+        {"sampling": True},
+        {"temperature": 0.7},
+        {"prefix_size": 1},
+        {"no_repeat_ngram_size": 2},
+        {"score_reference": True},
+        {"lm_path": "lm.pt"},
+        {"diverse_beam_groups": 2},
+    ):
+        assert decode_top(_cfg(**over), "auto") == 0, over
+    assert decode_top(_cfg(path="a.pt:b.pt"), "auto") == 0  # an ensemble averages full distributions
+    assert decode_top(_cfg(beam=4), "off") == 0
+    assert decode_top(_cfg(beam=4), "auto") == 11
+    with pytest.raises(ValueError, match="--mhe-decode-pruning"):
+        decode_top(_cfg(), "on")
+    model.args.mhe_decode_pruning = "off"  # --model-overrides "{'mhe_decode_pruning': 'off'}"
+    model.prepare_for_inference_(_cfg(beam=4))
+    assert model.decoder.decode_top == 0
+
+
+def test_pruned_scores_are_never_renormalised():
+    """A tempered copy of pruned scores cannot be made a distribution again: it raises, it is not
+    log-softmaxed over the computed entries only."""
+    task = _task()
+    model = _model(task)
+    model.prepare_for_inference_(_cfg(beam=2))
+    d = task.target_dictionary
+    net_input = _sample(d)["net_input"]
+    prev = torch.full((6, 1), d.eos())
+    with torch.no_grad():
+        out = model(net_input["src_tokens"], net_input["src_lengths"], prev)
+        lp = model.get_normalized_probs(out, log_probs=True)
+        assert lp.data_ptr() == out[0].data_ptr()  # temperature 1: the layer's own log-probs
+        with pytest.raises(RuntimeError, match="mhe_decode_pruning"):
+            model.get_normalized_probs((out[0] / 0.7, None), log_probs=True)
