@@ -12,51 +12,23 @@ pytest.importorskip("fairseq")
 
 from fairseq.data import Dictionary  # noqa: E402
 from fairseq.dataclass.configs import CommonEvalConfig, GenerationConfig  # noqa: E402
-from fairseq.models import ARCH_CONFIG_REGISTRY  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
-from fairseq.tasks.translation import TranslationConfig, TranslationTask  # noqa: E402
 
-from fairseq_ext import register  # noqa: E402
-
-register()
 from fairseq_ext.pruned_decoding import decode_top  # noqa: E402
 
 
-def _task(n_words: int = 60) -> TranslationTask:
-    d = Dictionary()
-    for i in range(n_words):
-        d.add_symbol(f"w{i}")
-    return TranslationTask(TranslationConfig(), d, d)
-
-
-def _model(task, **over) -> torch.nn.Module:
-    args = argparse.Namespace(
-        arch="transformer_mhe",
-        mhe_method="mhc",
-        mhe_shortlist=16,
-        mhe_head_sizes="6,8",  # 48 >= 64 - 16 tail tokens
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_embed_dim=16,
-        decoder_embed_dim=16,
-        encoder_ffn_embed_dim=32,
-        decoder_ffn_embed_dim=32,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        dropout=0.0,
-        max_source_positions=64,
-        max_target_positions=64,
-        **over,
-    )
-    ARCH_CONFIG_REGISTRY["transformer_mhe"](args)
-    torch.manual_seed(0)
-    model = task.build_model(args).eval()
+@pytest.fixture
+def nmt(tiny_nmt):
+    """A 60-word task and an MHC model with a 16-token short list, its mass mostly there (as trained)."""
+    make_task, make_model = tiny_nmt
+    task = make_task(60)
+    model = make_model(task, mhe_method="mhc", mhe_shortlist=16, mhe_head_sizes="6,8").eval()
     head = model.decoder.output_projection
-    with torch.no_grad():  # as trained: most of the mass in the short list, EOS in the tail
+    with torch.no_grad():
         torch.nn.init.normal_(head.short_bias.weight, mean=2.0)
         for b in head.node_bias:
             torch.nn.init.normal_(b.weight)
-    return model
+    return task, model
 
 
 def _cfg(path: str = "model.pt", **generation) -> argparse.Namespace:
@@ -74,10 +46,9 @@ def _sample(d: Dictionary, bsz=6, src_len=7) -> dict:
 
 
 @pytest.mark.parametrize("beam", [1, 3])
-def test_pruned_beam_search_equals_the_full_one_and_skips_tail_groups(beam):
-    task = _task()
+def test_pruned_beam_search_equals_the_full_one_and_skips_tail_groups(nmt, beam):
+    task, model = nmt
     d = task.target_dictionary
-    model = _model(task)
     sample = _sample(d)
     gen = SequenceGenerator([model], d, beam_size=beam, max_len_b=8, min_len=2)
     full = gen.forward(sample)
@@ -101,9 +72,8 @@ def test_pruned_beam_search_equals_the_full_one_and_skips_tail_groups(beam):
             torch.testing.assert_close(ha["positional_scores"], hb["positional_scores"])
 
 
-def test_pruning_is_off_wherever_more_than_the_top_is_read():
-    task = _task()
-    model = _model(task)
+def test_pruning_is_off_wherever_more_than_the_top_is_read(nmt):
+    _, model = nmt
     for over in (
         {"sampling": True},
         {"temperature": 0.7},
@@ -124,11 +94,10 @@ def test_pruning_is_off_wherever_more_than_the_top_is_read():
     assert model.decoder.decode_top == 0
 
 
-def test_pruned_scores_are_never_renormalised():
+def test_pruned_scores_are_never_renormalised(nmt):
     """A tempered copy of pruned scores cannot be made a distribution again: it raises, it is not
     log-softmaxed over the computed entries only."""
-    task = _task()
-    model = _model(task)
+    task, model = nmt
     model.prepare_for_inference_(_cfg(beam=2))
     d = task.target_dictionary
     net_input = _sample(d)["net_input"]
