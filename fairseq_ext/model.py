@@ -321,9 +321,11 @@ class TransformerMHEModel(TransformerModel):
             "--mhe-decode-pruning",
             choices=PRUNING_CHOICES,
             help="mhc only: auto = beam search computes each hypothesis's 2 x beam + 3 best tokens exactly "
-            "and skips the tail groups that cannot hold one (the same search, less work); off = the full "
-            "distribution every step. Sampling, tempering, prefixes, constraints, LM fusion, ensembles and "
-            "--score-reference always get the full one (default auto)",
+            "and skips the tail groups that cannot hold one (the same search; it saves work only when most "
+            "groups fall below the bound, e.g. many small groups: on the en-de cascades, 10 groups, 9 in 10 "
+            "stay live, so it is off by default); off = the full distribution every step. Sampling, "
+            "tempering, prefixes, constraints, LM fusion, ensembles and --score-reference always get the "
+            "full one (default off)",
         )
         parser.add_argument(
             "--mhe-head-sizes",
@@ -369,7 +371,7 @@ class TransformerMHEModel(TransformerModel):
         task (:mod:`fairseq_ext.pruned_decoding`)."""
         super().prepare_for_inference_(cfg)
         task = str(getattr(getattr(cfg, "task", None), "_name", "") or "")
-        mode = getattr(getattr(self, "args", None), "mhe_decode_pruning", None) or "auto"
+        mode = getattr(getattr(self, "args", None), "mhe_decode_pruning", None) or "off"
         if self.decoder.method == "mhc" and task.startswith("translation"):
             self.decoder.decode_top = decode_top(cfg, mode)
 
@@ -410,7 +412,7 @@ def _mhe_defaults(args) -> None:
     if getattr(args, "mhe_groups", None) is None:
         args.mhe_groups = MHC_GROUPS
     args.mhe_label_order = getattr(args, "mhe_label_order", None)
-    args.mhe_decode_pruning = getattr(args, "mhe_decode_pruning", None) or "auto"
+    args.mhe_decode_pruning = getattr(args, "mhe_decode_pruning", None) or "off"
     if getattr(args, "mhe_shortlist", None) is None:
         args.mhe_shortlist = None  # resolved per |V| by shortlist_from_args
 

@@ -283,3 +283,23 @@ def test_pruned_log_prob_is_exact_when_the_mass_sits_in_the_tail():
     torch.testing.assert_close(head.pruned_log_prob(x, 4), full)
     with pytest.raises(ValueError, match="k"):
         head.pruned_log_prob(x, 0)
+
+
+def test_pruning_computes_the_full_distribution_when_most_groups_are_live(monkeypatch):
+    """A few large groups each outweigh the k-th token: skipping nothing through the pruned path would cost
+    more than the plain full distribution, so that is what is computed (exact, no -inf)."""
+    head = _head(k=6, sizes=(5, 7))
+    with torch.no_grad():
+        head.short_bias.weight.sub_(20.0)
+    x = torch.randn(20, 9, dtype=torch.float64)
+    full = head.log_prob(x)
+    calls = []
+    plain = head.log_prob
+    monkeypatch.setattr(head, "log_prob", lambda z: calls.append(1) or plain(z))
+    pruned = head.pruned_log_prob(x, 4)
+    assert calls == [1]
+    torch.testing.assert_close(pruned, full)
+    with torch.no_grad():
+        head.short_bias.weight.add_(40.0)  # the mass back in the short list: pruned, not the full path
+    calls.clear()
+    assert torch.isneginf(head.pruned_log_prob(x, 4)).any() and not calls

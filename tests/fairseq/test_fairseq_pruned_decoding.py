@@ -53,6 +53,9 @@ def test_pruned_beam_search_equals_the_full_one_and_skips_tail_groups(nmt, beam)
     gen = SequenceGenerator([model], d, beam_size=beam, max_len_b=8, min_len=2)
     full = gen.forward(sample)
     model.prepare_for_inference_(_cfg(beam=beam))
+    assert model.decoder.decode_top == 0  # off by default
+    model.args.mhe_decode_pruning = "auto"  # --mhe-decode-pruning auto
+    model.prepare_for_inference_(_cfg(beam=beam))
     assert model.decoder.decode_top == 2 * beam + 3
     skipped = []
     layer = model.decoder.output_layer
@@ -98,6 +101,7 @@ def test_pruned_scores_are_never_renormalised(nmt):
     """A tempered copy of pruned scores cannot be made a distribution again: it raises, it is not
     log-softmaxed over the computed entries only."""
     task, model = nmt
+    model.args.mhe_decode_pruning = "auto"
     model.prepare_for_inference_(_cfg(beam=2))
     d = task.target_dictionary
     net_input = _sample(d)["net_input"]
