@@ -322,8 +322,8 @@ class TransformerMHEModel(TransformerModel):
             choices=PRUNING_CHOICES,
             help="mhc only: auto = beam search computes each hypothesis's 2 x beam + 3 best tokens exactly "
             "and skips the tail groups that cannot hold one (the same search; it saves work only when most "
-            "groups fall below the bound, e.g. many small groups: on the en-de cascades, 10 groups, 9 in 10 "
-            "stay live, so it is off by default); off = the full distribution every step. Sampling, "
+            "groups fall below the bound, e.g. many small groups: on the en-de cascades, 10 groups, nearly "
+            "all stay live, so it is off by default); off = the full distribution every step. Sampling, "
             "tempering, prefixes, constraints, LM fusion, ensembles and --score-reference always get the "
             "full one (default off)",
         )
